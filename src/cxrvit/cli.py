@@ -1,0 +1,47 @@
+"""The ``cxrvit`` command line: a thin layer over importable functions.
+
+Each part of the package owns its subcommands in ``<part>/commands.py`` with a
+``register(subparsers)`` function; every subcommand sets ``func(args) -> int``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from cxrvit import __version__
+
+COMMAND_MODULES = (
+    "cxrvit.data.commands",        # prepare, data-summary
+    "cxrvit.model.commands",       # export
+    "cxrvit.training.commands",    # train
+    "cxrvit.evaluation.commands",  # eval, compare, bench
+    "cxrvit.inference.commands",   # predict, dicom-info
+    "cxrvit.ssl.commands",         # pretrain
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cxrvit", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"cxrvit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,106 @@
+"""Model bundles: everything needed to use a trained model, in one folder.
+
+A bundle (a finished training run's folder, ``RUN/``) holds
+- ``model.safetensors``: the chosen (best-on-validation) weights, DINO key layout, head of K labels;
+- ``bundle.json``: ``arch``, ``labels`` (K names, head order), ``thresholds`` (label -> float, tuned
+  on validation data), ``threshold_source`` (which split and images they were fitted on),
+  ``preprocessing`` (:class:`~cxrvit.data.preprocess.Preprocessing` as a dict), ``config`` (the
+  resolved training config) and ``val_patients_hash`` (so evaluation can refuse to score the
+  images the thresholds were tuned on).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from cxrvit.data.preprocess import Preprocessing
+from cxrvit.model.vit import VisionTransformer, build_model
+
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "bundle.json"
+
+
+@dataclass
+class Bundle:
+    model: VisionTransformer
+    labels: list[str]
+    thresholds: dict[str, float]
+    preprocessing: Preprocessing
+    arch: str = "vit_small"
+    threshold_source: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    @torch.no_grad()
+    def predict_proba(self, grey: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """``[N, 1, S, S]`` uint8 grey images at the bundle's size -> ``[N, K]`` probabilities."""
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        out = []
+        for start in range(0, len(grey), batch_size):
+            x = self.preprocessing.normalize(grey[start : start + batch_size].to(device))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_supported(device)):
+                logits = self.model(x)
+            out.append(torch.sigmoid(logits.float()).cpu())
+        return torch.cat(out) if out else torch.zeros(0, len(self.labels))
+
+
+def autocast_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu"
+
+
+def save_bundle(directory: os.PathLike | str, model: VisionTransformer, labels: list[str],
+                thresholds: dict[str, float], preprocessing: Preprocessing, *, arch: str = "vit_small",
+                threshold_source: dict | None = None, config: dict | None = None, extra: dict | None = None) -> Path:
+    """Write ``model.safetensors`` and ``bundle.json`` atomically (temp file, then rename)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = directory / (WEIGHTS_FILE + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt", "arch": arch, "layout": "dino"})
+    os.replace(tmp, directory / WEIGHTS_FILE)
+    meta = {
+        "format": "cxrvit-bundle/1",
+        "arch": arch,
+        "labels": list(labels),
+        "thresholds": {k: float(v) for k, v in thresholds.items()},
+        "threshold_source": threshold_source or {},
+        "preprocessing": preprocessing.to_dict(),
+        "config": config or {},
+        **(extra or {}),
+    }
+    tmp = directory / (META_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, directory / META_FILE)
+    return directory
+
+
+def load_bundle(directory: os.PathLike | str, device: str | torch.device = "cpu") -> Bundle:
+    directory = Path(directory)
+    meta_path, weights_path = directory / META_FILE, directory / WEIGHTS_FILE
+    for p in (meta_path, weights_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{directory}: not a cxrvit model bundle ({p.name} missing)")
+    meta = json.loads(meta_path.read_text())
+    labels = list(meta["labels"])
+    model = build_model(meta.get("arch", "vit_small"), num_classes=len(labels))
+    state = load_file(str(weights_path))
+    model.load_state_dict(state, strict=True)
+    model.to(device).eval()
+    return Bundle(
+        model=model,
+        labels=labels,
+        thresholds={k: float(v) for k, v in meta["thresholds"].items()},
+        preprocessing=Preprocessing.from_dict(meta["preprocessing"]),
+        arch=meta.get("arch", "vit_small"),
+        threshold_source=meta.get("threshold_source", {}),
+        config=meta.get("config", {}),
+        meta=meta,
+    )

@@ -1,0 +1,297 @@
+"""The DINO ViT-Small/16, with DINO's exact state_dict.
+
+Parameter names and shapes match facebookresearch/dino ``vision_transformer.vit_small`` key for
+key (150 backbone tensors + ``head.weight``/``head.bias``), so weights move between the two
+projects with ``load_state_dict(strict=True)``. Forward semantics match too: the CLS token after
+the final LayerNorm feeds the head.
+
+Additions over DINO, none of which changes the state_dict:
+- attention runs through ``F.scaled_dot_product_attention`` (fused kernels); the explicit
+  softmax path runs only when attention probabilities are asked for;
+- timm's model API: ``forward_features`` / ``forward_head``, ``no_weight_decay``, and
+  ``param_groups_layer_decay`` for layer-wise learning-rate decay;
+- grey inputs: a ``[B, 1, H, W]`` image is repeated to 3 channels (see ``fold_patch_embed_to_grey``
+  for why that is exact and for the one-channel equivalent).
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
+    """Stochastic depth per sample: drop the whole residual branch, rescale the survivors."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep = 1.0 - drop_prob
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x * mask / keep
+
+
+class DropPath(nn.Module):
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return drop_path(x, self.drop_prob, self.training)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop_p = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _qkv(self, x: torch.Tensor):
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        b, n, c = x.shape
+        q, k, v = self._qkv(x)
+        if return_attention:
+            # Explicit path, only when the probabilities themselves are wanted (DINO's maps, rollout).
+            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+            attn_used = F.dropout(attn, self.attn_drop_p, self.training)
+            out = attn_used @ v
+        else:
+            attn = None
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop_p if self.training else 0.0)
+        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
+        return (out, attn) if return_attention else out
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, eps: float = 1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        if return_attention:
+            y, attn = self.attn(self.norm1(x), return_attention=True)
+            x = x + self.drop_path(y)
+            x = x + self.drop_path(self.mlp(self.norm2(x)))
+            return x, attn
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 384):
+        super().__init__()
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.num_patches = (img_size // patch_size) ** 2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class VisionTransformer(nn.Module):
+    """DINO's ViT. ``img_size`` only sets the stored position-embedding grid (224 -> 14x14)."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 0,
+                 embed_dim: int = 384, depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0, eps: float = 1e-6):
+        super().__init__()
+        self.num_features = self.embed_dim = embed_dim
+        self.num_classes = num_classes
+        self.patch_size = patch_size
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # deeper blocks are dropped more often
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, rates[i], eps)
+            for i in range(depth)
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=eps)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    # -- input ---------------------------------------------------------------------------------
+    def interpolate_pos_encoding(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Resample the stored position grid to an ``h`` x ``w`` pixel input (multiples of 16)."""
+        npatch = x.shape[1] - 1
+        n = self.pos_embed.shape[1] - 1
+        gh, gw = h // self.patch_size, w // self.patch_size
+        if npatch == n and gh == gw:
+            return self.pos_embed
+        return resample_pos_embed(self.pos_embed, (gh, gw))
+
+    def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        if c == 1:
+            x = x.expand(-1, 3, -1, -1)  # grey CXR: the same picture in all three channels
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"input {h}x{w} is not a multiple of the patch size {self.patch_size}")
+        x = self.patch_embed(x)
+        x = torch.cat((self.cls_token.expand(b, -1, -1), x), dim=1)
+        x = x + self.interpolate_pos_encoding(x, h, w)
+        return self.pos_drop(x)
+
+    # -- timm-style API ------------------------------------------------------------------------
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """All tokens after the final norm, ``[B, 1 + N, D]``."""
+        x = self.prepare_tokens(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        cls = features[:, 0]
+        return cls if pre_logits else self.head(cls)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    # -- DINO's inspection API -----------------------------------------------------------------
+    def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention probabilities of the last block, ``[B, heads, 1 + N, 1 + N]``."""
+        return self.get_all_selfattentions(x)[-1]
+
+    def get_all_selfattentions(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Attention probabilities of every block (for attention rollout)."""
+        x = self.prepare_tokens(x)
+        maps = []
+        for blk in self.blocks:
+            x, attn = blk(x, return_attention=True)
+            maps.append(attn)
+        return maps
+
+    def get_intermediate_layers(self, x: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
+        """Normed outputs of the last ``n`` blocks, as DINO's linear evaluation uses them."""
+        x = self.prepare_tokens(x)
+        out = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if len(self.blocks) - i <= n:
+                out.append(self.norm(x))
+        return out
+
+    # -- optimiser helpers ---------------------------------------------------------------------
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    def param_groups_layer_decay(self, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+        """AdamW groups with layer-wise LR decay: layer ``i`` of ``L + 1`` gets ``decay**(L + 1 - i)``.
+
+        Layer 0 is the embedding (patch, CLS, positions), layers 1..L the blocks, L + 1 the final norm
+        and head. Biases, norms and embeddings get no weight decay. ``lr_scale`` is read by the
+        training loop, which multiplies the scheduled learning rate by it.
+        """
+        num_layers = len(self.blocks) + 1
+        skip = self.no_weight_decay()
+        groups: dict[tuple[int, bool], dict] = {}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            layer = layer_id_for(name, len(self.blocks))
+            no_decay = p.ndim == 1 or name in skip
+            key = (layer, no_decay)
+            if key not in groups:
+                groups[key] = {"params": [], "param_names": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                               "lr_scale": layer_decay ** (num_layers - layer)}
+            groups[key]["params"].append(p)
+            groups[key]["param_names"].append(name)
+        return [groups[k] for k in sorted(groups)]
+
+
+def layer_id_for(name: str, depth: int) -> int:
+    if name in ("cls_token", "pos_embed") or name.startswith("patch_embed"):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int = 1) -> torch.Tensor:
+    """Bicubically resample a ``[1, prefix + G*G, D]`` position table to ``grid`` (rows, cols)."""
+    prefix, patch = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    n, d = patch.shape[1], patch.shape[2]
+    side = int(math.isqrt(n))
+    if side * side != n:
+        raise ValueError(f"position embedding has {n} patch positions, not a square grid")
+    if (side, side) == tuple(grid):
+        return pos_embed
+    patch = patch.reshape(1, side, side, d).permute(0, 3, 1, 2)
+    patch = F.interpolate(patch.float(), size=grid, mode="bicubic", align_corners=False).to(pos_embed.dtype)
+    return torch.cat((prefix, patch.permute(0, 2, 3, 1).reshape(1, -1, d)), dim=1)
+
+
+def vit_small(num_classes: int = 0, patch_size: int = 16, **kwargs) -> VisionTransformer:
+    """DINO's ``vit_small``: patch 16, dim 384, depth 12, 6 heads, MLP 4x, qkv bias, LN eps 1e-6."""
+    return VisionTransformer(patch_size=patch_size, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4,
+                             qkv_bias=True, num_classes=num_classes, **kwargs)
+
+
+def vit_tiny(num_classes: int = 0, patch_size: int = 16, **kwargs) -> VisionTransformer:
+    """DINO's ``vit_tiny`` (dim 192, 3 heads): same code path, used by fast tests only."""
+    return VisionTransformer(patch_size=patch_size, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4,
+                             qkv_bias=True, num_classes=num_classes, **kwargs)
+
+
+ARCHITECTURES = {"vit_small": vit_small, "vit_tiny": vit_tiny}
+
+
+def build_model(arch: str = "vit_small", **kwargs) -> VisionTransformer:
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose from {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[arch](**kwargs)
+
+
+def fold_patch_embed_to_grey(weight: torch.Tensor, bias: torch.Tensor, mean: Iterable[float], std: Iterable[float]):
+    """Fold a 3-channel patch filter, normalised per channel, into one filter on raw grey in [0, 1].
+
+    With every channel equal to the grey value ``g``, channel ``c`` sees ``(g - m_c) / s_c``, so
+    ``sum_c W_c * (g - m_c) / s_c = (sum_c W_c / s_c) * g - sum_c (m_c / s_c) * sum(W_c)``.
+    The result is exact (up to float rounding), which is why cxrvit can keep the 3-channel,
+    DINO-compatible state_dict and still feed grey images: repeating the channel is the same thing.
+    """
+    mean_t = torch.as_tensor(list(mean), dtype=weight.dtype).view(1, 3, 1, 1)
+    std_t = torch.as_tensor(list(std), dtype=weight.dtype).view(1, 3, 1, 1)
+    grey_weight = (weight / std_t).sum(dim=1, keepdim=True)
+    grey_bias = bias - (weight * (mean_t / std_t)).sum(dim=(1, 2, 3))
+    return grey_weight, grey_bias
