@@ -1,0 +1,255 @@
+"""DICOM reader: turn a radiograph's stored pixels into the grey picture a radiologist sees.
+
+The pipeline follows the DICOM grey-scale display chain, in its order:
+
+1. decode the stored values (native, implicit/explicit VR, or compressed: JPEG Baseline, JPEG
+   Lossless, JPEG-LS, JPEG 2000, RLE -- through pydicom's pylibjpeg plugins), keeping only the
+   ``BitsStored`` low bits, because stray high bits in a 12-in-16 image are overlay or noise;
+2. the Modality LUT (``RescaleSlope``/``RescaleIntercept`` or a Modality LUT Sequence);
+3. the VOI LUT (a VOI LUT Sequence, else the first ``WindowCenter``/``WindowWidth``), when the
+   file carries one -- that is the contrast the acquiring site chose for reading;
+4. ``MONOCHROME1`` (bright = low attenuation) is inverted, so every image cxrvit sees is
+   ``MONOCHROME2`` (bright = bone).
+
+The result is a 2-D array (uint8/uint16 when no LUT changed the values, float32 otherwise);
+:func:`cxrvit.data.images.to_uint8` maps it to 8 bits. Colour and multi-frame objects are
+refused with a clear :class:`~cxrvit.data.images.ImageReadError`: there is no single right way to
+make one chest radiograph out of them.
+
+Importing this module registers the decoder with :mod:`cxrvit.data.images`, so ``read_grey``,
+``cxrvit prepare`` and ``cxrvit predict`` accept DICOM files wherever they accept PNGs.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from cxrvit.data import images
+from cxrvit.data.images import ImageReadError
+
+GREY_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
+
+# VRs an explicit-VR file without a preamble can start with (its first element is group 0002/0008).
+_EXPLICIT_VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"OB",
+                 b"OD", b"OF", b"OL", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"TM", b"UI", b"UL",
+                 b"UN", b"US", b"UT", b"UC", b"UR", b"OV", b"SV", b"UV"}
+
+
+def sniff_dicom(head: bytes) -> bool:
+    """True for a DICOM Part 10 file ('DICM' at offset 128) or a headerless (no preamble) dataset.
+
+    Old archives, including parts of the NIH DICOM copy, hold bare datasets: no preamble, first
+    element in group 0x0002 or 0x0008, little endian. We accept one when its first element's
+    tag is in those groups and its length field is plausible for either VR encoding.
+    """
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return True
+    if len(head) < 8:
+        return False
+    group, element = struct.unpack("<HH", head[:4])
+    if group not in (0x0002, 0x0008) or element > 0x1FFF:
+        return False
+    if head[4:6] in _EXPLICIT_VRS:
+        return True
+    (length,) = struct.unpack("<I", head[4:8])  # implicit VR: a 4-byte length
+    return length < 1024 or length == 0xFFFFFFFF
+
+
+def _read_dataset(path: Path, stop_before_pixels: bool = False) -> pydicom.Dataset:
+    try:
+        # force=True reads preamble-less files; sniff_dicom has already vouched for the content.
+        ds = pydicom.dcmread(str(path), force=True, stop_before_pixels=stop_before_pixels)
+    except (InvalidDicomError, EOFError, OSError, ValueError, struct.error) as exc:
+        raise ImageReadError(path, f"not a readable DICOM dataset: {exc}") from exc
+    if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+        # A bare dataset names no transfer syntax; pydicom worked out the encoding while parsing it,
+        # and uncompressed is the only possibility without an encapsulation header.
+        implicit, little = ds.original_encoding
+        if not hasattr(ds, "file_meta"):
+            ds.file_meta = pydicom.dataset.FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    return ds
+
+
+def _check_single_grey_frame(path: Path, ds: pydicom.Dataset) -> None:
+    """Refuse what cannot be one grey radiograph, before spending time on decoding it."""
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        sop = ds.get("SOPClassUID")
+        kind = sop.name if sop is not None and hasattr(sop, "name") else "unknown SOP class"
+        raise ImageReadError(path, f"DICOM object has no pixel data ({kind})")
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if samples != 1 or (photometric and photometric not in GREY_PHOTOMETRIC):
+        raise ImageReadError(
+            path, f"colour DICOM refused (PhotometricInterpretation={photometric or '?'}, "
+                  f"SamplesPerPixel={samples}); a chest radiograph is MONOCHROME1/2")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames != 1:
+        raise ImageReadError(path, f"multi-frame DICOM refused ({frames} frames); expected one radiograph")
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if rows <= 0 or cols <= 0:
+        raise ImageReadError(path, f"DICOM has no image size (Rows={rows}, Columns={cols})")
+    if rows * cols > images.MAX_PIXELS:
+        raise ImageReadError(path, f"{cols}x{rows} exceeds the {images.MAX_PIXELS}-pixel limit")
+
+
+def _stored_values(path: Path, ds: pydicom.Dataset) -> np.ndarray:
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # pydicom raises many types for truncated or undecodable data
+        ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+        name = getattr(ts, "name", ts) or "unknown transfer syntax"
+        raise ImageReadError(path, f"cannot decode DICOM pixel data ({name}): {exc}") from exc
+    if arr.ndim != 2:
+        raise ImageReadError(path, f"DICOM pixel data has shape {arr.shape}, expected one 2-D grey frame")
+    bits_stored = int(ds.get("BitsStored", arr.dtype.itemsize * 8) or arr.dtype.itemsize * 8)
+    unsigned = int(ds.get("PixelRepresentation", 0) or 0) == 0
+    if unsigned and arr.dtype.kind == "u" and bits_stored < arr.dtype.itemsize * 8:
+        # pydicom sign-extends signed data itself; unsigned data keeps whatever sits above BitsStored.
+        arr = arr & np.array((1 << bits_stored) - 1, dtype=arr.dtype)
+    return arr
+
+
+def decode_dicom(path: os.PathLike | str) -> np.ndarray:
+    """Decode one DICOM radiograph to a 2-D MONOCHROME2 array (see the module docstring)."""
+    path = Path(path)
+    ds = _read_dataset(path)
+    _check_single_grey_frame(path, ds)
+    arr = _stored_values(path, ds)
+    bits_stored = int(ds.get("BitsStored", arr.dtype.itemsize * 8) or arr.dtype.itemsize * 8)
+
+    has_modality_lut = "ModalityLUTSequence" in ds or (
+        float(ds.get("RescaleSlope", 1) or 1) != 1.0 or float(ds.get("RescaleIntercept", 0) or 0) != 0.0)
+    has_voi = "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
+    inverted = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper() == "MONOCHROME1"
+
+    if not has_modality_lut and not has_voi:
+        # Plain stored values: keep the integer type so an 8-bit image is not needlessly rescaled
+        # (the NIH DX copy then decodes to exactly the PNG's pixels).
+        if inverted:
+            if arr.dtype.kind == "u":
+                arr = np.array((1 << bits_stored) - 1, dtype=arr.dtype) - arr
+            else:
+                arr = arr.max() + arr.min() - arr
+        return np.ascontiguousarray(arr)
+
+    out = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+    if has_voi:
+        out = np.asarray(apply_voi_lut(out, ds, index=0), dtype=np.float64)
+    if inverted:
+        # to_uint8 scales min..max to 0..255, so reflecting within the data range is the exact negative.
+        out = out.max() + out.min() - out
+    if not np.isfinite(out).all():
+        raise ImageReadError(path, "DICOM pixel data has non-finite values after the LUTs")
+    return out.astype(np.float32)
+
+
+# -- header summary (cxrvit dicom-info, QC) ---------------------------------------------------
+
+@dataclass
+class DicomHeader:
+    """The header fields a CXR reader looks at first. Missing fields are ``None``."""
+
+    path: str
+    patient_name: str | None
+    patient_id: str | None
+    age: str | None
+    sex: str | None
+    modality: str | None
+    body_part: str | None
+    view_position: str | None
+    rows: int | None
+    columns: int | None
+    frames: int
+    bits_allocated: int | None
+    bits_stored: int | None
+    pixel_representation: int | None
+    photometric: str | None
+    samples_per_pixel: int | None
+    pixel_spacing: list[float] | None
+    spacing_source: str | None
+    transfer_syntax: str | None
+    transfer_syntax_uid: str | None
+    sop_class: str | None
+    series_description: str | None
+    study_description: str | None
+    has_window: bool
+    rescale: list[float] | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    if value is None or str(value).strip() == "":
+        return None
+    return str(value).strip()
+
+
+def _int(ds: pydicom.Dataset, keyword: str) -> int | None:
+    value = ds.get(keyword)
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def read_header(path: os.PathLike | str) -> DicomHeader:
+    """Read the header summary of a DICOM file without decoding its pixels."""
+    path = Path(path)
+    ds = _read_dataset(path, stop_before_pixels=True)
+    spacing, source = None, None
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        if ds.get(keyword):
+            spacing, source = [float(v) for v in ds.get(keyword)], keyword
+            break
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    sop = ds.get("SOPClassUID")
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    return DicomHeader(
+        path=str(path),
+        patient_name=_text(ds, "PatientName"),
+        patient_id=_text(ds, "PatientID"),
+        age=_text(ds, "PatientAge"),
+        sex=_text(ds, "PatientSex"),
+        modality=_text(ds, "Modality"),
+        body_part=_text(ds, "BodyPartExamined"),
+        view_position=_text(ds, "ViewPosition"),
+        rows=_int(ds, "Rows"),
+        columns=_int(ds, "Columns"),
+        frames=_int(ds, "NumberOfFrames") or 1,
+        bits_allocated=_int(ds, "BitsAllocated"),
+        bits_stored=_int(ds, "BitsStored"),
+        pixel_representation=_int(ds, "PixelRepresentation"),
+        photometric=_text(ds, "PhotometricInterpretation"),
+        samples_per_pixel=_int(ds, "SamplesPerPixel"),
+        pixel_spacing=spacing,
+        spacing_source=source,
+        transfer_syntax=getattr(ts, "name", None) if ts is not None else None,
+        transfer_syntax_uid=str(ts) if ts is not None else None,
+        sop_class=getattr(sop, "name", str(sop)) if sop is not None else None,
+        series_description=_text(ds, "SeriesDescription"),
+        study_description=_text(ds, "StudyDescription"),
+        has_window=("WindowCenter" in ds and "WindowWidth" in ds) or "VOILUTSequence" in ds,
+        rescale=[float(slope), float(intercept)] if slope is not None and intercept is not None else None,
+    )
+
+
+def is_dicom_file(path: os.PathLike | str) -> bool:
+    """Content sniff (not the extension) for one path."""
+    with open(path, "rb") as fh:
+        return sniff_dicom(fh.read(256))
+
+
+images.register_decoder(images.Decoder("dicom", sniff_dicom, decode_dicom))

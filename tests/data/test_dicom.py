@@ -1,0 +1,165 @@
+"""The DICOM reader: transfer syntaxes, the grey-scale display chain, refusals, header summary."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import (JPEG2000Lossless, JPEGBaseline8Bit, JPEGLosslessSV1, JPEGLSLossless,
+                         RLELossless)
+
+from cxrvit.data import images
+from cxrvit.data.dicom import decode_dicom, read_header, sniff_dicom
+from cxrvit.data.images import ImageReadError
+
+ROOT = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("dicom_factory", ROOT / "tests/fixtures/dicom/factory.py")
+factory = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(factory)
+make_dicom, real_pixels = factory.make_dicom, factory.real_pixels
+
+SHARED = ROOT.parent / "shared" / "data" / "dicom"
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data/dicom (real DICOM files) absent")
+
+
+# -- encodings: every one must give back exactly the stored pixels ------------------------------
+
+@pytest.mark.parametrize("kwargs", [
+    {},                                        # explicit VR little endian, Part 10
+    {"implicit": True},                        # implicit VR (the NIH DICOM copy)
+    {"implicit": True, "preamble": False},     # bare implicit dataset: no preamble, no DICM
+    {"preamble": False},                       # bare explicit dataset
+    {"compress": RLELossless},
+    {"compress": JPEG2000Lossless},
+], ids=["explicit", "implicit", "bare-implicit", "bare-explicit", "rle", "jpeg2000"])
+def test_encodings_decode_to_the_stored_pixels(tmp_path, kwargs):
+    path = make_dicom(tmp_path / "x.dcm", **kwargs)
+    out = images.read_grey(path)
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, real_pixels())
+
+
+def test_compressed_decoders_are_installed():
+    # JPEG Lossless/JPEG-LS cannot be *written* here (no encoder), so check the decoders exist.
+    for uid in (JPEGBaseline8Bit, JPEGLosslessSV1, JPEGLSLossless, JPEG2000Lossless, RLELossless):
+        assert pydicom.pixels.get_decoder(uid).is_available, uid.name
+
+
+def test_jpeg_ls_matches_its_uncompressed_twin():
+    # pydicom's own real MR pair: the same pixels stored JPEG-LS lossless and uncompressed.
+    from pydicom.data import get_testdata_file
+    plain, jls = get_testdata_file("MR_small.dcm"), get_testdata_file("MR_small_jpeg_ls_lossless.dcm")
+    np.testing.assert_allclose(decode_dicom(jls), decode_dicom(plain))
+
+
+# -- the display chain ---------------------------------------------------------------------------
+
+def test_bits_above_bits_stored_are_ignored(tmp_path):
+    stored = real_pixels().astype(np.uint16) * 16  # 12-bit values
+    path = make_dicom(tmp_path / "x.dcm", stored, bits_stored=12, high_bits_junk=True)
+    out = decode_dicom(path)
+    assert out.max() < 4096
+    np.testing.assert_array_equal(out, stored)
+
+
+def test_modality_lut_is_applied(tmp_path):
+    stored = real_pixels().astype(np.int16) * 4 - 500
+    path = make_dicom(tmp_path / "x.dcm", stored, bits_stored=16, signed=True, slope=2.0, intercept=-1024.0)
+    out = decode_dicom(path)
+    np.testing.assert_allclose(out, stored.astype(np.float32) * 2 - 1024)
+
+
+def test_window_clips_outside_the_window(tmp_path):
+    stored = real_pixels().astype(np.uint16) * 16
+    centre, width = 2000.0, 1000.0
+    path = make_dicom(tmp_path / "x.dcm", stored, bits_stored=12, window=(centre, width))
+    out = decode_dicom(path)
+    below, above = stored < centre - width / 2, stored > centre + width / 2
+    assert below.any() and above.any()
+    assert np.all(out[below] == out.min()) and np.all(out[above] == out.max())
+    inside = ~below & ~above
+    order = np.argsort(stored[inside], kind="stable")
+    assert np.all(np.diff(out[inside][order]) >= 0)  # monotonic inside the window
+
+
+def test_monochrome1_is_inverted(tmp_path):
+    stored = real_pixels().astype(np.uint16) * 16
+    m2 = decode_dicom(make_dicom(tmp_path / "m2.dcm", stored, bits_stored=12))
+    m1 = decode_dicom(make_dicom(tmp_path / "m1.dcm", stored, bits_stored=12, photometric="MONOCHROME1"))
+    np.testing.assert_array_equal(m1.astype(np.int32), 4095 - m2.astype(np.int32))
+    # ... also after a window, where the inversion happens on the windowed values.
+    w2 = decode_dicom(make_dicom(tmp_path / "w2.dcm", stored, bits_stored=12, window=(2000, 3000)))
+    w1 = decode_dicom(make_dicom(tmp_path / "w1.dcm", stored, bits_stored=12, window=(2000, 3000),
+                                 photometric="MONOCHROME1"))
+    u1, u2 = images.to_uint8(w1).astype(int), images.to_uint8(w2).astype(int)
+    assert np.abs(u1 - (255 - u2)).max() <= 1
+
+
+# -- refusals --------------------------------------------------------------------------------------
+
+def test_multiframe_is_refused(tmp_path):
+    path = make_dicom(tmp_path / "x.dcm", frames=2)
+    with pytest.raises(ImageReadError, match="multi-frame.*2 frames") as err:
+        images.read_grey(path)
+    assert str(path) in str(err.value)
+
+
+def test_colour_is_refused(tmp_path):
+    from pydicom.data import get_testdata_file
+    with pytest.raises(ImageReadError, match="colour DICOM refused.*RGB"):
+        decode_dicom(get_testdata_file("SC_rgb_rle.dcm"))
+
+
+def test_truncated_file_names_the_file(tmp_path):
+    good = make_dicom(tmp_path / "good.dcm")
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ImageReadError) as err:
+        images.read_grey(bad)
+    assert "bad.dcm" in str(err.value)
+
+
+def test_sniffing_ignores_extensions(tmp_path):
+    path = make_dicom(tmp_path / "scan.png")  # lying extension
+    assert images.sniff_format(path) == "dicom"
+    assert not sniff_dicom(b"\x89PNG\r\n\x1a\n" + b"\0" * 200)
+    assert not sniff_dicom(b"hello world, not a dicom file at all" * 4)
+
+
+def test_header_summary(tmp_path):
+    h = read_header(make_dicom(tmp_path / "x.dcm", compress=RLELossless, view="AP"))
+    assert (h.modality, h.body_part, h.view_position, h.sex, h.age) == ("DX", "CHEST", "AP", "F", "054Y")
+    assert (h.rows, h.columns, h.bits_stored, h.photometric) == (64, 64, 8, "MONOCHROME2")
+    assert h.pixel_spacing == [0.8, 0.8] and h.transfer_syntax == "RLE Lossless"
+
+
+# -- the four real files ------------------------------------------------------------------------
+
+@needs_shared
+def test_real_jpeg_baseline_cr():
+    path = SHARED / "siim-cr-chest-pa-jpeg-baseline.dcm"
+    out = images.read_grey(path)
+    assert out.shape == (1024, 1024) and out.dtype == np.uint8
+    h = read_header(path)
+    assert (h.modality, h.body_part, h.view_position, h.pixel_spacing) == ("CR", "CHEST", "PA", [0.168, 0.168])
+    assert h.transfer_syntax == "JPEG Baseline (Process 1)"
+
+
+@needs_shared
+def test_real_monochrome1_twin_is_the_exact_negative():
+    # The twin stores byte-identical pixel data with PhotometricInterpretation MONOCHROME1, so a
+    # correct reader must return the negative of the original: 255 - original, pixel for pixel.
+    original = images.read_grey(SHARED / "siim-cr-chest-pa-jpeg-baseline.dcm").astype(np.int32)
+    twin = images.read_grey(SHARED / "siim-cr-chest-pa-monochrome1.dcm").astype(np.int32)
+    np.testing.assert_array_equal(twin, 255 - original)
+
+
+@needs_shared
+def test_real_implicit_vr_dx_and_ot():
+    dx = images.read_grey(SHARED / "nih-dx-implicit-vr.dcm")
+    assert dx.shape == (1024, 1024)
+    assert read_header(SHARED / "nih-dx-implicit-vr.dcm").transfer_syntax == "Implicit VR Little Endian"
+    assert images.read_grey(SHARED / "not-a-cxr-ot.dcm").shape == (512, 512)
+    assert read_header(SHARED / "not-a-cxr-ot.dcm").modality == "OT"
