@@ -1,0 +1,222 @@
+"""``cxrvit export``: a trained bundle as a plain DINO state_dict, a safetensors file, or ONNX.
+
+Every export keeps only the head rows of the chosen labels (in the order asked for) and writes the
+information needed to use the weights without cxrvit: labels, tuned thresholds and preprocessing.
+
+- ``dino``: ``torch.save`` of a plain ``{name: tensor}`` dict in DINO's layout (150 backbone keys +
+  ``head.weight [K, 384]`` + ``head.bias [K]``), loadable with ``strict=True`` by DINO's own
+  ``vit_small(num_classes=K)`` and readable with ``torch.load(weights_only=True)``; the metadata sits
+  beside it as ``<out>.json``.
+- ``safetensors``: the same tensors, with the metadata JSON stored in the file header (key
+  ``cxrvit``; read it with :func:`cxrvit.model.checkpoints.read_export_metadata`).
+- ``onnx``: a graph from one-channel grey in [0, 1] (``grey [B, 1, H, W]``) to ``logits`` and
+  ``probabilities`` (``[B, K]``), dynamic batch. The ImageNet normalisation is folded exactly into a
+  one-channel patch filter (:func:`~cxrvit.model.vit.fold_patch_embed_to_grey`), so the graph needs
+  no preprocessing beyond resizing and dividing by 255. The size is fixed (the bundle's) unless
+  ``dynamic_size`` is set, in which case any H, W that are multiples of 16 work and the position
+  table is resampled inside the graph. Each ONNX export is checked against PyTorch with
+  onnxruntime and the largest absolute logit difference is recorded in the metadata.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+from cxrvit.data.preprocess import Preprocessing
+from cxrvit.inference.bundle import Bundle, load_bundle
+from cxrvit.model.vit import VisionTransformer, fold_patch_embed_to_grey
+
+FORMATS = ("dino", "safetensors", "onnx")
+EXPORT_FORMAT = "cxrvit-export/1"
+
+
+@dataclass
+class ExportResult:
+    weights: Path
+    metadata: dict
+    metadata_path: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def select_labels(model: VisionTransformer, labels: list[str], chosen: list[str] | None) -> tuple[dict, list[str]]:
+    """The model's state_dict with the head cut down to ``chosen`` labels (rows in that order)."""
+    chosen = list(labels) if not chosen else list(chosen)
+    unknown = [c for c in chosen if c not in labels]
+    if unknown:
+        raise ValueError(f"labels not in the model's head: {', '.join(unknown)}; the model has: {', '.join(labels)}")
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"--labels has duplicates: {', '.join(chosen)}")
+    rows = torch.tensor([labels.index(c) for c in chosen])
+    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    if "head.weight" not in state:
+        raise ValueError("the model has no classification head to export labels from")
+    state["head.weight"] = state["head.weight"][rows].contiguous()
+    state["head.bias"] = state["head.bias"][rows].contiguous()
+    return state, chosen
+
+
+def export_metadata(bundle: Bundle, chosen: list[str], fmt: str) -> dict:
+    pre = bundle.preprocessing
+    return {
+        "format": EXPORT_FORMAT,
+        "export_format": fmt,
+        "arch": bundle.arch,
+        "layout": "dino",
+        "labels": chosen,
+        "thresholds": {c: float(bundle.thresholds[c]) for c in chosen if c in bundle.thresholds},
+        "preprocessing": {
+            "input_size": [pre.size, pre.size],
+            "mean": list(pre.mean),
+            "std": list(pre.std),
+            "channels": pre.channels,
+            "geometry": pre.geometry,
+            "scale": "grey uint8 / 255, repeated to 3 channels, then (x - mean) / std per channel",
+        },
+        "output": "logits of independent sigmoids, one per label; positive where sigmoid(logit) >= threshold",
+    }
+
+
+def export_bundle(run: str | os.PathLike, out: str | os.PathLike, fmt: str = "dino",
+                  labels: list[str] | None = None, *, dynamic_size: bool = False,
+                  opset: int = 18) -> ExportResult:
+    """Export the bundle at ``run`` to ``out`` in ``fmt`` (see the module docstring)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+    bundle = load_bundle(run)
+    state, chosen = select_labels(bundle.model, bundle.labels, labels)
+    meta = export_metadata(bundle, chosen, fmt)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "dino":
+        _atomic(out, lambda tmp: torch.save(state, tmp))
+        meta_path = out.with_suffix(".json")
+        _atomic(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+        return ExportResult(out, meta, meta_path)
+    if fmt == "safetensors":
+        header = {"format": "pt", "layout": "dino", "cxrvit": json.dumps(meta)}
+        _atomic(out, lambda tmp: save_file(state, tmp, metadata=header))
+        return ExportResult(out, meta)
+    # onnx: a model holding exactly the exported head
+    model = VisionTransformer(**_same_shape_kwargs(bundle.model), num_classes=len(chosen))
+    model.load_state_dict(state, strict=True)
+    size = bundle.preprocessing.size
+    export_onnx(model, out, bundle.preprocessing, size=size, dynamic_size=dynamic_size, opset=opset)
+    sizes = [(size, size)] + ([(size + 32, size - 16 if size > 32 else size + 16)] if dynamic_size else [])
+    diff = verify_onnx(out, model, bundle.preprocessing, sizes=sizes)
+    meta["onnx"] = {"input": "grey", "input_layout": "[B, 1, H, W] float32, grey / 255 (0..1)",
+                    "outputs": ["logits", "probabilities"], "dynamic_batch": True,
+                    "dynamic_size": "multiples of 16" if dynamic_size else False,
+                    "opset": opset, "max_abs_diff_vs_torch": diff, "checked_sizes": [list(s) for s in sizes]}
+    meta_path = out.with_suffix(".json")
+    _atomic(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    return ExportResult(out, meta, meta_path, [f"onnxruntime vs PyTorch: max |logit diff| = {diff:.2e}"])
+
+
+def _same_shape_kwargs(model: VisionTransformer) -> dict:
+    blk = model.blocks[0]
+    return dict(img_size=model.patch_embed.img_size, patch_size=model.patch_size, embed_dim=model.embed_dim,
+                depth=len(model.blocks), num_heads=blk.attn.num_heads,
+                mlp_ratio=blk.mlp.fc1.out_features / model.embed_dim, eps=model.norm.eps)
+
+
+def _atomic(path: Path, write) -> None:
+    """Write through a temporary name and rename, so a crash never leaves a half-written export."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(str(tmp))
+    os.replace(tmp, path)
+
+
+# -- ONNX ------------------------------------------------------------------------------------------
+class GreyInputViT(nn.Module):
+    """``grey [B, 1, H, W]`` in [0, 1] -> (logits, probabilities), normalisation folded into the patch filter.
+
+    Folding is exact (see ``fold_patch_embed_to_grey``) and makes the patch embedding a third of the
+    work. With a fixed size the resampled position table is a constant; with ``dynamic_size`` it is
+    resampled in the graph (bicubic, as in DINO's ``interpolate_pos_encoding``).
+    """
+
+    def __init__(self, model: VisionTransformer, pre: Preprocessing, size: int, dynamic_size: bool):
+        super().__init__()
+        self.vit = model
+        w, b = fold_patch_embed_to_grey(model.patch_embed.proj.weight.detach(), model.patch_embed.proj.bias.detach(),
+                                        pre.mean, pre.std)
+        p = model.patch_size
+        self.grey_proj = nn.Conv2d(1, model.embed_dim, kernel_size=p, stride=p)
+        self.grey_proj.weight.data.copy_(w)
+        self.grey_proj.bias.data.copy_(b)
+        self.dynamic_size = dynamic_size
+        with torch.no_grad():
+            dummy = torch.zeros(1, 1 + (size // p) ** 2, model.embed_dim)
+            self.register_buffer("pos_fixed", model.interpolate_pos_encoding(dummy, size, size).detach().clone())
+
+    def _pos(self, gh: int, gw: int) -> torch.Tensor:
+        if not self.dynamic_size:
+            return self.pos_fixed
+        pos = self.vit.pos_embed
+        side = int(round((pos.shape[1] - 1) ** 0.5))
+        grid = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
+        return torch.cat((pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1)), dim=1)
+
+    def forward(self, grey: torch.Tensor):
+        b, _, h, w = grey.shape
+        p = self.vit.patch_size
+        x = self.grey_proj(grey).flatten(2).transpose(1, 2)
+        x = torch.cat((self.vit.cls_token.expand(b, -1, -1), x), dim=1)
+        x = x + self._pos(h // p, w // p)
+        for blk in self.vit.blocks:
+            x = blk(x)
+        logits = self.vit.head(self.vit.norm(x)[:, 0])
+        return logits, torch.sigmoid(logits)
+
+
+def export_onnx(model: VisionTransformer, out: str | os.PathLike, pre: Preprocessing, *, size: int,
+                dynamic_size: bool = False, opset: int = 18) -> Path:
+    """Write ``model`` as ONNX (grey input, dynamic batch; dynamic multiple-of-16 size if asked)."""
+    if size % model.patch_size:
+        raise ValueError(f"ONNX input size {size} is not a multiple of the patch size {model.patch_size}")
+    wrapper = GreyInputViT(model.eval(), pre, size, dynamic_size).eval()
+    example = torch.rand(2, 1, size, size)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    shapes = {0: batch}
+    if dynamic_size:
+        # H = 16 * gh: expressing sizes as multiples of the patch keeps every reshape exact
+        p = model.patch_size
+        shapes[2] = p * torch.export.Dim("grid_h", min=1, max=256)
+        shapes[3] = p * torch.export.Dim("grid_w", min=1, max=256)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        program = torch.onnx.export(wrapper, (example,), dynamo=True, input_names=["grey"],
+                                    output_names=["logits", "probabilities"], dynamic_shapes={"grey": shapes},
+                                    opset_version=opset, external_data=False, verbose=False)
+    tmp = out.with_name(out.name + ".tmp")
+    program.save(str(tmp), external_data=False)
+    os.replace(tmp, out)
+    return out
+
+
+def verify_onnx(path: str | os.PathLike, model: VisionTransformer, pre: Preprocessing,
+                sizes: list[tuple[int, int]], batches: tuple[int, ...] = (1, 3), seed: int = 0) -> float:
+    """Largest |logit| difference between onnxruntime and PyTorch eager (fp32) on random grey images."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    model.eval()
+    for h, w in sizes:
+        for b in batches:
+            grey = torch.rand(b, 1, h, w, generator=gen)
+            with torch.no_grad():
+                ref = model(pre.normalize(grey))
+            got = torch.from_numpy(session.run(["logits"], {"grey": grey.numpy()})[0])
+            worst = max(worst, (got - ref).abs().max().item())
+    return worst
