@@ -1,0 +1,385 @@
+"""The prepared cache: every image decoded once, squared, resized and stored as raw uint8.
+
+Training reads a 256-px chest X-ray thousands of times; decoding a 1024-px PNG costs ~10 ms,
+reading 64 KiB from a memory-mapped file costs microseconds. Layout (docs/architecture.md)::
+
+    CACHE/pixels.u8    uint8 [N, S, S], C order
+    CACHE/index.csv    row i describes pixels[i]
+    CACHE/meta.json    size, n, labelled, source, data report, bad images, ...
+    CACHE/COMPLETE     written last, holds sha256 checksums of the three files above
+
+While ``prepare`` runs, work lives in ``CACHE/.partial/`` (pixels of every candidate image, a
+done-bitmap flushed every second, and the plan it is executing). A run killed at any moment
+leaves no COMPLETE marker, so the cache refuses to open; a re-run with the same inputs picks
+the bitmap up and finishes with a byte-identical cache (nothing in it depends on timing).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from cxrvit.data import images as images_mod
+from cxrvit.data import index as index_mod
+from cxrvit.data import nih
+from cxrvit.labels import label_matrix
+
+FORMAT = "cxrvit-cache/1"
+GEOMETRY = "pad-to-square-with-image-minimum, then bilinear resize (cxrvit.data.images.square_resize)"
+PIXELS, INDEX, META, COMPLETE, BAD_LIST, WORK = "pixels.u8", "index.csv", "meta.json", "COMPLETE", "bad_images.txt", ".partial"
+_STR_COLUMNS = ("image", "patient_id", "view", "sex", "official_split", "path")
+
+
+class IncompleteCacheError(RuntimeError):
+    """The folder is not a finished cache (no COMPLETE marker, or files that do not match it)."""
+
+
+class DataReportError(RuntimeError):
+    """``--strict``: the images on disk do not match the metadata's listing."""
+
+
+class BadImagesError(RuntimeError):
+    """Some images could not be decoded; the message lists each file and the reason."""
+
+    def __init__(self, bad: list[tuple[str, str]], hint: str = ""):
+        self.bad = bad
+        shown = "\n".join(f"  {path}: {reason}" for path, reason in bad[:20])
+        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+        super().__init__(f"{len(bad)} image(s) could not be read:\n{shown}{more}{hint}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a finished cache
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_index_csv(path: Path) -> pd.DataFrame:
+    table = pd.read_csv(path, dtype={c: str for c in _STR_COLUMNS}, keep_default_na=False)
+    for col in ("age", "follow_up"):
+        table[col] = pd.to_numeric(table[col].replace("", None), errors="raise").astype("Int64")
+    return table
+
+
+class CXRCache:
+    """A finished cache: ``pixels`` (memmap uint8 [N, S, S]), ``index`` (DataFrame), ``meta``."""
+
+    def __init__(self, root: os.PathLike | str, verify: bool = False):
+        self.root = Path(root)
+        marker = self.root / COMPLETE
+        if not marker.is_file():
+            hint = " (prepare was interrupted or is still running: re-run `cxrvit prepare` to finish it)"
+            raise IncompleteCacheError(f"{self.root}: not a complete cxrvit cache, {COMPLETE} is missing{hint}")
+        self.checksums: dict = json.loads(marker.read_text())
+        self.meta: dict = json.loads((self.root / META).read_text())
+        if self.meta.get("format") != FORMAT:
+            raise IncompleteCacheError(f"{self.root}: format {self.meta.get('format')!r}, expected {FORMAT!r}")
+        self.size: int = int(self.meta["size"])
+        n = int(self.meta["n"])
+        expected = n * self.size * self.size
+        actual = (self.root / PIXELS).stat().st_size
+        if actual != expected:
+            raise IncompleteCacheError(f"{self.root / PIXELS}: {actual} bytes, expected {expected} ({n} x {self.size}^2)")
+        if verify:
+            self.verify()
+        self.index: pd.DataFrame = read_index_csv(self.root / INDEX)
+        if len(self.index) != n:
+            raise IncompleteCacheError(f"{self.root / INDEX}: {len(self.index)} rows, meta.json says {n}")
+        # An empty memmap cannot be created; a zero-image cache gets an empty array instead.
+        shape = (n, self.size, self.size)
+        self.pixels = np.memmap(self.root / PIXELS, dtype=np.uint8, mode="r", shape=shape) if n else np.zeros(shape, np.uint8)
+
+    def verify(self) -> None:
+        """Recompute the checksums recorded in COMPLETE; raise naming the first file that differs."""
+        for name, digest in self.checksums["sha256"].items():
+            if sha256_file(self.root / name) != digest:
+                raise IncompleteCacheError(f"{self.root / name}: checksum differs from {COMPLETE}: the cache is corrupt")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.meta["labelled"])
+
+    @property
+    def patient_ids(self) -> np.ndarray:
+        return self.index["patient_id"].to_numpy(dtype=object)
+
+    @property
+    def names(self) -> np.ndarray:
+        return self.index["image"].to_numpy(dtype=object)
+
+    def labels(self, names: Sequence[str]) -> np.ndarray:
+        """float32 ``[N, K]`` multi-hot matrix; derived targets (Mass/Nodule) are computed here."""
+        if not self.labelled:
+            raise ValueError(f"{self.root}: an unlabelled cache has no labels")
+        return label_matrix(lambda finding: self.index[finding].to_numpy(), names)
+
+    def __repr__(self) -> str:
+        return f"CXRCache({str(self.root)!r}, n={len(self)}, size={self.size}, labelled={self.labelled})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning: which images go in, in which order, with which metadata
+
+
+@dataclass
+class Plan:
+    table: pd.DataFrame  # every candidate image, in cache order
+    meta: dict  # everything meta.json says except the outcome (n, bad images)
+    report_lines: list[str]
+
+    def key(self) -> str:
+        """Identity of the work: a partial run is resumed only by a run with the same key."""
+        text = self.table.to_csv(index=False, lineterminator="\n") + json.dumps(self.meta, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def plan_cache(
+    data: os.PathLike | str,
+    size: int,
+    *,
+    csv: os.PathLike | str | None = None,
+    unlabelled: bool | None = None,
+    patients: os.PathLike | str | None = None,
+    views: Sequence[str] | None = None,
+    exclude: Sequence[os.PathLike | str] = (),
+    strict: bool = False,
+) -> Plan:
+    """Find the images and metadata under ``data`` and decide what the cache will contain."""
+    data = Path(data)
+    if size < 8:
+        raise ValueError(f"--size {size} is too small")
+    found = index_mod.find_images(data, exclude=exclude)
+    csv_path = Path(csv) if csv else (None if unlabelled else nih.find_data_entry(data))
+    meta: dict = {"format": FORMAT, "size": int(size), "source": str(data.resolve()), "geometry": GEOMETRY}
+    lines: list[str] = [f"{len(found.paths):,} image files found under {data}"]
+    if csv_path is None:
+        why = "--unlabelled was given" if unlabelled else "no Data_Entry_2017 CSV was found (use --csv to name one)"
+        lines.append(f"unlabelled cache: {why}; patient IDs from {patients or 'the file stems'}")
+        table = index_mod.unlabelled_table(found, index_mod.read_patients(patients) if patients else None)
+        meta.update(labelled=False, csv=None, patients_csv=str(patients) if patients else None)
+        report_meta = {"unlisted_present": 0, "listed_absent": 0, "duplicate_names": len(found.duplicates)}
+        if found.duplicates:
+            lines.append(f"{len(found.duplicates)} file names occur more than once; the first path is used")
+    else:
+        entry = nih.read_data_entry(csv_path)
+        report = index_mod.reconcile(entry.table["image"], found)
+        split_paths = nih.find_split_lists(data)
+        split_lists = {k: nih.read_split_list(p) for k, p in split_paths.items()}
+        table = index_mod.labelled_table(entry.table, found, report, split_lists)
+        lines.append(f"labelled cache: {csv_path} ({entry.variant} format, {len(entry):,} rows)")
+        lines += report.lines()
+        lines.append(
+            "official split lists: " + (", ".join(f"{k}={p}" for k, p in split_paths.items()) or "none found")
+        )
+        if strict and not report.complete:
+            raise DataReportError("--strict: the data folder does not match the metadata:\n  " + "\n  ".join(report.lines()))
+        meta.update(labelled=True, csv=str(Path(csv_path).resolve()), csv_variant=entry.variant,
+                    split_lists={k: str(p.resolve()) for k, p in split_paths.items()})
+        report_meta = report.to_meta()
+    if views:
+        wanted = sorted({v.strip().upper() for v in views})
+        keep = table["view"].isin(wanted).to_numpy()
+        lines.append(f"views: keeping {', '.join(wanted)} ({int(keep.sum()):,} images), dropping {int((~keep).sum()):,}")
+        table = table[keep].reset_index(drop=True)
+        meta["views_filter"] = wanted
+    else:
+        counts = table["view"].replace("", "unknown").value_counts().sort_index()
+        lines.append("views: all kept (" + ", ".join(f"{v} {c:,}" for v, c in counts.items()) + "); --views PA to filter")
+        meta["views_filter"] = None
+    meta.update(report_meta)
+    return Plan(table=table, meta=meta, report_lines=lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding (runs in worker processes)
+
+#: Test hook: seconds each decode sleeps, so a test can kill ``prepare`` reliably half-way.
+_DELAY_ENV = "CXRVIT_PREPARE_DELAY_S"
+
+
+def _decode_one(task: tuple[int, str, int]) -> tuple[int, bytes | None, str | None]:
+    row, path, size = task
+    delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
+    if delay:
+        import time
+
+        time.sleep(delay)
+    try:
+        return row, images_mod.load_square(path, size).tobytes(), None
+    except images_mod.ImageReadError as exc:
+        return row, None, exc.reason
+    except Exception as exc:  # a worker must report, never die: the run has to list every bad file
+        return row, None, f"{type(exc).__name__}: {exc}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing: resumable, crash-safe
+
+
+def _atomic_write(path: Path, data: bytes | str) -> None:
+    """Write-then-rename: a reader (or a re-run after a crash) sees the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data.encode() if isinstance(data, str) else data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _save_progress(work: Path, pixels: np.memmap, done: np.ndarray) -> None:
+    # Pixels first, then the bitmap that vouches for them: a row is never marked done before its bytes are on disk.
+    pixels.flush()
+    _atomic_write(work / "progress.npy", np.packbits(done).tobytes())
+
+
+def prepare_cache(
+    data: os.PathLike | str,
+    out: os.PathLike | str,
+    size: int = 256,
+    *,
+    csv: os.PathLike | str | None = None,
+    unlabelled: bool | None = None,
+    patients: os.PathLike | str | None = None,
+    views: Sequence[str] | None = None,
+    workers: int | None = None,
+    strict: bool = False,
+    skip_bad: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    flush_seconds: float = 1.0,
+) -> CXRCache:
+    """Build (or resume, or confirm) the cache of ``data`` in ``out``. See ``cxrvit prepare --help``."""
+    out = Path(out)
+    plan = plan_cache(data, size, csv=csv, unlabelled=unlabelled, patients=patients, views=views,
+                      exclude=[out], strict=strict)
+    for line in plan.report_lines:
+        log(line)
+    key = plan.key()
+    work = out / WORK
+    if (out / COMPLETE).is_file():
+        done_key = json.loads((out / COMPLETE).read_text()).get("plan")
+        if done_key == key and not overwrite:
+            log(f"{out}: already complete with these inputs; nothing to do")
+            return CXRCache(out)
+        if not overwrite:
+            raise FileExistsError(f"{out}: holds a finished cache built from other inputs; use --overwrite or another --out")
+        (out / COMPLETE).unlink()  # first, so the folder never looks complete while it is rebuilt
+    out.mkdir(parents=True, exist_ok=True)
+    if work.is_dir() and (not (work / "plan.txt").is_file() or (work / "plan.txt").read_text() != key):
+        log(f"{out}: discarding an unfinished run made with other inputs")
+        shutil.rmtree(work)
+    resumed = work.is_dir()
+    work.mkdir(exist_ok=True)
+    _atomic_write(work / "plan.txt", key)
+
+    n_all, s = len(plan.table), int(size)
+    done = np.zeros(n_all, dtype=bool)
+    if resumed and (work / "progress.npy").is_file():
+        done = np.unpackbits(np.frombuffer((work / "progress.npy").read_bytes(), np.uint8), count=n_all).astype(bool)
+        log(f"resuming: {int(done.sum()):,} of {n_all:,} images already done")
+    bad: list[tuple[int, str]] = []
+    work_pixels = work / PIXELS
+    if n_all and not done.all():
+        mode = "r+" if work_pixels.is_file() and work_pixels.stat().st_size == n_all * s * s else "w+"
+        pixels = np.memmap(work_pixels, dtype=np.uint8, mode=mode, shape=(n_all, s, s))
+        bad = _decode_all(plan, pixels, done, work, Path(data), s, workers, progress, flush_seconds)
+        del pixels
+    bad_list = [(str(Path(data) / plan.table["path"][row]), reason) for row, reason in sorted(bad)]
+    if bad_list:
+        _atomic_write(work / BAD_LIST, "".join(f"{p}\t{r}\n" for p, r in bad_list))
+        if not skip_bad:
+            raise BadImagesError(bad_list, f"\n(list saved in {work / BAD_LIST}; fix or remove them and re-run to "
+                                           "resume, or pass --skip-bad to build the cache without them)")
+        log(f"--skip-bad: leaving out {len(bad_list)} unreadable image(s), listed in {out / BAD_LIST}")
+    _finalize(plan, key, out, work, [row for row, _ in bad], bad_list)
+    return CXRCache(out)
+
+
+def _decode_all(plan: Plan, pixels: np.memmap, done: np.ndarray, work: Path, data: Path, size: int,
+                workers: int | None, progress: bool, flush_seconds: float) -> list[tuple[int, str]]:
+    """Decode every row not yet done into ``pixels``; return ``[(row, reason)]`` for failures."""
+    import multiprocessing
+    import time
+
+    from tqdm import tqdm
+
+    paths = plan.table["path"].tolist()
+    tasks = [(int(r), str(data / paths[r]), size) for r in np.flatnonzero(~done)]
+    workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
+    bar = tqdm(total=len(done), initial=int(done.sum()), unit="img", desc="prepare", disable=not progress,
+               file=sys.stderr, smoothing=0.1, dynamic_ncols=True)
+    bad: list[tuple[int, str]] = []
+    pool = multiprocessing.Pool(workers) if workers > 1 else None
+    results = pool.imap_unordered(_decode_one, tasks, chunksize=4) if pool else map(_decode_one, tasks)
+    last = time.monotonic()
+    try:
+        for row, buf, reason in results:
+            if buf is None:
+                bad.append((row, reason))
+            else:
+                pixels[row] = np.frombuffer(buf, dtype=np.uint8).reshape(size, size)
+                done[row] = True
+            bar.update(1)
+            if time.monotonic() - last > flush_seconds:
+                _save_progress(work, pixels, done)
+                last = time.monotonic()
+        _save_progress(work, pixels, done)
+    finally:
+        bar.close()
+        if pool:
+            pool.terminate()
+            pool.join()
+    return bad
+
+
+def _finalize(plan: Plan, key: str, out: Path, work: Path, bad_rows: list[int], bad_list: list[tuple[str, str]]) -> None:
+    """Move the finished work into place; every step can be repeated after a crash."""
+    keep = np.setdiff1d(np.arange(len(plan.table)), np.asarray(bad_rows, dtype=np.int64))
+    s = int(plan.meta["size"])
+    final, work_pixels = out / PIXELS, work / PIXELS
+    if bad_rows:  # copy the good rows into a compact file; the work file stays until COMPLETE exists
+        src = np.memmap(work_pixels, dtype=np.uint8, mode="r", shape=(len(plan.table), s, s))
+        tmp = out / (PIXELS + ".tmp")
+        with open(tmp, "wb") as fh:
+            for start in range(0, len(keep), 1024):
+                fh.write(np.ascontiguousarray(src[keep[start : start + 1024]]).tobytes())
+            fh.flush()
+            os.fsync(fh.fileno())
+        del src
+        os.replace(tmp, final)
+    elif work_pixels.is_file():
+        os.replace(work_pixels, final)
+    elif len(keep) == 0:
+        final.write_bytes(b"")
+    elif not (final.is_file() and final.stat().st_size == len(keep) * s * s):
+        raise IncompleteCacheError(f"{out}: work pixels are missing; delete {out} and run prepare again")
+    table = plan.table.iloc[keep].reset_index(drop=True)
+    _atomic_write(out / INDEX, table.to_csv(index=False, lineterminator="\n"))
+    meta = dict(plan.meta, n=len(table), bad_images=[{"path": p, "reason": r} for p, r in bad_list],
+                label_columns=list(nih.LABEL_COLUMNS) if plan.meta["labelled"] else [])
+    _atomic_write(out / META, json.dumps(meta, indent=2) + "\n")
+    if bad_list:
+        _atomic_write(out / BAD_LIST, "".join(f"{p}\t{r}\n" for p, r in bad_list))
+    elif (out / BAD_LIST).exists():
+        (out / BAD_LIST).unlink()
+    sums = {name: sha256_file(out / name) for name in (PIXELS, INDEX, META)}
+    _atomic_write(out / COMPLETE, json.dumps({"plan": key, "sha256": sums}, indent=2) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
