@@ -1,0 +1,179 @@
+"""The ViT itself: DINO's exact state_dict, forward semantics, attention paths, helpers."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cxrvit.data.preprocess import Preprocessing
+from cxrvit.model.vit import (VisionTransformer, drop_path, fold_patch_embed_to_grey, resample_pos_embed,
+                              vit_small)
+from dino_reference import dino_vit_small
+
+torch.set_num_threads(2)
+
+# The full manifest of DINO's vit_small (150 backbone keys) plus a 3-label head, in state_dict order.
+BLOCK_MANIFEST = [
+    ("norm1.weight", (384,)), ("norm1.bias", (384,)),
+    ("attn.qkv.weight", (1152, 384)), ("attn.qkv.bias", (1152,)),
+    ("attn.proj.weight", (384, 384)), ("attn.proj.bias", (384,)),
+    ("norm2.weight", (384,)), ("norm2.bias", (384,)),
+    ("mlp.fc1.weight", (1536, 384)), ("mlp.fc1.bias", (1536,)),
+    ("mlp.fc2.weight", (384, 1536)), ("mlp.fc2.bias", (384,)),
+]
+MANIFEST = (
+    [("cls_token", (1, 1, 384)), ("pos_embed", (1, 197, 384)),
+     ("patch_embed.proj.weight", (384, 3, 16, 16)), ("patch_embed.proj.bias", (384,))]
+    + [(f"blocks.{i}.{name}", shape) for i in range(12) for name, shape in BLOCK_MANIFEST]
+    + [("norm.weight", (384,)), ("norm.bias", (384,)), ("head.weight", (3, 384)), ("head.bias", (3,))]
+)
+
+
+def small(depth: int = 2, **kw) -> VisionTransformer:
+    """A narrow ViT for tests where the full ViT-S is not the point (same code path)."""
+    torch.manual_seed(0)
+    return VisionTransformer(embed_dim=48, depth=depth, num_heads=3, **kw).eval()
+
+
+@pytest.fixture(scope="module")
+def vits():
+    torch.manual_seed(0)
+    return vit_small(num_classes=3).eval()
+
+
+def test_state_dict_is_dinos_manifest(vits):
+    got = [(k, tuple(v.shape)) for k, v in vits.state_dict().items()]
+    assert len(MANIFEST) == 152
+    assert got == MANIFEST
+    ref = dino_vit_small(num_classes=3)
+    assert [(k, tuple(v.shape)) for k, v in ref.state_dict().items()] == MANIFEST
+
+
+def test_forward_matches_independent_dino(vits):
+    ref = dino_vit_small(num_classes=3).eval()
+    ref.load_state_dict(vits.state_dict(), strict=True)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        ours, theirs = vits(x), ref.head(ref(x))
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_equals_explicit_softmax(vits):
+    """The fused SDPA path and the explicit-softmax path agree to 1e-5 (fp32)."""
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fast = vits.forward_features(x)
+        t = vits.prepare_tokens(x)
+        for blk in vits.blocks:
+            t, _ = blk(t, return_attention=True)
+        explicit = vits.norm(t)
+    torch.testing.assert_close(fast, explicit, atol=1e-5, rtol=1e-5)
+
+
+def test_last_selfattention_shape_and_rows(vits):
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        attn = vits.get_last_selfattention(x)
+    n = (64 // 16) * (48 // 16)
+    assert attn.shape == (2, 6, n + 1, n + 1)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(2, 6, n + 1))
+
+
+@pytest.mark.parametrize("h,w", [(512, 512), (448, 320)])
+def test_interpolate_pos_encoding(h, w):
+    model = small(depth=1)
+    gh, gw = h // 16, w // 16
+    tokens = torch.zeros(1, 1 + gh * gw, 48)
+    pos = model.interpolate_pos_encoding(tokens, h, w)
+    assert pos.shape == (1, 1 + gh * gw, 48)
+    torch.testing.assert_close(pos[:, 0], model.pos_embed[:, 0])  # the CLS position is never resampled
+    # bicubic resampling of a constant table is constant: checks the row/column layout is kept
+    const = torch.ones(1, 197, 48)
+    torch.testing.assert_close(resample_pos_embed(const, (gh, gw)), torch.ones(1, 1 + gh * gw, 48))
+    # a left-to-right ramp stays a left-to-right ramp (rows and columns not swapped for non-square)
+    ramp = torch.arange(14.0).repeat(14).view(1, 196, 1).expand(1, 196, 48)
+    out = resample_pos_embed(torch.cat((torch.zeros(1, 1, 48), ramp), 1), (gh, gw))[0, 1:, 0].view(gh, gw)
+    assert torch.all(out[:, 1:] >= out[:, :-1] - 1e-5) and torch.allclose(out[0], out[-1])
+    with torch.no_grad():
+        feats = model.forward_features(torch.randn(1, 3, h, w))
+    assert feats.shape == (1, 1 + gh * gw, 48)
+
+
+def test_native_size_uses_stored_table_and_bad_size_raises():
+    model = small(depth=1)
+    assert model.interpolate_pos_encoding(torch.zeros(1, 197, 48), 224, 224) is model.pos_embed
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        model(torch.randn(1, 3, 60, 64))
+
+
+def test_intermediate_layers_and_forward_api():
+    model = small(depth=4, num_classes=5)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        layers = model.get_intermediate_layers(x, n=3)
+        feats = model.forward_features(x)
+        logits = model(x)
+    assert len(layers) == 3 and all(t.shape == (2, 5, 48) for t in layers)
+    torch.testing.assert_close(layers[-1], feats)
+    assert not torch.allclose(layers[0], layers[1])
+    torch.testing.assert_close(model.forward_head(feats, pre_logits=True), feats[:, 0])
+    torch.testing.assert_close(logits, model.head(feats[:, 0]))
+
+
+def test_no_weight_decay_and_layer_decay_groups():
+    model = small(depth=3, num_classes=2)
+    assert model.no_weight_decay() == {"pos_embed", "cls_token"}
+    groups = model.param_groups_layer_decay(weight_decay=0.05, layer_decay=0.5)
+    names = [n for g in groups for n in g["param_names"]]
+    assert sorted(names) == sorted(n for n, _ in model.named_parameters())  # each parameter exactly once
+    scale = {n: g["lr_scale"] for g in groups for n in g["param_names"]}
+    decay = {n: g["weight_decay"] for g in groups for n in g["param_names"]}
+    assert scale["pos_embed"] == scale["patch_embed.proj.weight"] == 0.5 ** 4
+    assert scale["blocks.0.attn.qkv.weight"] == 0.5 ** 3 and scale["blocks.2.mlp.fc1.weight"] == 0.5
+    assert scale["head.weight"] == scale["norm.weight"] == 1.0
+    assert decay["blocks.0.attn.qkv.weight"] == 0.05 and decay["head.weight"] == 0.05
+    assert decay["blocks.0.attn.qkv.bias"] == decay["norm.weight"] == decay["pos_embed"] == decay["cls_token"] == 0.0
+
+
+def test_drop_path_and_dropout():
+    x = torch.ones(4000, 3, 8)
+    y = drop_path(x, 0.25, training=True)
+    per_sample = y[:, 0, 0]
+    # whole samples dropped, survivors rescaled by 1 / keep
+    assert torch.allclose(per_sample.unique(), torch.tensor([0.0, 1 / 0.75]))
+    assert torch.all(y == y[:, :1, :1])
+    assert abs((per_sample == 0).float().mean().item() - 0.25) < 0.03
+    assert torch.equal(drop_path(x, 0.25, training=False), x)
+    model = small(depth=4, drop_path_rate=0.3, drop_rate=0.1)
+    rates = [blk.drop_path.drop_prob for blk in model.blocks]
+    assert rates[0] == 0.0 and abs(rates[-1] - 0.3) < 1e-6 and rates == sorted(rates)
+    inp = torch.randn(2, 3, 32, 32)
+    model.train()
+    assert not torch.allclose(model.forward_features(inp), model.forward_features(inp))
+    model.eval()
+    torch.testing.assert_close(model.forward_features(inp), model.forward_features(inp))
+
+
+def test_dino_initialisation():
+    torch.manual_seed(0)
+    model = vit_small()
+    w = model.blocks[0].mlp.fc1.weight
+    assert abs(w.std().item() - 0.02) < 0.001 and abs(w.mean().item()) < 0.001
+    assert model.blocks[0].mlp.fc1.bias.abs().max() == 0 and torch.all(model.norm.weight == 1)
+    assert abs(model.pos_embed.std().item() - 0.02) < 0.002
+
+
+def test_grey_fold_is_exact():
+    """Folded 1-channel filter on raw grey == 3-channel filter on repeated, normalised grey."""
+    model = small(depth=1)
+    pre = Preprocessing(size=32)
+    grey = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8)
+    conv = model.patch_embed.proj
+    w1, b1 = fold_patch_embed_to_grey(conv.weight, conv.bias, pre.mean, pre.std)
+    assert w1.shape == (48, 1, 16, 16) and b1.shape == (48,)
+    folded = torch.nn.functional.conv2d(grey.float() / 255, w1, b1, stride=16)
+    repeated = conv(pre.normalize(grey))
+    torch.testing.assert_close(folded, repeated, atol=2e-5, rtol=1e-5)
+    # a 1-channel input to the model is the same as repeating it to 3 channels
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x), model.forward_features(x.repeat(1, 3, 1, 1)))
