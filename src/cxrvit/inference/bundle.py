@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from cxrvit.data.preprocess import Preprocessing
 from cxrvit.model.vit import VisionTransformer, build_model
+from cxrvit.runtime import autocast, resolve_precision
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "bundle.json"
@@ -44,16 +45,10 @@ class Bundle:
         out = []
         for start in range(0, len(grey), batch_size):
             x = self.preprocessing.normalize(grey[start : start + batch_size].to(device))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_supported(device)):
+            with autocast(device, resolve_precision("auto", device)):
                 logits = self.model(x)
             out.append(torch.sigmoid(logits.float()).cpu())
         return torch.cat(out) if out else torch.zeros(0, len(self.labels))
-
-
-def autocast_supported(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu"
 
 
 def save_bundle(directory: os.PathLike | str, model: VisionTransformer, labels: list[str],
