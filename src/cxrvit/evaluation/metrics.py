@@ -57,21 +57,26 @@ def _squeeze(out: np.ndarray, weights) -> np.ndarray:
     return out[0] if weights is None or np.ndim(weights) == 1 else out
 
 
-def _thresholds(thr, k: int) -> np.ndarray:
-    thr = np.broadcast_to(np.asarray(thr, dtype=np.float64), (k,))
-    return thr
+def _thresholds(thr, shape: tuple[int, int]) -> np.ndarray:
+    """Scalar, ``[K]`` (one per label) or ``[N, K]`` (one per image and label, as when pooling
+    cross-validation folds that each bring their own thresholds)."""
+    thr = np.asarray(thr, dtype=np.float64)
+    try:
+        return np.broadcast_to(thr, shape)
+    except ValueError:
+        raise ValueError(f"thresholds of shape {thr.shape} do not fit predictions of shape {shape}") from None
 
 
 # --------------------------------------------------------------------------- confusion & F1
 
 
 def confusion(y_true, y_prob, thr, weights=None) -> dict[str, np.ndarray]:
-    """Confusion counts per label at ``thr`` (scalar or ``[K]``): ``tp, fp, tn, fn``, each ``[K]``
+    """Confusion counts per label at ``thr`` (scalar, ``[K]`` or ``[N, K]``): ``tp, fp, tn, fn``, each ``[K]``
     (or ``[B, K]`` with ``[B, N]`` weights). Counts are weighted sums, so they may be non-integer
     only if the weights are."""
     y_true, y_prob = _check(y_true, y_prob)
     w = _weights(weights, len(y_true))
-    pred = y_prob >= _thresholds(thr, y_true.shape[1])
+    pred = y_prob >= _thresholds(thr, y_prob.shape)
     pos, neg = y_true.astype(np.float64), (~y_true).astype(np.float64)
     predf = pred.astype(np.float64)
     out = {
@@ -186,22 +191,20 @@ def _tie_groups(scores_col: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return order, group
 
 
-def _group_sums(w_sorted: np.ndarray, mask_sorted: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
-    """``[B, G]``: per resample, the weight of the masked items in each tie group."""
-    contrib = w_sorted * mask_sorted
-    out = np.zeros((w_sorted.shape[0], n_groups))
-    np.add.at(out.T, group, contrib.T)  # scatter along N; equal to a per-group sum
-    return out
+def _group_sums(w_sorted: np.ndarray, mask_sorted: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """``[B, G]``: per resample, the weight of the masked items in each tie group. Groups are
+    contiguous runs in sorted order, so one ``reduceat`` sums them all."""
+    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+    return np.add.reduceat(w_sorted * mask_sorted, starts, axis=1)
 
 
 def _ranking_stats(y_col: np.ndarray, s_col: np.ndarray, w: np.ndarray):
     """Weighted positives/negatives per tie group, groups in descending score order."""
+    if len(s_col) == 0:
+        raise ValueError("cannot rank an empty set of predictions")
     order, group = _tie_groups(s_col)
-    n_groups = int(group[-1]) + 1 if len(group) else 0
     ws, ys = w[:, order], y_col[order].astype(np.float64)
-    pos_g = _group_sums(ws, ys, group, n_groups)
-    neg_g = _group_sums(ws, 1.0 - ys, group, n_groups)
-    return pos_g, neg_g
+    return _group_sums(ws, ys, group), _group_sums(ws, 1.0 - ys, group)
 
 
 def auroc(y_true, y_prob, weights=None) -> np.ndarray:

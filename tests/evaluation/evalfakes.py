@@ -1,0 +1,54 @@
+"""Tiny in-memory stand-ins for a prepared cache and a trained bundle.
+
+The fake cache implements exactly the documented CXRCache contract (pixels, index, meta, size,
+labels(), patient_ids), so these tests exercise evaluation without the data part's I/O.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cxrvit.data.preprocess import Preprocessing
+from cxrvit.inference.bundle import save_bundle
+from cxrvit.labels import NIH_FINDINGS, NO_FINDING, label_matrix
+from cxrvit.model.vit import build_model
+
+LABELS = ["Atelectasis", "Effusion", "Mass/Nodule", "Cardiomegaly"]
+
+
+class FakeCache:
+    def __init__(self, n_patients=40, images_per_patient=(1, 3), size=32, seed=0, test_fraction=0.3):
+        rng = np.random.default_rng(seed)
+        rows = []
+        for p in range(n_patients):
+            official = "test" if p < int(n_patients * test_fraction) else "train_val"
+            for j in range(rng.integers(images_per_patient[0], images_per_patient[1] + 1)):
+                row = {"image": f"{p + 1:08d}_{j:03d}.png", "patient_id": str(p + 1), "official_split": official}
+                findings = rng.random(len(NIH_FINDINGS)) < 0.25
+                row.update({f: int(v) for f, v in zip(NIH_FINDINGS, findings)})
+                row[NO_FINDING] = int(not findings.any())
+                rows.append(row)
+        self.index = pd.DataFrame(rows)
+        self.size = size
+        self.meta = {"format": "cxrvit-cache/1", "size": size, "n": len(rows), "labelled": True}
+        # Images carry a weak signal for Effusion (brighter) so a trained model could find it.
+        base = rng.integers(0, 200, size=(len(rows), size, size)).astype(np.int16)
+        base += 50 * self.index["Effusion"].to_numpy()[:, None, None]
+        self.pixels = np.clip(base, 0, 255).astype(np.uint8)
+        self.patient_ids = self.index["patient_id"].astype(str).to_numpy()
+
+    def __len__(self):
+        return len(self.index)
+
+    def labels(self, names):
+        return label_matrix(lambda f: self.index[f].to_numpy(), names)
+
+
+def make_bundle(path, cache, val_rows, labels=LABELS, size=32, seed=0):
+    torch.manual_seed(seed)
+    model = build_model("vit_tiny", num_classes=len(labels))
+    thresholds = {name: 0.5 for name in labels}
+    names = cache.index["image"].to_numpy()[val_rows].tolist()
+    return save_bundle(path, model, list(labels), thresholds, Preprocessing(size=size), arch="vit_tiny",
+                       threshold_source={"split": "val", "images": names})

@@ -1,0 +1,103 @@
+"""cxrvit eval: split selection, the threshold guard, and scoring end to end on a tiny bundle."""
+import json
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from cxrvit.evaluation.evaluate import (ThresholdLeakError, check_thresholds_held_out, evaluate_run,
+                                        resize_batch, score_predictions, select_rows)
+from cxrvit.inference.bundle import load_bundle
+
+from evalfakes import LABELS, FakeCache, make_bundle
+
+
+def _val_rows(cache):
+    return np.flatnonzero(cache.index["official_split"].to_numpy() == "train_val")[:10]
+
+
+def test_split_selection(cache):
+    test = select_rows(cache, "test")
+    assert set(cache.index["official_split"].iloc[test]) == {"test"}
+    assert len(select_rows(cache, "all")) == len(cache)
+    cache.index["official_split"] = ""
+    with pytest.raises(ValueError, match="--split all"):
+        select_rows(cache, "test", data="C")
+    with pytest.raises(ValueError, match="unknown split"):
+        select_rows(cache, "train")
+
+
+def test_eval_end_to_end_json_keys(tmp_path, cache):
+    run = make_bundle(tmp_path / "run", cache, _val_rows(cache))
+    res = evaluate_run(run, "C", "test", cache=cache, n_resamples=50)
+    out = res.to_json()
+    json.dumps(out)  # serialisable: no NaN objects, no numpy scalars
+    assert list(out["targets"])[:3] == ["Atelectasis", "Effusion", "Mass/Nodule"]  # scored first
+    test_rows = select_rows(cache, "test")
+    y = cache.labels(LABELS)[test_rows]
+    for name in LABELS:
+        t = out["targets"][name]
+        for key in ("f1", "threshold", "auroc", "ap", "trivial_f1", "n", "positives"):
+            assert key in t
+        k = LABELS.index(name)
+        assert t["n"] == len(test_rows) and t["positives"] == int(y[:, k].sum())
+        assert t["tp"] + t["fp"] + t["fn"] + t["tn"] == t["n"]
+        assert t["auroc"] == pytest.approx(roc_auc_score(y[:, k], res.y_prob[:, k]))
+        assert t["auroc_ci"][0] <= t["auroc"] <= t["auroc_ci"][1]
+    assert out["mean_f1_scored"] == pytest.approx(np.mean([out["targets"][n]["f1"] for n in LABELS[:3]]))
+    assert out["threshold_source"] == {"split": "val", "verified": True, "in_sample": False,
+                                       "tuning_images": 10, "overlap_images": 0}
+    # the bundle's predictions are reproduced by the evaluation's resizing path
+    bundle = load_bundle(run)
+    import torch
+    x = resize_batch(torch.from_numpy(cache.pixels[test_rows[:4]])[:, None], 32)
+    np.testing.assert_allclose(bundle.predict_proba(x).numpy(), res.y_prob[:4], atol=1e-6)
+
+
+def test_guard_refuses_tuning_images_and_their_patients(tmp_path, cache):
+    test_rows = select_rows(cache, "test")
+    # Tuned on one test image -> every split that includes it (or its patient) is refused.
+    run = make_bundle(tmp_path / "leaky", cache, test_rows[:1])
+    for split in ("test", "all"):
+        with pytest.raises(ThresholdLeakError, match="optimistic"):
+            evaluate_run(run, "C", split, cache=cache, n_resamples=10)
+    # A different image of the same patient is caught too (patient-level, not image-level).
+    pid = cache.patient_ids[test_rows]
+    multi = [p for p in np.unique(pid) if (pid == p).sum() > 1][0]
+    same_patient = test_rows[pid == multi]
+    with pytest.raises(ThresholdLeakError):
+        check_thresholds_held_out({"split": "val", "images": [cache.index["image"][same_patient[0]]]}, cache,
+                                  same_patient[1:])
+    # Asking for the tuning images by name works, and is flagged as in-sample.
+    res = evaluate_run(run, "C", "val", cache=cache, n_resamples=10)
+    assert res.provenance["in_sample"] is True and res.n_images == 1
+
+
+def test_guard_requires_recorded_threshold_source(cache):
+    rows = select_rows(cache, "test")
+    for source in ({}, {"split": "val"}):
+        with pytest.raises(ThresholdLeakError, match="does not record"):
+            check_thresholds_held_out(source, cache, rows)
+    prov = check_thresholds_held_out({}, cache, rows, allow_unverified=True)
+    assert prov["verified"] is False
+
+
+def test_resize_bilinear_antialias_keeps_constant_images():
+    import torch
+    x = torch.full((2, 1, 64, 64), 77, dtype=torch.uint8)
+    y = resize_batch(x, 32)
+    assert y.shape == (2, 1, 32, 32) and y.dtype == torch.uint8 and (y == 77).all()
+
+
+def test_score_predictions_per_image_thresholds():
+    cache = FakeCache(n_patients=30)
+    y = cache.labels(LABELS).astype(float)
+    rng = np.random.default_rng(0)
+    p = np.clip(0.4 * y + rng.random(y.shape) * 0.6, 0, 1)
+    thr = np.where(np.arange(len(y))[:, None] < len(y) // 2, 0.3, 0.7) * np.ones((1, len(LABELS)))
+    res = score_predictions(y, p, thr, cache.patient_ids, LABELS, provenance={}, split="cv", n_resamples=20)
+    pred = p >= thr
+    for k, name in enumerate(LABELS):
+        tp = (pred[:, k] & (y[:, k] == 1)).sum()
+        assert res.targets[name]["tp"] == tp
+        assert res.targets[name]["threshold_range"] == [0.3, 0.7]
