@@ -1,5 +1,175 @@
-"""Subcommands of this part (filled in by its issue)."""
+"""Subcommands of the inference part: ``cxrvit predict`` and ``cxrvit dicom-info``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+DICOM_INFO_FIELDS = (
+    ("patient_name", "Patient name"), ("patient_id", "Patient ID"), ("age", "Age"), ("sex", "Sex"),
+    ("modality", "Modality"), ("body_part", "Body part"), ("view_position", "View position"),
+    ("size", "Image size"), ("bits", "Bits (stored/allocated)"), ("photometric", "Photometric"),
+    ("spacing", "Pixel spacing (mm)"), ("transfer_syntax", "Transfer syntax"), ("sop_class", "SOP class"),
+    ("qc", "QC flags"),
+)
 
 
 def register(subparsers) -> None:
-    pass
+    p = subparsers.add_parser("predict", help="score PNG/JPEG/DICOM files with a model bundle",
+                              description="Score images; one output row per input file. Exit code 1 if any "
+                                          "file could not be read (the others are still scored).")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders (recursive) or .txt lists of paths")
+    p.add_argument("--model", required=True, metavar="BUNDLE", help="model bundle folder (bundle.json + weights)")
+    p.add_argument("--out", default="predictions.csv", help="output .csv or .json (default predictions.csv)")
+    p.add_argument("--heatmaps", metavar="DIR", help="write an explanation overlay PNG per image here")
+    p.add_argument("--target", help="label for Grad-CAM (default: each image's most probable label)")
+    p.add_argument("--per-head", action="store_true", help="overlays also show each attention head")
+    p.add_argument("--tta", action="store_true", help="average identity, mirror and a centre zoom")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_predict)
+
+    d = subparsers.add_parser("dicom-info", help="print the header summary of DICOM files")
+    d.add_argument("files", nargs="+", metavar="FILE")
+    d.add_argument("--preview", metavar="OUT.png", help="write the decoded image (several files: OUT-<name>.png)")
+    d.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    d.set_defaults(func=run_dicom_info)
+
+
+# -- predict -----------------------------------------------------------------------------------
+
+def run_predict(args: argparse.Namespace) -> int:
+    from cxrvit.inference.bundle import load_bundle
+    from cxrvit.inference.predict import collect_inputs, predict_files, write_predictions
+
+    if Path(args.out).suffix.lower() not in (".csv", ".json"):
+        print(f"error: --out {args.out}: must end in .csv or .json", file=sys.stderr)
+        return 2
+    try:
+        bundle = load_bundle(args.model, device=args.device)
+    except (FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
+        print(f"error: cannot load model bundle: {exc}", file=sys.stderr)
+        return 2
+    if args.target and args.target not in bundle.labels:
+        print(f"error: --target {args.target!r} is not one of the bundle's labels: {', '.join(bundle.labels)}",
+              file=sys.stderr)
+        return 2
+    paths = collect_inputs(args.inputs)
+    if not paths:
+        print("error: no input files found", file=sys.stderr)
+        return 2
+    on_batch = _heatmap_writer(bundle, Path(args.heatmaps), args.target, args.per_head) if args.heatmaps else None
+    rows = predict_files(bundle, paths, batch_size=args.batch_size, tta=args.tta,
+                         progress=not args.no_progress, on_batch=on_batch)
+    out = write_predictions(rows, bundle.labels, args.out)
+    failed = [r for r in rows if r.status != "ok"]
+    flagged = [r for r in rows if r.qc_flags]
+    print(f"scored {len(rows) - len(failed)} of {len(rows)} files -> {out}"
+          f" ({len(flagged)} with QC flags, {len(failed)} failed)")
+    for r in failed:
+        print(f"  failed: {r.error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _heatmap_writer(bundle, folder: Path, target: str | None, per_head: bool):
+    """A callback for predict_files that draws an overlay per scored image."""
+    import torch
+
+    from cxrvit.inference import heatmaps
+
+    folder.mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
+
+    def write(loaded, probs: np.ndarray) -> None:
+        grey = torch.from_numpy(np.stack([img.square for img in loaded])).unsqueeze(1)
+        x = bundle.preprocessing.normalize(grey.to(next(bundle.model.parameters()).device))
+        idx = [bundle.labels.index(target) if target else int(np.argmax(p)) for p in probs]
+        maps = heatmaps.explain(bundle.model, x, idx, per_head=per_head)
+        for i, img in enumerate(loaded):
+            p = {label: float(v) for label, v in zip(bundle.labels, probs[i])}
+            findings = [k for k, v in p.items() if v >= bundle.thresholds.get(k, 0.5)]
+            name = img.path.stem
+            while name in used:  # same stem in different folders
+                name += "_"
+            used.add(name)
+            heatmaps.save_overlay(folder / f"{name}.png", img.square, {k: v[i] for k, v in maps.items()},
+                                  heatmaps.caption_for(p, findings, bundle.labels[idx[i]], img.flags),
+                                  title=str(img.path))
+
+    return write
+
+
+# -- dicom-info --------------------------------------------------------------------------------
+
+def dicom_summary(path: Path, decode: bool = True) -> dict:
+    """Header summary plus QC flags (pixel checks too when ``decode``, at the default 224 px)."""
+    from cxrvit.data import images
+    from cxrvit.data.dicom import read_header
+    from cxrvit.inference import qc
+
+    h = read_header(path)
+    flags = qc.header_flags(qc.HeaderFacts(h.modality, h.body_part, h.view_position, h.series_description))
+    if decode:
+        arr = images.read_grey(path)
+        flags += qc.pixel_flags(arr.shape, images.square_resize(arr, 224))
+    return {
+        **h.to_dict(),
+        "size": f"{h.columns}x{h.rows}" + (f"x{h.frames} frames" if h.frames > 1 else ""),
+        "bits": f"{h.bits_stored}/{h.bits_allocated}" + (" signed" if h.pixel_representation == 1 else ""),
+        "spacing": (" x ".join(f"{v:g}" for v in h.pixel_spacing) + f" ({h.spacing_source})"
+                    if h.pixel_spacing else None),
+        "qc": flags,
+    }
+
+
+def _preview_path(preview: Path, src: Path, many: bool) -> Path:
+    return preview.with_name(f"{preview.stem}-{src.stem}.png") if many else preview
+
+
+def run_dicom_info(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from cxrvit.data import images
+    from cxrvit.data.dicom import is_dicom_file
+    from cxrvit.data.images import ImageReadError
+
+    failures = 0
+    results = []
+    many = len(args.files) > 1
+    for name in args.files:
+        path = Path(name)
+        try:
+            if not path.is_file():
+                raise ImageReadError(path, "no such file")
+            if not is_dicom_file(path):
+                raise ImageReadError(path, "not a DICOM file (content not recognised)")
+            info = dicom_summary(path)
+            if args.preview:
+                out = _preview_path(Path(args.preview), path, many)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(images.to_uint8(images.read_grey(path))).save(out)
+                info["preview"] = str(out)
+            results.append(info)
+        except (ImageReadError, OSError) as exc:
+            failures += 1
+            results.append({"path": str(path), "error": str(exc)})
+    if args.json:
+        print(json.dumps(results if many else results[0], indent=2))
+    else:
+        for info in results:
+            print(info["path"])
+            if "error" in info:
+                print(f"  error: {info['error']}")
+                continue
+            for key, label in DICOM_INFO_FIELDS:
+                value = info.get(key)
+                if isinstance(value, list):
+                    value = ", ".join(value) or "none"
+                print(f"  {label:<24} {value if value not in (None, '') else '-'}")
+            if "preview" in info:
+                print(f"  {'Preview':<24} {info['preview']}")
+    return 1 if failures else 0

@@ -1,0 +1,228 @@
+"""``cxrvit predict``: score image files with a model bundle, one row per file, never stopping early.
+
+Pipeline per file: ``read_grey`` (content-sniffed PNG/JPEG/DICOM) -> QC flags -> the bundle's
+geometry (``square_resize`` to ``preprocessing.size``) -> batched ``predict_proba``. A file that
+cannot be read gets ``status=error`` and its reason; every other file is still scored, and the
+caller turns "any error" into the exit code.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from cxrvit.data import images
+from cxrvit.data.images import ImageReadError
+from cxrvit.inference import qc
+from cxrvit.inference.bundle import Bundle
+
+#: Extensions a folder walk treats as images even when their content turns out to be broken, so
+#: that a corrupt ``.png`` is reported. Other files are kept only if their content sniffs as an image.
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic"})
+
+
+@dataclass
+class Prediction:
+    path: str
+    status: str = "ok"  # "ok" or "error"
+    error: str = ""
+    qc_flags: list[str] = field(default_factory=list)
+    probs: dict[str, float] = field(default_factory=dict)
+    findings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "status": self.status, "error": self.error, "qc_flags": self.qc_flags,
+                "probs": self.probs, "findings": self.findings}
+
+
+# -- inputs ----------------------------------------------------------------------------------------
+
+def _looks_like_image(path: Path) -> bool:
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return True
+    try:
+        return images.sniff_format(path) is not None
+    except OSError:
+        return False
+
+
+def _read_list(path: Path) -> list[Path]:
+    """A text file of paths, one a line; relative paths are relative to the list's folder."""
+    out = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            p = Path(line).expanduser()
+            out.append(p if p.is_absolute() else path.parent / p)
+    return out
+
+
+def collect_inputs(inputs: Iterable[os.PathLike | str]) -> list[Path]:
+    """Expand files, folders (recursively, sorted) and ``.txt`` path lists into a list of files.
+
+    A path given explicitly is always kept, even when it does not exist, so that it is reported
+    as an error rather than silently dropped. Hidden files in folders are skipped.
+    """
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            for child in sorted(p.rglob("*")):
+                rel = child.relative_to(p).parts
+                if child.is_file() and not any(part.startswith(".") for part in rel) and _looks_like_image(child):
+                    files.append(child)
+        elif p.is_file() and p.suffix.lower() in (".txt", ".lst") and images.sniff_format(p) is None:
+            files.extend(collect_inputs(_read_list(p)))
+        else:
+            files.append(p)
+    seen: set[Path] = set()
+    return [f for f in files if not (f in seen or seen.add(f))]
+
+
+# -- reading and QC ----------------------------------------------------------------------------------
+
+@dataclass
+class LoadedImage:
+    path: Path
+    square: np.ndarray  # uint8 [S, S], the model's input geometry
+    flags: list[str]
+
+
+def dicom_header_flags(path: Path) -> list[str]:
+    from cxrvit.data.dicom import is_dicom_file, read_header
+
+    if not is_dicom_file(path):
+        return []
+    h = read_header(path)
+    return qc.header_flags(qc.HeaderFacts(h.modality, h.body_part, h.view_position, h.series_description))
+
+
+def check_pixel_count(path: Path, max_pixels: int) -> None:
+    """Decompression-bomb guard from the header alone, before any pixel is decoded."""
+    from cxrvit.data.dicom import is_dicom_file, read_header
+
+    fmt = images.sniff_format(path)
+    if fmt == "dicom" or (fmt is None and is_dicom_file(path)):
+        h = read_header(path)
+        w, hgt = h.columns or 0, h.rows or 0
+    elif fmt in ("png", "jpeg"):
+        try:
+            with Image.open(path) as img:  # lazy: reads the header only
+                w, hgt = img.size
+        except Image.DecompressionBombError as exc:
+            raise ImageReadError(path, f"refused as a decompression bomb: {exc}") from exc
+        except (OSError, SyntaxError) as exc:
+            raise ImageReadError(path, f"unreadable {fmt} header: {exc}") from exc
+    else:
+        return  # read_grey reports what it is
+    if w * hgt > max_pixels:
+        raise ImageReadError(path, f"{w}x{hgt} = {w * hgt} pixels exceeds the limit of {max_pixels} "
+                                   "(decompression-bomb guard)")
+
+
+def load_for_model(path: Path, size: int, max_pixels: int = images.MAX_PIXELS) -> LoadedImage:
+    """Decode, QC and fit one file; raises ImageReadError with the file's name on any failure."""
+    if path.is_file() and path.stat().st_size > 0:
+        check_pixel_count(path, max_pixels)
+    arr = images.read_grey(path)
+    square = images.square_resize(arr, size)
+    flags = dicom_header_flags(path) + qc.pixel_flags(arr.shape, square)
+    return LoadedImage(path, square, flags)
+
+
+# -- scoring -----------------------------------------------------------------------------------------
+
+def tta_views(grey: torch.Tensor) -> list[torch.Tensor]:
+    """Test-time views of a ``[B, 1, S, S]`` uint8 batch: identity, mirror, and a 92 % centre zoom.
+
+    The mirror is kept because findings are scored as present/absent, not by side; the zoom
+    covers a framing slightly tighter than the padded square. Probabilities are averaged.
+    """
+    s = grey.shape[-1]
+    margin = max(1, round(s * 0.04))
+    zoom = torch.nn.functional.interpolate(grey[..., margin:s - margin, margin:s - margin].float(), size=(s, s),
+                                           mode="bilinear", align_corners=False, antialias=True)
+    return [grey, torch.flip(grey, dims=[-1]), zoom.round().clamp(0, 255).to(torch.uint8)]
+
+
+def score_batch(bundle: Bundle, squares: Sequence[np.ndarray], tta: bool = False) -> np.ndarray:
+    grey = torch.from_numpy(np.stack(squares)).unsqueeze(1)
+    views = tta_views(grey) if tta else [grey]
+    probs = torch.stack([bundle.predict_proba(v) for v in views]).mean(0)
+    return probs.numpy()
+
+
+def _batches(paths: Sequence[Path], size: int, batch_size: int, max_pixels: int) -> Iterator[tuple[list[Prediction], list[LoadedImage]]]:
+    """Read files, yielding (every prediction row, the loaded images among them) in batches."""
+    rows: list[Prediction] = []
+    loaded: list[LoadedImage] = []
+    for path in paths:
+        try:
+            img = load_for_model(path, size, max_pixels)
+        except (ImageReadError, OSError, ValueError) as exc:
+            rows.append(Prediction(str(path), status="error", error=str(exc)))
+        else:
+            rows.append(Prediction(str(path), qc_flags=img.flags))
+            loaded.append(img)
+        if len(loaded) == batch_size:
+            yield rows, loaded
+            rows, loaded = [], []
+    if rows:
+        yield rows, loaded
+
+
+def predict_files(bundle: Bundle, paths: Sequence[os.PathLike | str], *, batch_size: int = 16, tta: bool = False,
+                  progress: bool = True, max_pixels: int = images.MAX_PIXELS,
+                  on_batch: Callable[[list[LoadedImage], np.ndarray], None] | None = None) -> list[Prediction]:
+    """Score ``paths`` with ``bundle``; one :class:`Prediction` per path, in order.
+
+    ``on_batch(images, probs)`` is called after each scored batch (``cxrvit predict --heatmaps`` uses
+    it to draw overlays without decoding the files twice).
+    """
+    paths = [Path(p) for p in paths]
+    size = bundle.preprocessing.size
+    out: list[Prediction] = []
+    with tqdm(total=len(paths), unit="img", disable=not progress, desc="predict") as bar:
+        for rows, loaded in _batches(paths, size, batch_size, max_pixels):
+            if loaded:
+                probs = score_batch(bundle, [img.square for img in loaded], tta=tta)
+                by_path = {str(img.path): p for img, p in zip(loaded, probs)}
+                for row in rows:
+                    if row.status == "ok":
+                        p = by_path[row.path]
+                        row.probs = {label: float(v) for label, v in zip(bundle.labels, p)}
+                        row.findings = [label for label in bundle.labels
+                                        if row.probs[label] >= bundle.thresholds.get(label, 0.5)]
+                if on_batch is not None:
+                    on_batch(loaded, probs)
+            out.extend(rows)
+            bar.update(len(rows))
+    return out
+
+
+# -- output --------------------------------------------------------------------------------------------
+
+def write_predictions(rows: Sequence[Prediction], labels: Sequence[str], out: os.PathLike | str) -> Path:
+    """Write ``.csv`` (columns: path, status, error, qc_flags, prob_<label>..., findings) or ``.json``."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".json":
+        out.write_text(json.dumps({"labels": list(labels), "predictions": [r.to_dict() for r in rows]}, indent=2))
+        return out
+    if out.suffix.lower() != ".csv":
+        raise ValueError(f"{out}: output must end in .csv or .json")
+    with open(out, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "status", "error", "qc_flags", *(f"prob_{label}" for label in labels), "findings"])
+        for r in rows:
+            probs = [f"{r.probs[label]:.6f}" if label in r.probs else "" for label in labels]
+            writer.writerow([r.path, r.status, r.error, ";".join(r.qc_flags), *probs, ";".join(r.findings)])
+    return out

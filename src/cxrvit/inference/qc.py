@@ -1,0 +1,99 @@
+"""Input quality control: say when an input is probably not what the model was trained on.
+
+The classifier was trained on frontal (PA/AP) chest radiographs. It will happily return
+probabilities for an abdominal film, a CT secondary capture or a lateral view, and those numbers
+mean nothing; so ``cxrvit predict`` scores every readable image but attaches *flags* that say
+why its output should not be trusted. Flags come from two places:
+
+- the DICOM header, when there is one: Modality, BodyPartExamined, ViewPosition;
+- the decoded pixels: size, aspect ratio, an (almost) blank image, and a contrast test for
+  a picture that looks inverted (MONOCHROME1 data mislabelled as MONOCHROME2, or the reverse).
+
+Flags are short ``name`` or ``name:detail`` strings so they can be ';'-joined in a CSV cell.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Modalities that produce projection radiographs. ``OT`` (other), CT, MR, US... are flagged.
+RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "DR", "RG"})
+#: BodyPartExamined values (upper-cased) that mean chest. Sites write many spellings.
+CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "LUNGS", "TORAX", "THORAX_CHEST", "CHEST_LAT",
+                              "PORT CHEST", "PORT_CHEST", "CHEST PA", "CHEST AP", "CHESTPA", "CHESTAP"})
+LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL", "LLD", "RLD", "LEFT LATERAL", "RIGHT LATERAL"})
+FRONTAL_VIEWS = frozenset({"PA", "AP", "AP SUPINE", "APS", "PAS"})
+
+#: Smallest side, in pixels, below which detail the model needs is gone.
+MIN_SIDE = 256
+#: Long side / short side above which the image is unlikely to be a whole chest film.
+MAX_ASPECT = 1.6
+#: Threshold on :func:`inversion_score`. On the real data in ../shared the score of correctly
+#: displayed frontal CXRs ranged from -0.71 (min of 1,099 NIH) and -0.35 (min of 243 Hannover)
+#: up; the relabelled MONOCHROME1 SIIM twin scored -1.65. -1.0 flagged none of the 1,342 real
+#: images and caught the inverted one (see docs/parts/inference.md).
+INVERSION_THRESHOLD = -1.0
+
+
+@dataclass(frozen=True)
+class HeaderFacts:
+    """The header fields QC reads (a subset of :class:`cxrvit.data.dicom.DicomHeader`)."""
+
+    modality: str | None = None
+    body_part: str | None = None
+    view_position: str | None = None
+    series_description: str | None = None
+
+
+def header_flags(facts: HeaderFacts) -> list[str]:
+    flags = []
+    modality = (facts.modality or "").strip().upper()
+    if not modality:
+        flags.append("no_modality")
+    elif modality not in RADIOGRAPH_MODALITIES:
+        flags.append(f"not_radiograph:{modality}")
+    body = (facts.body_part or "").strip().upper()
+    if body and body not in CHEST_BODY_PARTS and "CHEST" not in body and "THORA" not in body:
+        flags.append(f"not_chest:{body}")
+    view = (facts.view_position or "").strip().upper()
+    series = (facts.series_description or "").strip().upper()
+    if view in LATERAL_VIEWS or (not view and "LAT" in series.replace("PLATE", "")):
+        flags.append("lateral_view")
+    elif view and view not in FRONTAL_VIEWS:
+        flags.append(f"unusual_view:{view}")
+    return flags
+
+
+def inversion_score(square: np.ndarray) -> float:
+    """Mediastinum minus lungs, in units of the image's standard deviation.
+
+    On a correctly displayed frontal CXR (MONOCHROME2) the mediastinum and spine in the middle
+    are bright and the lung fields either side are dark, so the score is positive. ``square`` is
+    the padded, resized uint8 image the model sees.
+    """
+    a = square.astype(np.float32)
+    s = a.shape[0]
+
+    def region(r0: float, r1: float, c0: float, c1: float) -> float:
+        return float(a[int(r0 * s):int(r1 * s), int(c0 * s):int(c1 * s)].mean())
+
+    mediastinum = region(0.30, 0.80, 0.45, 0.55)
+    lungs = 0.5 * (region(0.30, 0.60, 0.20, 0.35) + region(0.30, 0.60, 0.65, 0.80))
+    return (mediastinum - lungs) / (float(a.std()) + 1e-6)
+
+
+def pixel_flags(original_shape: tuple[int, int], square: np.ndarray) -> list[str]:
+    """Flags from the decoded image (``original_shape``) and its model-size square version."""
+    flags = []
+    h, w = original_shape
+    if min(h, w) < MIN_SIDE:
+        flags.append(f"low_resolution:{w}x{h}")
+    if max(h, w) / max(1, min(h, w)) > MAX_ASPECT:
+        flags.append(f"unusual_aspect:{w}x{h}")
+    if float(square.std()) < 4.0:  # out of 255: practically one grey level
+        flags.append("blank_image")
+        return flags
+    if inversion_score(square) < INVERSION_THRESHOLD:
+        flags.append("possibly_inverted")
+    return flags
