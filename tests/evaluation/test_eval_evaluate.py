@@ -3,10 +3,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from cxrvit.evaluation.evaluate import (ThresholdLeakError, check_thresholds_held_out, evaluate_run,
-                                        resize_batch, score_predictions, select_rows)
+                                        predict_rows, score_predictions, select_rows)
 from cxrvit.inference.bundle import load_bundle
 
 from evalfakes import LABELS, FakeCache, make_bundle
@@ -47,11 +49,21 @@ def test_eval_end_to_end_json_keys(tmp_path, cache):
     assert out["mean_f1_scored"] == pytest.approx(np.mean([out["targets"][n]["f1"] for n in LABELS[:3]]))
     assert out["threshold_source"] == {"split": "val", "verified": True, "in_sample": False,
                                        "tuning_images": 10, "overlap_images": 0}
-    # the bundle's predictions are reproduced by the evaluation's resizing path
+    # same probabilities as the bundle's own API on the same (already model-sized) images
     bundle = load_bundle(run)
-    import torch
-    x = resize_batch(torch.from_numpy(cache.pixels[test_rows[:4]])[:, None], 32)
-    np.testing.assert_allclose(bundle.predict_proba(x).numpy(), res.y_prob[:4], atol=1e-6)
+    x = torch.from_numpy(cache.pixels[test_rows[:4]])[:, None]
+    np.testing.assert_allclose(bundle.predict_proba(x).numpy(), res.y_prob[:4], atol=1e-5)
+
+
+def test_cache_at_another_size_is_resized(tmp_path):
+    big = FakeCache(size=64)
+    run = make_bundle(tmp_path / "run", big, [0])
+    bundle = load_bundle(run)
+    rows = select_rows(big, "test")[:3]
+    p = predict_rows(bundle, big, rows)
+    x = F.interpolate(torch.from_numpy(big.pixels[rows])[:, None].float() / 255, size=32, mode="bilinear",
+                      antialias=True, align_corners=False)
+    np.testing.assert_allclose(p, bundle.predict_proba(x).numpy(), atol=1e-5)
 
 
 def test_guard_refuses_tuning_images_and_their_patients(tmp_path, cache):
@@ -80,13 +92,6 @@ def test_guard_requires_recorded_threshold_source(cache):
             check_thresholds_held_out(source, cache, rows)
     prov = check_thresholds_held_out({}, cache, rows, allow_unverified=True)
     assert prov["verified"] is False
-
-
-def test_resize_bilinear_antialias_keeps_constant_images():
-    import torch
-    x = torch.full((2, 1, 64, 64), 77, dtype=torch.uint8)
-    y = resize_batch(x, 32)
-    assert y.shape == (2, 1, 32, 32) and y.dtype == torch.uint8 and (y == 77).all()
 
 
 def test_score_predictions_per_image_thresholds():

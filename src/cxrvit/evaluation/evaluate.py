@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from cxrvit.evaluation import metrics as M
 from cxrvit.evaluation.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, Estimate, PatientBootstrap, estimates
@@ -103,20 +102,28 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device(device)
 
 
-def resize_batch(grey: torch.Tensor, size: int) -> torch.Tensor:
-    """``uint8 [B, 1, S, S]`` -> ``uint8 [B, 1, size, size]``: bilinear with antialiasing, whole image
-    (cache images are already square, so there is nothing to crop). Rounded back to uint8 so the
-    model sees the same kind of input as from a cache prepared at its own size."""
-    if grey.shape[-1] == size and grey.shape[-2] == size:
-        return grey
-    x = F.interpolate(grey.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x.round_().clamp_(0, 255).to(torch.uint8)
+def uses_tta(bundle) -> bool:
+    """Whether the bundle's thresholds were tuned on test-time-augmented predictions."""
+    return bool((bundle.meta.get("training") or {}).get("tta", False))
 
 
+@torch.no_grad()
 def predict_rows(bundle, cache, rows: np.ndarray, batch_size: int = 64, progress: bool = False) -> np.ndarray:
-    """Probabilities ``[len(rows), K]`` of ``bundle`` on cache rows, in the order of ``rows``."""
-    device = next(bundle.model.parameters()).device
-    size = int(bundle.preprocessing.size)
+    """Probabilities ``[len(rows), K]`` of ``bundle`` on cache rows, in the order of ``rows``.
+
+    Exactly the validation pass that tuned the bundle's thresholds (``training.validation``): the
+    whole square image resized to the model size (bilinear, antialiased, in float, so a cache at
+    another size works), plus the centre-zoom view averaged in logit space when the run used TTA.
+    Anything else would move the scores away from the thresholds they were tuned with.
+    """
+    from cxrvit.runtime import autocast, resolve_precision
+    from cxrvit.training.augment import eval_transform, to_float
+    from cxrvit.training.validation import center_zoom
+
+    model = bundle.model.eval()
+    device = next(model.parameters()).device
+    precision = resolve_precision("auto", device)
+    size, tta = int(bundle.preprocessing.size), uses_tta(bundle)
     out = []
     starts = range(0, len(rows), batch_size)
     if progress:
@@ -125,9 +132,13 @@ def predict_rows(bundle, cache, rows: np.ndarray, batch_size: int = 64, progress
         starts = tqdm(starts, desc="predict", unit="batch")
     for start in starts:
         chunk = np.asarray(rows[start : start + batch_size])
-        grey = torch.from_numpy(np.ascontiguousarray(cache.pixels[chunk]))[:, None]  # [B, 1, S, S]
-        grey = resize_batch(grey.to(device), size)
-        out.append(bundle.predict_proba(grey, batch_size=batch_size).float().cpu().numpy())
+        grey = torch.from_numpy(np.ascontiguousarray(cache.pixels[chunk]))[:, None].to(device)  # [B,1,S,S] uint8
+        views = [eval_transform(grey, size)] + ([center_zoom(to_float(grey), size, 0.9)] if tta else [])
+        logits = 0
+        for view in views:
+            with autocast(device, precision):
+                logits = logits + model(bundle.preprocessing.normalize(view)).float()
+        out.append(torch.sigmoid(logits / len(views)).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, len(bundle.labels)), dtype=np.float32)
 
 

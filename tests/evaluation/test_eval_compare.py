@@ -1,0 +1,84 @@
+"""Paired comparison and the patient bootstrap it rests on."""
+import numpy as np
+import pytest
+from evalfakes import LABELS, FakeCache, make_bundle
+
+from cxrvit.evaluation import metrics as M
+from cxrvit.evaluation.bootstrap import PatientBootstrap, verdict, Estimate
+from cxrvit.evaluation.compare import compare_runs, paired_compare
+from cxrvit.evaluation.evaluate import ThresholdLeakError, select_rows
+
+
+def _preds(seed=0, n_patients=120):
+    cache = FakeCache(n_patients=n_patients, seed=seed)
+    y = cache.labels(LABELS).astype(float)
+    rng = np.random.default_rng(seed)
+    weak = np.clip(0.15 * y + rng.random(y.shape) * 0.85, 0, 1)
+    strong = np.clip(0.6 * y + rng.random(y.shape) * 0.4, 0, 1)
+    return cache, y, weak, strong
+
+
+def test_bootstrap_resamples_whole_patients_and_is_seeded():
+    pids = np.array(["a", "a", "b", "c", "c", "c"])
+    boot = PatientBootstrap(pids, n_resamples=50, seed=3, chunk=7)
+    w = np.concatenate(list(boot.weights()))
+    assert w.shape == (50, 6)
+    assert (w[:, 0] == w[:, 1]).all() and (w[:, 3] == w[:, 5]).all()  # a patient's images move together
+    # each resample draws as many patients as there are: 3 draws -> weights sum per patient = 3
+    per_patient = w[:, [0, 2, 3]]
+    assert (per_patient.sum(1) == 3).all()
+    w2 = np.concatenate(list(PatientBootstrap(pids, n_resamples=50, seed=3, chunk=50).weights()))
+    np.testing.assert_array_equal(w, w2)  # chunking does not change the draws
+
+
+def test_identical_models_differ_by_exactly_zero():
+    cache, y, weak, _ = _preds()
+    c = paired_compare(y, weak, 0.5, weak, 0.5, cache.patient_ids, LABELS, n_resamples=100)
+    for key in c.targets + ["mean"]:
+        assert c.diff_f1[key].value == 0 and c.diff_f1[key].lo == 0 and c.diff_f1[key].hi == 0
+    assert "no significant difference" in c.verdict
+
+
+def test_better_model_is_detected_and_point_difference_is_exact():
+    cache, y, weak, strong = _preds()
+    c = paired_compare(y, weak, 0.5, strong, 0.5, cache.patient_ids, LABELS, names=("baseline", "improved"),
+                       n_resamples=200)
+    f1w, f1s = M.f1_at(y[:, :3], weak[:, :3], 0.5), M.f1_at(y[:, :3], strong[:, :3], 0.5)
+    assert c.diff_f1["mean"].value == pytest.approx((f1s - f1w).mean())
+    assert c.diff_auroc["Effusion"].value == pytest.approx(M.auroc(y, strong)[1] - M.auroc(y, weak)[1])
+    assert c.diff_f1["mean"].lo > 0
+    assert c.verdict.startswith("improved − baseline mean F1 = +") and c.verdict.endswith("improved is better")
+    assert c.targets == ["Atelectasis", "Effusion", "Mass/Nodule"]
+    assert "| **mean** |" in c.markdown()
+
+
+def test_pairing_narrows_the_interval():
+    """Same patients for both models: the CI of a difference between two noisy but correlated
+    models is narrower than combining their separate intervals would suggest."""
+    cache, y, weak, _ = _preds(n_patients=150)
+    rng = np.random.default_rng(5)
+    other = np.clip(weak + rng.normal(0, 0.03, weak.shape), 0, 1)
+    c = paired_compare(y, weak, 0.5, other, 0.5, cache.patient_ids, LABELS, n_resamples=200)
+    paired_width = c.diff_auroc["mean"].hi - c.diff_auroc["mean"].lo
+    boot = PatientBootstrap(cache.patient_ids, 200, seed=1).run(lambda w: {"a": M.auroc(y[:, :3], weak[:, :3], w)})
+    single_width = np.subtract(*np.nanquantile(boot["a"].mean(1), [0.975, 0.025]))
+    assert paired_width < single_width / 3
+
+
+def test_verdict_wording():
+    assert verdict("mean F1", Estimate(0.043, 0.012, 0.071), a="improved", b="baseline") == (
+        "improved − baseline mean F1 = +0.043 (95% CI +0.012 to +0.071): improved is better")
+    assert verdict("mean F1", Estimate(-0.05, -0.08, -0.01), a="B", b="A").endswith("A is better")
+
+
+def test_compare_runs_uses_same_rows_and_refuses_leaks(tmp_path, cache):
+    train_val = np.flatnonzero(cache.index["official_split"].to_numpy() == "train_val")
+    a = make_bundle(tmp_path / "a", cache, train_val[:5], seed=0)
+    b = make_bundle(tmp_path / "b", cache, train_val[5:10], seed=1)
+    c = compare_runs(a, b, "C", "test", cache=cache, n_resamples=30)
+    assert c.n_images == len(select_rows(cache, "test")) and c.names == ("a", "b")
+    leaky = make_bundle(tmp_path / "leaky", cache, select_rows(cache, "test")[:2], seed=1)
+    with pytest.raises(ThresholdLeakError):
+        compare_runs(a, leaky, "C", "test", cache=cache, n_resamples=10)
+    with pytest.raises(ValueError, match="held-out"):
+        compare_runs(a, b, "C", "val", cache=cache)
