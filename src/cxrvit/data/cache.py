@@ -328,7 +328,9 @@ def _decode_all(plan: Plan, pixels: np.memmap, done: np.ndarray, work: Path, dat
                file=sys.stderr, smoothing=0.1, dynamic_ncols=True)
     bad: list[tuple[int, str]] = []
     pool = multiprocessing.Pool(workers) if workers > 1 else None
-    results = pool.imap_unordered(_decode_one, tasks, chunksize=4) if pool else map(_decode_one, tasks)
+    # Small chunks keep the bitmap fine-grained; large task lists amortise the pipe traffic.
+    chunk = max(1, min(16, len(tasks) // (workers * 16)))
+    results = pool.imap_unordered(_decode_one, tasks, chunksize=chunk) if pool else map(_decode_one, tasks)
     last = time.monotonic()
     try:
         for row, buf, reason in results:

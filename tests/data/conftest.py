@@ -1,0 +1,41 @@
+"""Shared fixtures for the data-layer tests: the tiny real NIH fixtures and the optional shared sample."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURES = REPO / "tests" / "fixtures" / "nih"
+SHARED = REPO.parent / "shared" / "data"
+NIH_SAMPLE = SHARED / "nih-sample"
+
+
+@pytest.fixture
+def nih_dir() -> Path:
+    """The committed fixture folder (read-only: copy it before changing anything)."""
+    return FIXTURES
+
+
+@pytest.fixture
+def nih_copy(tmp_path: Path) -> Path:
+    """A writable copy of the fixture folder."""
+    dst = tmp_path / "nih"
+    shutil.copytree(FIXTURES, dst)
+    return dst
+
+
+@pytest.fixture
+def nih_sample() -> Path:
+    """The shared real sample (1,099 NIH PNGs, full Data_Entry); skips when the folder is absent."""
+    if not NIH_SAMPLE.is_dir():
+        pytest.skip(f"{NIH_SAMPLE} is absent (the shared real-data folder)")
+    return NIH_SAMPLE
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} is absent (the shared real-data folder)")
+    return SHARED
