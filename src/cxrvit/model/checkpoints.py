@@ -126,8 +126,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
         raise CheckpointError(
             f"{path}: refused to load: it pickles {what}. cxrvit loads with weights_only=True and allows "
             f"only tensors, plain containers and argparse.Namespace (DINO/MAE 'args')") from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({e})") from e
+    except Exception as e:  # torch raises many types for a corrupt or foreign file
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
     return obj, {}

@@ -1,0 +1,250 @@
+"""load_backbone: checkpoints fabricated in each foreign layout land tensor by tensor where they belong.
+
+Every checkpoint here is built from a random model, renamed and wrapped the way the other project
+saves it (DINO main_dino.py, MAE main_pretrain/main_finetune, I-JEPA train.py, timm). Nothing is
+downloaded.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from cxrvit.data.preprocess import Preprocessing
+from cxrvit.inference.bundle import save_bundle
+from cxrvit.model.checkpoints import CheckpointError, load_backbone, strip_prefixes
+from cxrvit.model.vit import VisionTransformer, resample_pos_embed, vit_small
+
+torch.set_num_threads(2)
+HEAD = ("head.weight", "head.bias")
+
+
+class NotAllowed:
+    """An arbitrary pickled class: loading must refuse it."""
+
+    def __init__(self):
+        self.payload = "anything"
+
+
+def narrow(seed: int, **kw) -> VisionTransformer:
+    torch.manual_seed(seed)
+    return VisionTransformer(embed_dim=48, depth=2, num_heads=3, **kw)
+
+
+def backbone_state(model: VisionTransformer) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items() if k not in HEAD}
+
+
+def dino_head(prefix: str, dim: int) -> dict:
+    return {f"{prefix}head.mlp.0.weight": torch.randn(64, dim), f"{prefix}head.mlp.0.bias": torch.randn(64),
+            f"{prefix}head.last_layer.weight_g": torch.ones(100, 1), f"{prefix}head.last_layer.weight_v": torch.randn(100, 64)}
+
+
+# -- fabricators: source backbone state -> checkpoint object in the other project's layout --------
+def fab_dino(state):
+    return dict(state)
+
+
+def fab_dino_train(state, student_state=None):
+    dim = state["cls_token"].shape[-1]
+    student_state = student_state if student_state is not None else {k: v + 1 for k, v in state.items()}
+    return {
+        "student": {**{f"module.backbone.{k}": v for k, v in student_state.items()}, **dino_head("module.", dim)},
+        "teacher": {**{f"backbone.{k}": v for k, v in state.items()}, **dino_head("", dim)},
+        "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]},
+        "epoch": 100, "args": argparse.Namespace(arch="vit_small", patch_size=16, out_dim=65536),
+        "dino_loss": {"center": torch.zeros(1, 100)},
+    }
+
+
+def fab_mae(state):
+    dim = state["cls_token"].shape[-1]
+    decoder = {"mask_token": torch.zeros(1, 1, 32), "decoder_embed.weight": torch.randn(32, dim),
+               "decoder_embed.bias": torch.zeros(32), "decoder_pos_embed": torch.randn(1, 197, 32),
+               "decoder_blocks.0.norm1.weight": torch.ones(32), "decoder_norm.weight": torch.ones(32),
+               "decoder_pred.weight": torch.randn(768, 32)}
+    return {"model": {**state, **decoder}, "optimizer": {"state": {}, "param_groups": []}, "epoch": 799,
+            "scaler": {"scale": 65536.0}, "args": argparse.Namespace(model="mae_vit_small", mask_ratio=0.75)}
+
+
+def fab_mae_finetune(state):
+    model = {k: v for k, v in state.items() if not k.startswith("norm.")}
+    model["fc_norm.weight"], model["fc_norm.bias"] = state["norm.weight"], state["norm.bias"]
+    model["head.weight"], model["head.bias"] = torch.randn(1000, state["cls_token"].shape[-1]), torch.randn(1000)
+    return {"model": model, "epoch": 99, "args": argparse.Namespace(global_pool=True)}
+
+
+def fab_ijepa(state):
+    enc = {k: v for k, v in state.items() if k != "cls_token"}
+    enc["pos_embed"] = state["pos_embed"][:, 1:].clone()  # I-JEPA: no CLS token, 196 positions
+    online = {f"module.{k}": v + 1 for k, v in enc.items()}
+    return {"encoder": online, "target_encoder": {f"module.{k}": v for k, v in enc.items()},
+            "predictor": {"module.predictor_embed.weight": torch.randn(8, 8)}, "opt": {"state": {}, "param_groups": []},
+            "scaler": None, "epoch": 300, "loss": 0.12, "batch_size": 128, "world_size": 16, "lr": 1e-3}
+
+
+def fab_timm(state):
+    dim = state["cls_token"].shape[-1]
+    return {**state, "head.weight": torch.randn(1000, dim), "head.bias": torch.randn(1000)}
+
+
+FABRICATORS = {"dino": fab_dino, "dino-train": fab_dino_train, "mae": fab_mae, "mae-ft": fab_mae_finetune,
+               "ijepa": fab_ijepa, "timm": fab_timm}
+LAYOUT = {"mae-ft": "mae"}
+
+
+def check_landed(model: VisionTransformer, src: dict, layout: str) -> None:
+    """Every source tensor is in the right place; I-JEPA's padded CLS slot is zero."""
+    got = model.state_dict()
+    for k, v in src.items():
+        if layout == "ijepa" and k == "cls_token":
+            continue
+        if layout == "ijepa" and k == "pos_embed":
+            assert torch.equal(got[k][:, 1:], v[:, 1:]) and torch.all(got[k][:, 0] == 0)
+            continue
+        assert torch.equal(got[k], v), f"{layout}: {k} did not land"
+
+
+@pytest.mark.parametrize("name", list(FABRICATORS))
+def test_layouts_land_tensor_by_tensor(name, tmp_path):
+    """A narrow ViT with DINO's geometry (224 px, patch 16: 196 + 1 tokens) keeps this fast."""
+    src = backbone_state(narrow(0))
+    path = tmp_path / f"{name}.pth"
+    torch.save(FABRICATORS[name](src), path)
+    model, report = load_backbone(path, narrow(1, num_classes=3), strict=True)
+    assert report.layout == LAYOUT.get(name, name)
+    assert report.missing == [] and report.unexpected == []
+    check_landed(model, src, report.layout)
+    if name == "dino-train":
+        assert report.source == "teacher" and any(k.startswith("head.last_layer") for k in report.dropped)
+    if name == "mae":
+        assert "mask_token" in report.dropped and any(k.startswith("decoder_blocks") for k in report.dropped)
+    if name == "mae-ft":
+        assert any("pool by the mean" in n for n in report.notes)
+    if name == "ijepa":
+        assert report.source == "target_encoder" and any("cls_token initialised" in n for n in report.notes)
+        assert abs(model.cls_token.std().item() - 0.02) < 0.005
+    if name == "timm":
+        assert "head.weight" in report.dropped
+    assert report.layout in report.summary()
+
+
+@pytest.fixture(scope="module")
+def full_vit_small():
+    torch.manual_seed(0)
+    return vit_small(num_classes=3)  # built once: DINO's init of 22M parameters takes seconds on 2 cores
+
+
+@pytest.mark.parametrize("name", ["dino-train", "ijepa"])
+def test_full_vit_small_checkpoint(name, tmp_path, full_vit_small):
+    src = backbone_state(full_vit_small)
+    torch.save(FABRICATORS[name](src), tmp_path / "full.pth")
+    target = copy.deepcopy(full_vit_small)
+    for p in target.parameters():
+        p.data.zero_()
+    model, report = load_backbone(tmp_path / "full.pth", target, strict=True)
+    assert report.layout == name and len(model.state_dict()) == 152
+    check_landed(model, src, name)
+
+
+def test_dino_student_and_ijepa_online_encoder_on_request(tmp_path):
+    src = backbone_state(narrow(0))
+    student = backbone_state(narrow(1))
+    torch.save(fab_dino_train(src, student), tmp_path / "d.pth")
+    model, report = load_backbone(tmp_path / "d.pth", narrow(2), prefer="student")
+    assert report.source == "student"
+    check_landed(model, student, "dino-train")
+
+
+def test_state_dict_only_and_head_handling(tmp_path):
+    src_model = narrow(0, num_classes=4)
+    torch.save(src_model.state_dict(), tmp_path / "with_head.pth")
+    state, report = load_backbone(tmp_path / "with_head.pth")
+    assert "head.weight" not in state and any("head keys not loaded" in n for n in report.notes)
+    # any num_classes: the head is left as initialised
+    target = narrow(5, num_classes=7)
+    head_before = target.head.weight.clone()
+    load_backbone(tmp_path / "with_head.pth", target, strict=True)
+    assert torch.equal(target.head.weight, head_before)
+    assert torch.equal(target.blocks[1].mlp.fc2.weight, src_model.blocks[1].mlp.fc2.weight)
+    # head=True loads it when shapes match, and names both shapes when they do not
+    same = narrow(6, num_classes=4)
+    load_backbone(tmp_path / "with_head.pth", same, head=True, strict=True)
+    assert torch.equal(same.head.weight, src_model.head.weight)
+    with pytest.raises(CheckpointError, match=r"'head.weight'.*\(4, 48\).*\(7, 48\)"):
+        load_backbone(tmp_path / "with_head.pth", narrow(7, num_classes=7), head=True)
+
+
+def test_cxrvit_bundle_and_safetensors(tmp_path):
+    src_model = narrow(0, num_classes=2)
+    save_bundle(tmp_path / "run", src_model, ["Atelectasis", "Effusion"], {"Atelectasis": 0.3, "Effusion": 0.4},
+                Preprocessing(size=32), arch="vit_tiny")
+    model, report = load_backbone(tmp_path / "run", narrow(1), strict=True)
+    assert report.layout == "cxrvit"
+    check_landed(model, backbone_state(src_model), "cxrvit")
+    save_file(backbone_state(src_model), str(tmp_path / "plain.safetensors"))
+    model, report = load_backbone(tmp_path / "plain.safetensors", narrow(2), strict=True)
+    assert report.layout == "dino"
+    check_landed(model, backbone_state(src_model), "dino")
+
+
+def test_prefixes_stripped_only_at_start():
+    state = {"module.backbone.blocks.0.norm1.weight": 1, "blocks.0.backbone.weight": 2,
+             "_orig_mod.module.norm.bias": 3, "xmodule.pos_embed": 4}
+    assert strip_prefixes(state) == {"blocks.0.norm1.weight": 1, "blocks.0.backbone.weight": 2,
+                                     "norm.bias": 3, "xmodule.pos_embed": 4}
+
+
+def test_missing_unexpected_and_strict(tmp_path):
+    state = backbone_state(narrow(0))
+    del state["blocks.1.norm2.bias"]
+    state["blocks.9.extra.weight"] = torch.zeros(3)
+    torch.save(state, tmp_path / "odd.pth")
+    model, report = load_backbone(tmp_path / "odd.pth", narrow(1))
+    assert report.missing == ["blocks.1.norm2.bias"] and report.unexpected == ["blocks.9.extra.weight"]
+    assert "missing 1 keys" in report.summary()
+    with pytest.raises(CheckpointError, match=r"odd.pth.*blocks.1.norm2.bias.*blocks.9.extra.weight"):
+        load_backbone(tmp_path / "odd.pth", narrow(1), strict=True)
+
+
+def test_shape_mismatch_names_key_and_shapes(tmp_path):
+    state = backbone_state(narrow(0))
+    state["blocks.0.mlp.fc1.weight"] = torch.zeros(100, 48)
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match=r"bad.pth.*'blocks.0.mlp.fc1.weight'.*\(100, 48\).*\(192, 48\)"):
+        load_backbone(tmp_path / "bad.pth", narrow(1))
+    with pytest.raises(CheckpointError, match="width mismatch"):
+        load_backbone(tmp_path / "bad.pth", VisionTransformer(embed_dim=24, depth=2, num_heads=3))
+
+
+def test_pos_embed_from_other_resolution_is_resampled(tmp_path):
+    src = backbone_state(narrow(0, img_size=448))  # 28 x 28 grid
+    assert src["pos_embed"].shape == (1, 785, 48)
+    torch.save(fab_dino_train(src), tmp_path / "hires.pth")
+    model, report = load_backbone(tmp_path / "hires.pth", narrow(1), strict=True)
+    torch.testing.assert_close(model.pos_embed.data, resample_pos_embed(src["pos_embed"], (14, 14)))
+    assert any("resampled" in n and "784 to 196" in n for n in report.notes)
+
+
+def test_namespace_allowed_other_classes_refused(tmp_path):
+    state = backbone_state(narrow(0))
+    torch.save({"model": state, "args": argparse.Namespace(lr=0.1)}, tmp_path / "ns.pth")
+    _, report = load_backbone(tmp_path / "ns.pth", narrow(1), strict=True)
+    assert report.source == "model"
+    torch.save({"model": state, "extra": NotAllowed()}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match=r"evil.pth: refused.*NotAllowed"):
+        load_backbone(tmp_path / "evil.pth", narrow(1))
+
+
+def test_unreadable_files_are_named(tmp_path):
+    (tmp_path / "junk.pth").write_bytes(b"this is not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pth"):
+        load_backbone(tmp_path / "junk.pth")
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_backbone(tmp_path / "absent.pth")
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(CheckpointError, match="not a cxrvit bundle"):
+        load_backbone(tmp_path / "empty_dir")
