@@ -1,0 +1,136 @@
+"""cxrvit predict: inputs, per-file errors, QC flags, outputs, exit codes."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cxrvit.cli import main
+from cxrvit.data import images
+from cxrvit.inference.predict import collect_inputs, predict_files, tta_views, write_predictions
+
+from conftest import SHARED, THRESHOLDS, factory
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    """Good PNGs and DICOMs mixed with broken files, in nested folders."""
+    d = tmp_path / "in"
+    (d / "sub").mkdir(parents=True)
+    real = factory.real_pixels()
+    Image.fromarray(real).save(d / "a.png")
+    Image.fromarray(real[:, ::-1].copy()).save(d / "sub" / "b.jpg", quality=95)
+    factory.make_dicom(d / "sub" / "c.dcm", implicit=True)
+    factory.make_dicom(d / "ot_object", modality="OT", body_part=None, view=None)  # no extension: sniffed
+    (d / "empty.png").write_bytes(b"")
+    (d / "truncated.png").write_bytes((d / "a.png").read_bytes()[:200])
+    (d / "text.png").write_text("not an image")
+    (d / "notes.csv").write_text("x,y\n")                # not an image, not image-named: skipped
+    (d / ".hidden.png").write_bytes(b"")                  # hidden: skipped
+    return d
+
+
+def test_collect_inputs_walks_folders_and_lists(folder, tmp_path):
+    files = collect_inputs([folder])
+    names = sorted(p.name for p in files)
+    assert names == ["a.png", "b.jpg", "c.dcm", "empty.png", "ot_object", "text.png", "truncated.png"]
+    listing = tmp_path / "list.txt"
+    listing.write_text("# comment\nin/a.png\n\n" + str(folder / "sub" / "c.dcm") + "\nin/missing.png\n")
+    listed = collect_inputs([listing, folder / "a.png"])  # duplicates removed, order kept
+    assert [p.name for p in listed] == ["a.png", "c.dcm", "missing.png"]
+
+
+def test_every_file_gets_a_row_and_bad_ones_an_error(bundle, folder, tmp_path):
+    paths = collect_inputs([folder]) + [tmp_path / "does-not-exist.png"]
+    rows = predict_files(bundle, paths, batch_size=2, progress=False)
+    assert [r.path for r in rows] == [str(p) for p in paths]
+    status = {r.path.rsplit("/", 1)[-1]: r for r in rows}
+    for bad, reason in [("empty.png", "empty file"), ("truncated.png", "truncated"),
+                        ("text.png", "not a PNG, JPEG or DICOM"), ("does-not-exist.png", "cannot read")]:
+        assert status[bad].status == "error" and reason in status[bad].error and bad in status[bad].error
+        assert status[bad].probs == {}
+    for good in ("a.png", "b.jpg", "c.dcm", "ot_object"):
+        r = status[good]
+        assert r.status == "ok" and set(r.probs) == set(bundle.labels)
+        assert r.findings == [k for k in bundle.labels if r.probs[k] >= THRESHOLDS[k]]
+    assert status["ot_object"].qc_flags == ["not_radiograph:OT", "low_resolution:64x64"]
+    assert status["a.png"].qc_flags == ["low_resolution:64x64"]
+
+
+def test_probabilities_match_the_bundle_directly(bundle, folder):
+    rows = predict_files(bundle, [folder / "a.png", folder / "sub" / "c.dcm"], progress=False)
+    square = images.load_square(folder / "a.png", bundle.preprocessing.size)
+    direct = bundle.predict_proba(torch.from_numpy(square.copy())[None, None])[0].numpy()
+    np.testing.assert_allclose([rows[0].probs[k] for k in bundle.labels], direct, rtol=1e-5, atol=1e-6)
+    # The DICOM holds the same pixels as the PNG, so it must score the same.
+    np.testing.assert_allclose([rows[1].probs[k] for k in bundle.labels], direct, rtol=1e-5, atol=1e-6)
+
+
+def test_decompression_bomb_guard(bundle, folder):
+    rows = predict_files(bundle, [folder / "a.png", folder / "sub" / "c.dcm"], progress=False, max_pixels=1000)
+    assert all(r.status == "error" and "decompression-bomb" in r.error for r in rows)
+
+
+def test_tta_views_and_scores(bundle, folder):
+    grey = torch.from_numpy(factory.real_pixels())[None, None]
+    views = tta_views(grey)
+    assert len(views) == 3 and all(v.shape == grey.shape and v.dtype == torch.uint8 for v in views)
+    assert torch.equal(views[1], grey.flip(-1))
+    plain = predict_files(bundle, [folder / "a.png"], progress=False)[0].probs
+    tta = predict_files(bundle, [folder / "a.png"], progress=False, tta=True)[0].probs
+    assert all(0.0 <= v <= 1.0 for v in tta.values()) and tta != plain
+
+
+def test_csv_and_json_outputs(bundle, folder, tmp_path):
+    rows = predict_files(bundle, [folder / "a.png", folder / "empty.png"], progress=False)
+    out = write_predictions(rows, bundle.labels, tmp_path / "p.csv")
+    with open(out) as fh:
+        table = list(csv.DictReader(fh))
+    assert list(table[0])[:4] == ["path", "status", "error", "qc_flags"]
+    assert list(table[0])[-1] == "findings" and f"prob_{bundle.labels[0]}" in table[0]
+    assert table[0]["status"] == "ok" and float(table[0][f"prob_{bundle.labels[0]}"]) == pytest.approx(
+        rows[0].probs[bundle.labels[0]], abs=1e-6)
+    assert table[1]["status"] == "error" and table[1][f"prob_{bundle.labels[0]}"] == ""
+    doc = json.loads(write_predictions(rows, bundle.labels, tmp_path / "p.json").read_text())
+    assert doc["labels"] == bundle.labels and doc["predictions"][1]["error"].endswith("empty file")
+    with pytest.raises(ValueError, match="must end in .csv or .json"):
+        write_predictions(rows, bundle.labels, tmp_path / "p.txt")
+
+
+def test_cli_exit_codes_and_heatmaps(bundle_dir, folder, tmp_path):
+    good = tmp_path / "good"
+    good.mkdir()
+    shutil.copy(folder / "a.png", good / "a.png")
+    factory.make_dicom(good / "lat.dcm", view="LL")
+    assert main(["predict", "--model", str(bundle_dir), str(good), "--out", str(tmp_path / "ok.csv"),
+                 "--heatmaps", str(tmp_path / "hm"), "--no-progress"]) == 0
+    assert sorted(p.name for p in (tmp_path / "hm").iterdir()) == ["a.png", "lat.png"]
+    with Image.open(tmp_path / "hm" / "a.png") as im:
+        assert im.width > im.height > 100
+    with open(tmp_path / "ok.csv") as fh:
+        flags = {r["path"].rsplit("/", 1)[-1]: r["qc_flags"] for r in csv.DictReader(fh)}
+    assert "lateral_view" in flags["lat.dcm"]
+    # one corrupt file among good ones: the good ones are scored, the exit code says 1
+    assert main(["predict", "--model", str(bundle_dir), str(good), str(folder / "truncated.png"),
+                 "--out", str(tmp_path / "bad.csv"), "--no-progress"]) == 1
+    with open(tmp_path / "bad.csv") as fh:
+        assert [r["status"] for r in csv.DictReader(fh)] == ["ok", "ok", "error"]
+    assert main(["predict", "--model", str(tmp_path), str(good), "--no-progress"]) == 2  # not a bundle
+
+
+@pytest.mark.skipif(not (SHARED / "dicom").is_dir(), reason="../shared/data/dicom (real DICOM files) absent")
+def test_real_dicoms(bundle):
+    d = SHARED / "dicom"
+    rows = {r.path.rsplit("/", 1)[-1]: r for r in predict_files(bundle, collect_inputs([d]), progress=False)}
+    assert all(r.status == "ok" for r in rows.values())
+    assert "not_radiograph:OT" in rows["not-a-cxr-ot.dcm"].qc_flags
+    # The twin's pixels are the original's relabelled MONOCHROME1: decoded correctly it is the
+    # negative, which QC must point out rather than score silently.
+    assert rows["siim-cr-chest-pa-monochrome1.dcm"].qc_flags == ["possibly_inverted"]
+    assert rows["siim-cr-chest-pa-jpeg-baseline.dcm"].qc_flags == []
+    assert rows["nih-dx-implicit-vr.dcm"].qc_flags == []

@@ -1,0 +1,48 @@
+"""QC flags from DICOM headers and pixels, and cxrvit dicom-info."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from cxrvit.cli import main
+from cxrvit.inference import qc
+
+from conftest import factory
+
+
+def test_header_flags():
+    assert qc.header_flags(qc.HeaderFacts("CR", "CHEST", "PA")) == []
+    assert qc.header_flags(qc.HeaderFacts("DX", None, None)) == []  # missing fields are not evidence
+    assert qc.header_flags(qc.HeaderFacts("OT", None, None)) == ["not_radiograph:OT"]
+    assert qc.header_flags(qc.HeaderFacts("CT", "ABDOMEN", "AP")) == ["not_radiograph:CT", "not_chest:ABDOMEN"]
+    assert qc.header_flags(qc.HeaderFacts("DX", "CHEST", "LL")) == ["lateral_view"]
+    assert qc.header_flags(qc.HeaderFacts("CR", "CHEST", None, "CHEST LAT")) == ["lateral_view"]
+    assert qc.header_flags(qc.HeaderFacts(None, "CHEST", "PA")) == ["no_modality"]
+
+
+def test_pixel_flags():
+    real = factory.real_pixels()
+    assert qc.pixel_flags((1024, 1024), real) == []
+    assert qc.pixel_flags((2000, 1000), real) == ["unusual_aspect:1000x2000"]
+    assert qc.pixel_flags((100, 120), real) == ["low_resolution:120x100"]
+    assert qc.pixel_flags((1024, 1024), np.full((64, 64), 90, np.uint8)) == ["blank_image"]
+    assert qc.inversion_score(real) > 1.0
+    assert qc.pixel_flags((1024, 1024), 255 - real) == ["possibly_inverted"]
+
+
+def test_dicom_info(tmp_path, capsys):
+    mono1 = factory.make_dicom(tmp_path / "m1.dcm", photometric="MONOCHROME1", view="LL")
+    plain = factory.make_dicom(tmp_path / "m2.dcm")
+    assert main(["dicom-info", str(plain), "--json", "--preview", str(tmp_path / "p.png")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["modality"] == "DX" and info["size"] == "64x64" and info["bits"] == "8/8"
+    assert info["spacing"] == "0.8 x 0.8 (PixelSpacing)" and info["transfer_syntax"] == "Explicit VR Little Endian"
+    from PIL import Image
+    with Image.open(info["preview"]) as im:
+        np.testing.assert_array_equal(np.asarray(im), factory.real_pixels())
+    # several files, one not DICOM: table output, exit 1, the others still summarised
+    (tmp_path / "x.dcm").write_text("nope")
+    assert main(["dicom-info", str(mono1), str(tmp_path / "x.dcm")]) == 1
+    out = capsys.readouterr().out
+    assert "MONOCHROME1" in out and "lateral_view" in out and "error:" in out and "x.dcm" in out
