@@ -39,3 +39,17 @@ def shared_data() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} is absent (the shared real-data folder)")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def real_cache(tmp_path_factory):
+    """The whole shared sample prepared once per session at 32 px (about 10 s on 2 cores)."""
+    if not NIH_SAMPLE.is_dir():
+        pytest.skip(f"{NIH_SAMPLE} is absent (the shared real-data folder)")
+    from cxrvit.data.cache import prepare_cache
+
+    lines: list[str] = []
+    cache = prepare_cache(NIH_SAMPLE, tmp_path_factory.mktemp("real") / "cache", 32, workers=2,
+                          progress=False, log=lines.append)
+    cache.report_lines = lines  # what prepare printed, for the tests that check the report
+    return cache
