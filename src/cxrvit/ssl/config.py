@@ -1,0 +1,141 @@
+"""Typed pre-training configuration: dataclasses, YAML recipes (``ssl/recipes``) and ``--set`` overrides.
+
+The parsing rules are the training part's (:mod:`cxrvit.training.config`): every key must be
+known, types are checked, and an error names the key. Only the dataclasses are SSL-specific.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from cxrvit.ssl.dino import DinoConfig
+from cxrvit.ssl.ijepa import IJepaConfig
+from cxrvit.ssl.mae import MaeConfig
+from cxrvit.training.config import _build, apply_overrides
+
+METHODS = ("dino", "mae", "ijepa")
+
+
+@dataclass
+class SSLModelConfig:
+    arch: str = "vit_small"
+    depth: int = 12                  # fewer blocks only for tests; the exported backbone is DINO layout either way
+    patch_size: int = 16
+
+
+@dataclass
+class SSLOptimConfig:
+    lr: float = 5e-4                 # for a batch of 256; scaled linearly with the real batch (DINO/MAE rule)
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10.0
+    weight_decay: float = 0.04       # cosine from weight_decay to weight_decay_end (DINO)
+    weight_decay_end: float = 0.4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    clip_grad: float = 3.0           # 0 = off
+
+
+@dataclass
+class SSLScheduleConfig:
+    epochs: int = 100
+    batch_size: int = 64             # global, all ranks together
+    max_steps: int = 0               # stop after this many steps (schedules still span all epochs); 0 = off
+
+
+@dataclass
+class ProbeConfig:
+    every_epochs: int = 10           # 0 = only at the end; probes need a labelled cache
+    k: int = 20
+    size: int = 224
+    batch_size: int = 64
+
+
+@dataclass
+class SSLEngineConfig:
+    precision: str = "auto"          # auto (bf16 where supported) | bf16 | fp32
+    checkpoint_every: int = 200      # steps between mid-epoch checkpoints; epoch ends always checkpoint
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = 10
+    source_size: int = 0             # images are resized to this before cropping; 0 = the largest view size
+
+
+@dataclass
+class PretrainConfig:
+    name: str = "custom"
+    method: str = "dino"
+    model: SSLModelConfig = field(default_factory=SSLModelConfig)
+    optim: SSLOptimConfig = field(default_factory=SSLOptimConfig)
+    schedule: SSLScheduleConfig = field(default_factory=SSLScheduleConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    engine: SSLEngineConfig = field(default_factory=SSLEngineConfig)
+    dino: DinoConfig = field(default_factory=DinoConfig)
+    mae: MaeConfig = field(default_factory=MaeConfig)
+    ijepa: IJepaConfig = field(default_factory=IJepaConfig)
+
+    def validate(self) -> "PretrainConfig":
+        p = self.model.patch_size
+        sizes = {"dino": [self.dino.global_size, self.dino.local_size], "mae": [self.mae.size],
+                 "ijepa": [self.ijepa.size]}
+        checks = [
+            ("method", self.method in METHODS, f"must be one of {', '.join(METHODS)}"),
+            ("engine.precision", self.engine.precision in ("auto", "bf16", "fp32"), "must be auto, bf16 or fp32"),
+            ("model.depth", self.model.depth >= 1, "must be >= 1"),
+            ("schedule.batch_size", self.schedule.batch_size >= 2, "must be >= 2"),
+            ("schedule.epochs", self.schedule.epochs >= 1, "must be >= 1"),
+            (f"{self.method} view sizes", all(s % p == 0 for s in sizes.get(self.method, [p])),
+             f"must be multiples of model.patch_size={p}"),
+            ("mae.mask_ratio", 0 < self.mae.mask_ratio < 1, "must be in (0, 1)"),
+        ]
+        for key, ok, why in checks:
+            if not ok:
+                raise ValueError(f"pretrain config {key}: {why}")
+        return self
+
+    @property
+    def view_size(self) -> int:
+        return {"dino": self.dino.global_size, "mae": self.mae.size, "ijepa": self.ijepa.size}[self.method]
+
+
+def config_to_dict(cfg: PretrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: dict, source: str = "config") -> PretrainConfig:
+    return _build(PretrainConfig, d, prefix="", source=source).validate()
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    shipped = Path(str(resources.files("cxrvit.ssl") / "recipes")) / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    path = Path(name_or_path)
+    if not path.is_file():
+        names = sorted(p.stem for p in shipped.parent.glob("*.yaml"))
+        raise FileNotFoundError(f"pre-training recipe {str(name_or_path)!r} is neither shipped "
+                                f"({', '.join(names)}) nor an existing YAML file")
+    return path
+
+
+def load_pretrain_recipe(recipe: str | Path, overrides: list[str] | None = None,
+                         method: str | None = None) -> PretrainConfig:
+    """A shipped recipe (``dino``, ``mae``, ``ijepa``, ``*-sample``) or a YAML path, plus ``--set`` overrides."""
+    path = recipe_path(recipe)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from exc
+    if method is not None:
+        if raw.get("method", method) != method:
+            raise ValueError(f"{path}: recipe is for method {raw['method']!r}, not --method {method}")
+        raw["method"] = method
+    raw = apply_overrides(raw, overrides)
+    raw.setdefault("name", path.stem)
+    return config_from_dict(raw, source=str(path) + (" + --set" if overrides else ""))
+
+
+def save_config(cfg: PretrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

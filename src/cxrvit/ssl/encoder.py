@@ -1,0 +1,128 @@
+"""The ViT encoder as the SSL methods use it, and the exported backbone.
+
+All three methods train the very same :class:`~cxrvit.model.vit.VisionTransformer` that
+fine-tuning uses, so the result is a DINO-layout backbone with no key renaming. MAE and I-JEPA
+run it on a *subset* of patch tokens; :func:`encode` does that with the model's own modules
+(patch_embed, cls_token, pos_embed, blocks, norm) instead of a second ViT implementation.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from cxrvit.model.vit import VisionTransformer
+
+#: (embed_dim, heads) of the architectures ``cxrvit.model.vit`` ships; depth is configurable
+#: here so tests can use a 2-block encoder with the same code path.
+ARCH_DIMS = {"vit_small": (384, 6), "vit_tiny": (192, 3)}
+BACKBONE_FILE = "backbone.safetensors"
+
+
+def build_encoder(arch: str = "vit_small", depth: int = 12, patch_size: int = 16,
+                  drop_path_rate: float = 0.0) -> VisionTransformer:
+    """A headless ViT. ``img_size`` stays 224 so the stored position grid is DINO's 14x14."""
+    if arch not in ARCH_DIMS:
+        raise ValueError(f"unknown architecture {arch!r}; choose from {sorted(ARCH_DIMS)}")
+    dim, heads = ARCH_DIMS[arch]
+    return VisionTransformer(img_size=224, patch_size=patch_size, embed_dim=dim, depth=depth, num_heads=heads,
+                             mlp_ratio=4, qkv_bias=True, num_classes=0, drop_path_rate=drop_path_rate)
+
+
+def encode(vit: VisionTransformer, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Run ``vit`` on the CLS token plus the patch tokens ``keep`` (``[B, n]`` indices, or all).
+
+    Position embeddings are added *before* dropping tokens, so each kept token still knows where
+    it came from - this is what MAE's encoder and I-JEPA's context encoder need. Returns the
+    normed tokens ``[B, 1 + n, D]``, CLS first, exactly like ``forward_features`` when ``keep`` is None.
+    """
+    b, c, h, w = x.shape
+    if c == 1:
+        x = x.expand(-1, 3, -1, -1)
+    patches = vit.patch_embed(x)
+    pos = vit.interpolate_pos_encoding(torch.zeros(1, patches.shape[1] + 1, 1), h, w)
+    patches = patches + pos[:, 1:]
+    if keep is not None:
+        patches = torch.gather(patches, 1, keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+    cls = (vit.cls_token + pos[:, :1]).expand(b, -1, -1)
+    tokens = vit.pos_drop(torch.cat((cls, patches), dim=1))
+    for blk in vit.blocks:
+        tokens = blk(tokens)
+    return vit.norm(tokens)
+
+
+def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> torch.Tensor:
+    """MAE's fixed 2-D sine-cosine table ``[1, (1 +) grid*grid, dim]`` (CLS position = zeros)."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs a dim divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4.0))
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                            indexing="ij")
+    parts = []
+    for coord in (ys.flatten(), xs.flatten()):  # first half encodes the row, second the column
+        out = coord[:, None] * omega[None]
+        parts += [torch.sin(out), torch.cos(out)]
+    table = torch.cat(parts, dim=1).float()
+    if cls_token:
+        table = torch.cat((torch.zeros(1, dim), table), dim=0)
+    return table.unsqueeze(0)
+
+
+def init_sincos_pos_embed(vit: VisionTransformer) -> None:
+    """Give ``vit`` MAE/I-JEPA's fixed sin-cos positions (both papers keep them frozen)."""
+    grid = int(math.isqrt(vit.pos_embed.shape[1] - 1))
+    with torch.no_grad():
+        vit.pos_embed.copy_(sincos_pos_embed(vit.embed_dim, grid))
+    vit.pos_embed.requires_grad_(False)
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher <- m * teacher + (1 - m) * student, over parameters with matching names."""
+    t_params = dict(teacher.named_parameters())
+    for name, p in student.named_parameters():
+        t_params[name].mul_(momentum).add_(p.detach(), alpha=1.0 - momentum)
+
+
+def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0,
+                    warmup_start: float = 0.0):
+    """DINO's schedule as a function of the step: linear warmup, then a half cosine to ``final``."""
+    total_steps = max(total_steps, 1)
+    warmup_steps = min(warmup_steps, total_steps)
+
+    def value(step: int) -> float:
+        if step < warmup_steps:
+            return warmup_start + (base - warmup_start) * step / warmup_steps
+        span = max(total_steps - warmup_steps, 1)
+        t = min(step - warmup_steps, span) / span
+        return final + 0.5 * (base - final) * (1 + math.cos(math.pi * t))
+
+    return value
+
+
+def backbone_state(vit: VisionTransformer) -> dict[str, torch.Tensor]:
+    """The DINO-layout backbone tensors (150 for a 12-block ViT; a headless model has no head keys)."""
+    return {k: v.detach().float().contiguous().cpu() for k, v in vit.state_dict().items()
+            if not k.startswith("head.")}
+
+
+def export_backbone(vit: VisionTransformer, path: os.PathLike | str, *, arch: str, method: str,
+                    cls_token: str, extra: dict | None = None) -> Path:
+    """Write the encoder as ``backbone.safetensors`` (atomic) with metadata saying where it came from.
+
+    ``cls_token`` documents how the CLS token was obtained (trained by the objective, or only
+    through attention), since fine-tuning reads the classifier from it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "pt", "layout": "dino", "arch": arch, "depth": str(len(vit.blocks)),
+            "patch_size": str(vit.patch_size), "method": method, "cls_token": cls_token,
+            **{k: str(v) for k, v in (extra or {}).items()}}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(backbone_state(vit), str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
