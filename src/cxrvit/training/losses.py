@@ -14,6 +14,11 @@ from torch import nn
 from cxrvit.training.config import LossConfig
 
 
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision inputs go up to float32; float32/float64 stay as they are (gradcheck uses float64)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) or not t.is_floating_point() else t
+
+
 class BCELoss(nn.Module):
     """Binary cross-entropy, optionally with a per-label weight on the positive term."""
 
@@ -22,8 +27,9 @@ class BCELoss(nn.Module):
         self.register_buffer("pos_weight", pos_weight, persistent=False)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        pw = None if self.pos_weight is None else self.pos_weight.to(logits.device)
-        return F.binary_cross_entropy_with_logits(logits.float(), targets.float(), pos_weight=pw)
+        x = _f32(logits)
+        pw = None if self.pos_weight is None else self.pos_weight.to(x.device, x.dtype)
+        return F.binary_cross_entropy_with_logits(x, targets.to(x.dtype), pos_weight=pw)
 
 
 class FocalLoss(nn.Module):
@@ -34,7 +40,8 @@ class FocalLoss(nn.Module):
         self.gamma, self.alpha = gamma, alpha
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        x, y = logits.float(), targets.float()
+        x = _f32(logits)
+        y = targets.to(x.dtype)
         bce = F.binary_cross_entropy_with_logits(x, y, reduction="none")
         p = torch.sigmoid(x)
         p_t = p * y + (1 - p) * (1 - y)
@@ -58,7 +65,8 @@ class AsymmetricLoss(nn.Module):
         self.gamma_pos, self.gamma_neg, self.clip, self.eps = gamma_pos, gamma_neg, clip, eps
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        x, y = logits.float(), targets.float()
+        x = _f32(logits)
+        y = targets.to(x.dtype)
         p = torch.sigmoid(x)
         p_neg = (p - self.clip).clamp(min=0) if self.clip > 0 else p
         # log(p) via logsigmoid is exact for very negative logits, where log(sigmoid) underflows.

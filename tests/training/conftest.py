@@ -1,0 +1,46 @@
+"""A tiny real cache for the training tests: 96 NIH sample images at 32 px.
+
+Built once per test session from ../shared/data/nih-sample (real images, real labels and the
+official split, trimmed to the chosen images) with the project's own ``prepare_cache``.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import pytest
+
+SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "nih-sample"
+N_IMAGES = 96
+
+
+@pytest.fixture(scope="session")
+def tiny_cache_dir(tmp_path_factory) -> Path:
+    if not (SAMPLE / "images").is_dir():
+        pytest.skip(f"real NIH sample not found at {SAMPLE} (../shared/data is not mounted)")
+    from cxrvit.data.cache import prepare_cache
+
+    root = tmp_path_factory.mktemp("tiny_nih")
+    (root / "images").mkdir()
+    names = sorted(p.name for p in (SAMPLE / "images").glob("*.png"))[:N_IMAGES]
+    for name in names:
+        os.symlink(SAMPLE / "images" / name, root / "images" / name)
+    wanted = set(names)
+    with gzip.open(SAMPLE / "Data_Entry_2017_v2020.csv.gz", "rt") as f:
+        lines = f.read().splitlines()
+    rows = [lines[0]] + [line for line in lines[1:] if line.split(",", 1)[0] in wanted]
+    (root / "Data_Entry_2017_v2020.csv").write_text("\n".join(rows) + "\n")
+    for split in ("train_val_list.txt", "test_list.txt"):
+        listed = [n for n in (SAMPLE / split).read_text().split() if n in wanted]
+        (root / split).write_text("\n".join(listed) + "\n")
+    out = tmp_path_factory.mktemp("tiny_cache") / "cache"
+    prepare_cache(root, out, 32, progress=False, workers=1, log=lambda _msg: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tiny_cache_dir):
+    from cxrvit.data.cache import CXRCache
+
+    return CXRCache(tiny_cache_dir)

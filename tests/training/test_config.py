@@ -1,0 +1,59 @@
+import pytest
+import yaml
+
+from cxrvit.labels import DEFAULT_LABELS, SCORED_TARGETS
+from cxrvit.training.config import TrainConfig, config_from_dict, config_to_dict, load_recipe, save_config
+
+
+def test_shipped_recipes_load_and_differ_where_documented():
+    base, imp = load_recipe("baseline"), load_recipe("improved")
+    assert base.name == "baseline" and imp.name == "improved"
+    for cfg in (base, imp):
+        assert cfg.data.labels == list(DEFAULT_LABELS) and cfg.scored_labels == list(SCORED_TARGETS)
+        assert cfg.model.arch == "vit_small"
+    # the baseline is the documented plain recipe
+    assert (base.loss.kind, base.ema.enabled, base.optim.layer_decay, base.model.drop_path) == ("bce", False, 1.0, 0.0)
+    assert base.augment.hflip == 0.5 and base.augment.scale == [0.08, 1.0]
+    # improved switches the pieces on
+    assert imp.loss.kind != "bce" and imp.ema.enabled and imp.optim.layer_decay < 1 and imp.optim.clip_grad > 0
+    assert imp.augment.scale[0] >= 0.5 and imp.augment.hflip == 0.0
+
+
+def test_overrides_are_typed():
+    cfg = load_recipe("baseline", ["optim.lr=3e-4", "schedule.epochs=2", "augment.scale=[0.6, 1]",
+                                   "ema.enabled=true", "data.labels=[Effusion, Mass/Nodule]"])
+    assert cfg.optim.lr == 3e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.schedule.epochs == 2 and cfg.augment.scale == [0.6, 1.0] and cfg.ema.enabled
+    assert cfg.scored_labels == ["Effusion", "Mass/Nodule"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1", "unknown config key 'optim.lrr'"),
+    ("optimiser.lr=1", "unknown config key 'optimiser'"),
+    ("schedule.epochs=two", "schedule.epochs must be int"),
+    ("ema.enabled=1", "ema.enabled must be true or false"),
+    ("loss.kind=hinge", "loss.kind"),
+    ("model.img_size=100", "multiple of 16"),
+    ("data.labels=[Atelectasis, Cancer]", "unknown label 'Cancer'"),
+    ("optim.lr", "not of the form key=value"),
+])
+def test_bad_settings_name_the_key(override, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        load_recipe("baseline", [override])
+
+
+def test_unknown_key_in_a_yaml_file_names_file_and_key(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("model:\n  arch: vit_tiny\n  depht: 3\n")
+    with pytest.raises(ValueError, match=r"mine.yaml.*'model.depht'"):
+        load_recipe(path)
+    with pytest.raises(FileNotFoundError, match="neither a shipped recipe"):
+        load_recipe(tmp_path / "absent.yaml")
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    cfg = load_recipe("improved", ["optim.lr=1e-3"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
+    assert config_to_dict(again) == config_to_dict(cfg)
+    assert isinstance(again, TrainConfig)
