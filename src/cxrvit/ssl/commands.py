@@ -1,5 +1,88 @@
-"""Subcommands of this part (filled in by its issue)."""
+"""``cxrvit pretrain``: self-supervised pre-training (DINO, MAE, I-JEPA) on one or more caches."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
 
 
 def register(subparsers) -> None:
-    pass
+    p = subparsers.add_parser(
+        "pretrain", help="self-supervised pre-training of the ViT-S/16 (dino, mae, ijepa)",
+        description="Pre-train on the images of one or more prepared caches (labels ignored) and export "
+                    "RUN/backbone.safetensors for `cxrvit train --init`. Reruns resume from RUN/checkpoint.pt. "
+                    "Under torchrun it runs DDP.")
+    p.add_argument("--method", required=True, choices=("dino", "mae", "ijepa"))
+    p.add_argument("--data", required=True, nargs="+", metavar="CACHE", help="prepared caches (any mix, any sizes)")
+    p.add_argument("--out", required=True, metavar="RUN", help="run folder: checkpoint, log.jsonl, backbone")
+    p.add_argument("--recipe", default=None,
+                   help="shipped recipe (dino, mae, ijepa, <method>-cpu) or a YAML file; default: the method's")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set schedule.epochs=50 (repeatable)")
+    p.add_argument("--probe-cache", default=None, metavar="CACHE",
+                   help="labelled cache for the k-NN / linear probes (default: the first labelled --data cache)")
+    p.add_argument("--no-probe", action="store_true", help="no k-NN / linear-probe monitoring")
+    p.add_argument("--include-test", action="store_true",
+                   help="also pre-train on images NIH's official split puts in test (off: they stay unseen)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if RUN/checkpoint.pt exists")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: engine.device)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=run_pretrain)
+
+
+def pretrain_rows(cache, include_test: bool) -> tuple[np.ndarray, str]:
+    """All rows, minus NIH's official test images unless asked: they are the held-out set."""
+    index = cache.index
+    if include_test or "official_split" not in index.columns:
+        return np.arange(len(cache), dtype=np.int64), "all images"
+    test = (index["official_split"].astype(str) == "test").to_numpy()
+    return np.nonzero(~test)[0].astype(np.int64), f"{int(test.sum())} official-test images left out"
+
+
+def probe_rows(cache, seed: int = 0):
+    """The probe's own patient-wise split inside NIH train_val (test images are never used)."""
+    from cxrvit.data import splits
+
+    rows, _ = pretrain_rows(cache, include_test=False)
+    return splits.carve_validation(rows, cache.patient_ids, fraction=0.2, seed=seed)
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    from cxrvit.data.cache import CXRCache
+    from cxrvit.ssl.config import load_pretrain_recipe
+    from cxrvit.ssl.pretrain import pretrain
+    from cxrvit.ssl.probe import ProbeSet
+
+    overrides = list(args.overrides) + ([f"engine.device={args.device}"] if args.device else [])
+    try:
+        cfg = load_pretrain_recipe(args.recipe or args.method, overrides, method=args.method)
+        caches = [CXRCache(d) for d in args.data]
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"cxrvit pretrain: {exc}", file=sys.stderr)
+        return 2
+    rows = []
+    for path, cache in zip(args.data, caches):
+        r, how = pretrain_rows(cache, args.include_test)
+        rows.append(r)
+        if not args.quiet:
+            print(f"{path}: {len(r)} images ({how}); labels ignored", file=sys.stderr)
+    probe = None
+    if not args.no_probe:
+        labelled = [c for c in caches if c.labelled]
+        probe_cache = CXRCache(args.probe_cache) if args.probe_cache else (labelled[0] if labelled else None)
+        if probe_cache is None:
+            print("no labelled cache: pre-training without k-NN / linear probes", file=sys.stderr)
+        else:
+            train_rows, val_rows = probe_rows(probe_cache, cfg.engine.seed)
+            probe = ProbeSet(probe_cache, np.asarray(train_rows), np.asarray(val_rows))
+    try:
+        result = pretrain(cfg, caches, Path(args.out), rows=rows, probe=probe, resume=not args.no_resume,
+                          quiet=args.quiet)
+    except (ValueError, FloatingPointError) as exc:
+        print(f"cxrvit pretrain: {exc}", file=sys.stderr)
+        return 1
+    print(f"{result.backbone} ({result.steps} steps): fine-tune with "
+          f"`cxrvit train --recipe improved --init {result.backbone} ...`")
+    return 0

@@ -33,6 +33,7 @@ from cxrvit.ssl.ijepa import IJEPA
 from cxrvit.ssl.mae import MAE
 from cxrvit.ssl.probe import ProbeSet, run_probes
 from cxrvit.ssl.views import to_unit
+from cxrvit.training.checkpointing import atomic_torch_save, load_checkpoint
 
 CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "log.jsonl"
@@ -118,23 +119,6 @@ def param_groups(modules: list[nn.Module]) -> list[dict]:
     return [{"params": decay, "apply_wd": True}, {"params": no_decay, "weight_decay": 0.0, "apply_wd": False}]
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write to a temp file, fsync, rename: a kill leaves either the old or the new file, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the file named
-        raise RuntimeError(f"{path}: cannot read the pre-training checkpoint ({exc})") from exc
-
-
 @dataclass
 class PretrainResult:
     out_dir: Path
@@ -202,8 +186,8 @@ def pretrain(cfg: PretrainConfig, caches: Sequence, out_dir: os.PathLike | str, 
 
     def checkpoint() -> None:
         if main:
-            save_checkpoint(ckpt_path, {"method": method.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                                        "config": config_to_dict(cfg), "probes": history})
+            atomic_torch_save({"method": method.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                                        "config": config_to_dict(cfg), "probes": history}, ckpt_path)
 
     def probe_now(epoch: int) -> None:
         if probe is None or not main:
@@ -234,8 +218,9 @@ def pretrain(cfg: PretrainConfig, caches: Sequence, out_dir: os.PathLike | str, 
                 g["weight_decay"] = wd_at(step)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss, metrics = model(*inputs, **method.step_kwargs(step / spe))
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"{cfg.method} loss is {loss.item()} at step {step}; "
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"{cfg.method} loss is {loss_value} at step {step}; "
                                      "lower optim.lr or raise optim.warmup_epochs (last good checkpoint kept)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -249,13 +234,13 @@ def pretrain(cfg: PretrainConfig, caches: Sequence, out_dir: os.PathLike | str, 
         seen += len(x) * world
         if main and (step % cfg.engine.log_every == 0 or step == last):
             rate = seen / max(time.time() - t0, 1e-9)
-            rec = {"kind": "train", "step": step, "epoch": round(step / spe, 3), "loss": float(loss),
+            rec = {"kind": "train", "step": step, "epoch": round(step / spe, 3), "loss": loss_value,
                    "lr": lr_at(step - 1), "grad_norm": float(grad_norm), "images_per_s": round(rate, 2), **metrics}
             if mom_at is not None:
                 rec["momentum"] = mom_at(step - 1)
             append_log(out / LOG_FILE, rec)
             extra = " ".join(f"{k} {v:.3g}" for k, v in metrics.items() if isinstance(v, float))
-            say(f"[{cfg.method}] step {step}/{last} epoch {step / spe:.2f} loss {float(loss):.4f} "
+            say(f"[{cfg.method}] step {step}/{last} epoch {step / spe:.2f} loss {loss_value:.4f} "
                 f"lr {lr_at(step - 1):.2e} {extra} {rate:.1f} img/s")
         epoch_end = step % spe == 0
         if epoch_end or (cfg.engine.checkpoint_every and step % cfg.engine.checkpoint_every == 0) or step == last:
