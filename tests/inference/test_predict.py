@@ -123,14 +123,26 @@ def test_cli_exit_codes_and_heatmaps(bundle_dir, folder, tmp_path):
     assert main(["predict", "--model", str(tmp_path), str(good), "--no-progress"]) == 2  # not a bundle
 
 
+def test_mislabelled_negative_is_flagged_and_reinverted(bundle, tmp_path):
+    plain = factory.make_dicom(tmp_path / "plain.dcm")
+    relabelled = factory.make_dicom(tmp_path / "relabelled.dcm", photometric="MONOCHROME1")  # same stored pixels
+    a, b = predict_files(bundle, [plain, relabelled], progress=False)
+    assert b.qc_flags == ["low_resolution:64x64", "possibly_inverted", "auto_inverted"]
+    assert b.probs == pytest.approx(a.probs, abs=1e-6)  # re-inverted: exactly the original picture
+    # (approx only because batch composition changes the CPU kernels' rounding)
+    (kept,) = predict_files(bundle, [relabelled], progress=False, fix_inverted=False)
+    assert "auto_inverted" not in kept.qc_flags and kept.probs != a.probs
+
+
 @pytest.mark.skipif(not (SHARED / "dicom").is_dir(), reason="../shared/data/dicom (real DICOM files) absent")
 def test_real_dicoms(bundle):
     d = SHARED / "dicom"
     rows = {r.path.rsplit("/", 1)[-1]: r for r in predict_files(bundle, collect_inputs([d]), progress=False)}
     assert all(r.status == "ok" for r in rows.values())
     assert "not_radiograph:OT" in rows["not-a-cxr-ot.dcm"].qc_flags
-    # The twin's pixels are the original's relabelled MONOCHROME1: decoded correctly it is the
-    # negative, which QC must point out rather than score silently.
-    assert rows["siim-cr-chest-pa-monochrome1.dcm"].qc_flags == ["possibly_inverted"]
-    assert rows["siim-cr-chest-pa-jpeg-baseline.dcm"].qc_flags == []
+    # The twin stores the original's pixels relabelled MONOCHROME1: decoded correctly it is the
+    # negative, which QC points out and predict turns back, so it scores exactly like the original.
+    original, twin = rows["siim-cr-chest-pa-jpeg-baseline.dcm"], rows["siim-cr-chest-pa-monochrome1.dcm"]
+    assert twin.qc_flags == ["possibly_inverted", "auto_inverted"] and original.qc_flags == []
+    assert twin.probs == pytest.approx(original.probs, abs=1e-6) and twin.findings == original.findings
     assert rows["nih-dx-implicit-vr.dcm"].qc_flags == []

@@ -28,6 +28,8 @@ def register(subparsers) -> None:
     p.add_argument("--target", help="label for Grad-CAM (default: each image's most probable label)")
     p.add_argument("--per-head", action="store_true", help="overlays also show each attention head")
     p.add_argument("--tta", action="store_true", help="average identity, mirror and a centre zoom")
+    p.add_argument("--no-fix-inverted", dest="fix_inverted", action="store_false",
+                   help="score images QC finds inverted as they are (default: re-invert them, flag auto_inverted)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
@@ -63,7 +65,7 @@ def run_predict(args: argparse.Namespace) -> int:
         print("error: no input files found", file=sys.stderr)
         return 2
     on_batch = _heatmap_writer(bundle, Path(args.heatmaps), args.target, args.per_head) if args.heatmaps else None
-    rows = predict_files(bundle, paths, batch_size=args.batch_size, tta=args.tta,
+    rows = predict_files(bundle, paths, batch_size=args.batch_size, tta=args.tta, fix_inverted=args.fix_inverted,
                          progress=not args.no_progress, on_batch=on_batch)
     out = write_predictions(rows, bundle.labels, args.out)
     failed = [r for r in rows if r.status != "ok"]

@@ -128,13 +128,22 @@ def check_pixel_count(path: Path, max_pixels: int) -> None:
                                    "(decompression-bomb guard)")
 
 
-def load_for_model(path: Path, size: int, max_pixels: int = images.MAX_PIXELS) -> LoadedImage:
-    """Decode, QC and fit one file; raises ImageReadError with the file's name on any failure."""
+def load_for_model(path: Path, size: int, max_pixels: int = images.MAX_PIXELS,
+                   fix_inverted: bool = True) -> LoadedImage:
+    """Decode, QC and fit one file; raises ImageReadError with the file's name on any failure.
+
+    With ``fix_inverted``, an image that QC finds inverted (a negative: typically MONOCHROME1 pixel
+    data labelled MONOCHROME2 or the reverse) is turned back into a positive before scoring, and
+    the row says so with the extra flag ``auto_inverted``.
+    """
     if path.is_file() and path.stat().st_size > 0:
         check_pixel_count(path, max_pixels)
     arr = images.read_grey(path)
     square = images.square_resize(arr, size)
     flags = dicom_header_flags(path) + qc.pixel_flags(arr.shape, square)
+    if fix_inverted and "possibly_inverted" in flags:
+        square = images.square_resize(255 - images.to_uint8(arr), size)  # pad after inverting: dark padding
+        flags.append("auto_inverted")
     return LoadedImage(path, square, flags)
 
 
@@ -160,13 +169,14 @@ def score_batch(bundle: Bundle, squares: Sequence[np.ndarray], tta: bool = False
     return probs.numpy()
 
 
-def _batches(paths: Sequence[Path], size: int, batch_size: int, max_pixels: int) -> Iterator[tuple[list[Prediction], list[LoadedImage]]]:
+def _batches(paths: Sequence[Path], size: int, batch_size: int, max_pixels: int,
+             fix_inverted: bool) -> Iterator[tuple[list[Prediction], list[LoadedImage]]]:
     """Read files, yielding (every prediction row, the loaded images among them) in batches."""
     rows: list[Prediction] = []
     loaded: list[LoadedImage] = []
     for path in paths:
         try:
-            img = load_for_model(path, size, max_pixels)
+            img = load_for_model(path, size, max_pixels, fix_inverted)
         except (ImageReadError, OSError, ValueError) as exc:
             rows.append(Prediction(str(path), status="error", error=str(exc)))
         else:
@@ -180,7 +190,7 @@ def _batches(paths: Sequence[Path], size: int, batch_size: int, max_pixels: int)
 
 
 def predict_files(bundle: Bundle, paths: Sequence[os.PathLike | str], *, batch_size: int = 16, tta: bool = False,
-                  progress: bool = True, max_pixels: int = images.MAX_PIXELS,
+                  progress: bool = True, max_pixels: int = images.MAX_PIXELS, fix_inverted: bool = True,
                   on_batch: Callable[[list[LoadedImage], np.ndarray], None] | None = None) -> list[Prediction]:
     """Score ``paths`` with ``bundle``; one :class:`Prediction` per path, in order.
 
@@ -191,7 +201,7 @@ def predict_files(bundle: Bundle, paths: Sequence[os.PathLike | str], *, batch_s
     size = bundle.preprocessing.size
     out: list[Prediction] = []
     with tqdm(total=len(paths), unit="img", disable=not progress, desc="predict") as bar:
-        for rows, loaded in _batches(paths, size, batch_size, max_pixels):
+        for rows, loaded in _batches(paths, size, batch_size, max_pixels, fix_inverted):
             if loaded:
                 probs = score_batch(bundle, [img.square for img in loaded], tta=tta)
                 by_path = {str(img.path): p for img, p in zip(loaded, probs)}
