@@ -1,0 +1,131 @@
+"""cxrvit export: DINO .pth loads strict into an independent DINO vit_small; safetensors; ONNX vs PyTorch."""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cxrvit.cli import main
+from cxrvit.data.preprocess import Preprocessing
+import cxrvit.inference.bundle as bundle_module
+from cxrvit.inference.bundle import load_bundle, save_bundle
+from cxrvit.labels import DEFAULT_LABELS
+from cxrvit.model.checkpoints import load_backbone, read_export_metadata
+from cxrvit.model.export import select_labels
+from cxrvit.model.vit import VisionTransformer, vit_small
+from dino_reference import dino_vit_small
+
+torch.set_num_threads(2)
+CHOSEN = ["Atelectasis", "Effusion", "Mass/Nodule"]
+
+
+def make_bundle(directory, model, size):
+    thresholds = {name: 0.1 + 0.01 * i for i, name in enumerate(DEFAULT_LABELS)}
+    arch = "vit_small" if model.embed_dim == 384 else "vit_tiny"
+    return save_bundle(directory, model, list(DEFAULT_LABELS), thresholds, Preprocessing(size=size), arch=arch,
+                       threshold_source={"split": "val", "images": ["a.png"]})
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    torch.manual_seed(0)
+    model = vit_small(num_classes=len(DEFAULT_LABELS))
+    torch.nn.init.normal_(model.head.bias)  # distinct rows, so a wrong row choice shows
+    return make_bundle(tmp_path_factory.mktemp("run_s"), model, 224), model.eval()
+
+
+@pytest.fixture(scope="module")
+def dino_export(small_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "model.pth"
+    rc = main(["export", "--model", str(small_run[0]), "--format", "dino", "--labels", ",".join(CHOSEN), "--out", str(out)])
+    assert rc == 0
+    return out
+
+
+def test_dino_export_loads_strict_into_independent_dino(small_run, dino_export):
+    state = torch.load(dino_export, map_location="cpu", weights_only=True)
+    assert type(state) is dict and len(state) == 152 and state["head.weight"].shape == (3, 384)
+    ref = dino_vit_small(num_classes=3).eval()
+    ref.load_state_dict(state, strict=True)
+    run, model = small_run
+    bundle_meta = json.loads((run / "bundle.json").read_text())
+    pre = Preprocessing.from_dict(bundle_meta["preprocessing"])
+    x = pre.normalize(torch.randint(0, 256, (2, 1, 224, 224), dtype=torch.uint8))
+    cols = [DEFAULT_LABELS.index(c) for c in CHOSEN]
+    with torch.no_grad():
+        torch.testing.assert_close(ref.head(ref(x)), model(x)[:, cols], atol=1e-5, rtol=1e-5)
+    meta = json.loads(dino_export.with_suffix(".json").read_text())
+    assert meta["labels"] == CHOSEN and meta["layout"] == "dino"
+    assert meta["thresholds"] == {c: bundle_meta["thresholds"][c] for c in CHOSEN}
+    exported = meta["preprocessing"]
+    assert exported["input_size"] == [224, 224] and exported["mean"] == list(pre.mean)
+    assert exported["std"] == list(pre.std) and exported["channels"] == "grey-repeated-to-3"
+
+
+def test_safetensors_export_matches_dino_export(small_run, dino_export, tmp_path):
+    out = tmp_path / "model.safetensors"
+    assert main(["export", "--model", str(small_run[0]), "--format", "safetensors", "--labels", ",".join(CHOSEN),
+                 "--out", str(out)]) == 0
+    tensors, reference = load_file(str(out)), torch.load(dino_export, weights_only=True)
+    assert tensors.keys() == reference.keys() and all(torch.equal(tensors[k], reference[k]) for k in tensors)
+    meta = read_export_metadata(out)
+    assert meta["labels"] == CHOSEN and meta["preprocessing"]["input_size"] == [224, 224]
+    # and cxrvit reads its own export back strictly, head included
+    target = copy.deepcopy(small_run[1])  # a ViT-S without paying DINO's init again
+    target.head = torch.nn.Linear(384, 3)
+    _, report = load_backbone(out, target, strict=True, head=True)
+    assert report.layout == "cxrvit" and torch.equal(target.head.weight, tensors["head.weight"])
+
+
+def test_unknown_label_is_named(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bundle_module, "build_model", one_block)
+    run = make_bundle(tmp_path / "run_t", one_block(num_classes=len(DEFAULT_LABELS)), 32)
+    rc = main(["export", "--model", str(run), "--format", "dino", "--labels", "Effusion,Cardiomegally",
+               "--out", str(tmp_path / "x.pth")])
+    assert rc == 2 and "Cardiomegally" in capsys.readouterr().err
+    assert not (tmp_path / "x.pth").exists()
+
+
+def test_select_labels_keeps_requested_order():
+    torch.manual_seed(0)
+    model = VisionTransformer(embed_dim=24, depth=1, num_heads=2, num_classes=4)
+    state, chosen = select_labels(model, ["a", "b", "c", "d"], ["d", "b"])
+    assert chosen == ["d", "b"]
+    assert torch.equal(state["head.weight"], model.head.weight[[3, 1]])
+    assert torch.equal(state["head.bias"], model.head.bias[[3, 1]])
+    with pytest.raises(ValueError, match="duplicates"):
+        select_labels(model, ["a", "b", "c", "d"], ["a", "a"])
+
+
+def one_block(arch="vit_tiny", num_classes=0, **kw):
+    """A 1-block ViT-Tiny: the ONNX exporter costs seconds per block on 2 shared cores."""
+    return VisionTransformer(embed_dim=192, depth=1, num_heads=3, num_classes=num_classes)
+
+
+def test_onnx_export_dynamic_batch_and_size_matches_torch(tmp_path, monkeypatch):
+    ort = pytest.importorskip("onnxruntime")
+    monkeypatch.setattr(bundle_module, "build_model", one_block)  # load_bundle builds the 1-block model
+    torch.manual_seed(0)
+    run = make_bundle(tmp_path / "run_t", one_block(num_classes=len(DEFAULT_LABELS)), 32)
+    out = tmp_path / "model.onnx"
+    assert main(["export", "--model", str(run), "--format", "onnx", "--labels", ",".join(CHOSEN),
+                 "--dynamic-size", "--out", str(out)]) == 0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["labels"] == CHOSEN and meta["onnx"]["max_abs_diff_vs_torch"] < 1e-4
+    assert meta["onnx"]["checked_sizes"] == [[32, 32], [64, 48]]
+    # our own check: other batch sizes and non-square multiple-of-16 sizes
+    bundle = load_bundle(run)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    cols = [bundle.labels.index(c) for c in CHOSEN]
+    for b, h, w in [(1, 32, 32), (5, 48, 32), (2, 224, 224)]:
+        grey = torch.randint(0, 256, (b, 1, h, w), dtype=torch.uint8)
+        logits, probs = session.run(None, {"grey": (grey.float() / 255).numpy()})
+        with torch.no_grad():
+            ref = bundle.model(bundle.preprocessing.normalize(grey))[:, cols]
+        assert logits.shape == (b, 3)
+        np.testing.assert_allclose(logits, ref.numpy(), atol=1e-4)
+        np.testing.assert_allclose(probs, torch.sigmoid(ref).numpy(), atol=1e-5)
