@@ -98,6 +98,10 @@ def test_unlisted_images_are_reported_and_strict_refuses(nih_copy: Path, tmp_pat
     assert any("3 listed images are absent" in l for l in lines)
     with pytest.raises(DataReportError, match="3 listed images are absent"):
         _prep(nih_copy, tmp_path / "d", strict=True)
+    inside = _prep(nih_copy, nih_copy / "cache")  # a cache written inside the data folder is not data
+    assert inside.meta["unlisted_present"] == 1 and len(inside) == 12
+    again = _prep(nih_copy, nih_copy / "cache")
+    assert again.meta == inside.meta
 
 
 def test_views_filter(nih_dir: Path, tmp_path: Path):
@@ -210,8 +214,10 @@ def test_unlabelled_folder_with_patients_csv(nih_dir: Path, tmp_path: Path):
         cache.labels(["Atelectasis"])
     patients = tmp_path / "patients.csv"
     patients.write_text("image_id,patient_id,projection\n00000001_000,p1,pa\n00000001_001.png,p1,ap\n")
-    cache = _prep(folder, tmp_path / "u2", patients=patients)
+    lines.clear()
+    cache = prepare_cache(folder, tmp_path / "u2", SIZE, patients=patients, workers=1, progress=False, log=lines.append)
     assert list(cache.patient_ids) == ["p1", "p1", "00000100_000"]
+    assert any(l.startswith("1 images are not named in") for l in lines)
     assert list(cache.index["view"]) == ["PA", "AP", ""]
     forced = _prep(nih_dir, tmp_path / "u3", unlabelled=True)  # --unlabelled ignores the CSV it would find
     assert not forced.labelled and len(forced) == 12

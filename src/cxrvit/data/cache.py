@@ -172,7 +172,9 @@ def plan_cache(
     if csv_path is None:
         why = "--unlabelled was given" if unlabelled else "no Data_Entry_2017 CSV was found (use --csv to name one)"
         lines.append(f"unlabelled cache: {why}; patient IDs from {patients or 'the file stems'}")
-        table = index_mod.unlabelled_table(found, index_mod.read_patients(patients) if patients else None)
+        table, unmatched = index_mod.unlabelled_table(found, index_mod.read_patients(patients) if patients else None)
+        if patients and unmatched:
+            lines.append(f"{unmatched:,} images are not named in {patients}; their file stem is their patient ID")
         meta.update(labelled=False, csv=None, patients_csv=str(patients) if patients else None)
         report_meta = {"unlisted_present": 0, "listed_absent": 0, "duplicate_names": len(found.duplicates)}
         if found.duplicates:

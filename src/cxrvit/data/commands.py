@@ -38,7 +38,7 @@ def register(subparsers) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from cxrvit.data.cache import BadImagesError, DataReportError, prepare_cache
+    from cxrvit.data.cache import BadImagesError, DataReportError, IncompleteCacheError, prepare_cache
     from cxrvit.data.nih import MetadataError
 
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731  (stdout stays clean for scripts)
@@ -48,7 +48,8 @@ def _prepare(args: argparse.Namespace) -> int:
             patients=args.patients, views=args.views.split(",") if args.views else None, workers=args.workers,
             strict=args.strict, skip_bad=args.skip_bad, overwrite=args.overwrite, progress=not args.no_progress, log=log,
         )
-    except (BadImagesError, DataReportError, MetadataError, FileExistsError, FileNotFoundError, ValueError) as exc:
+    except (BadImagesError, DataReportError, MetadataError, IncompleteCacheError, FileExistsError,
+            FileNotFoundError, ValueError) as exc:
         print(f"cxrvit prepare: error: {exc}", file=sys.stderr)
         return 1
     print(f"cache ready: {cache.root} ({len(cache):,} images, {cache.size} px, "

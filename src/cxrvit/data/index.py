@@ -115,7 +115,8 @@ def reconcile(listed: Iterable[str], found: FoundImages) -> IndexReport:
 META_COLUMNS = ("image", "patient_id", "view", "age", "sex", "follow_up", "official_split", "path")
 
 
-def labelled_table(entry_table, found: FoundImages, report: IndexReport, split_lists: dict[str, list[str]]):
+def labelled_table(entry_table: pd.DataFrame, found: FoundImages, report: IndexReport,
+                   split_lists: dict[str, list[str]]) -> pd.DataFrame:
     """Rows for the listed images that are present, sorted by name, with split membership and path."""
     table = entry_table[entry_table["image"].isin(set(report.present))].sort_values("image", kind="stable")
     table = table.reset_index(drop=True)
@@ -132,12 +133,14 @@ def labelled_table(entry_table, found: FoundImages, report: IndexReport, split_l
     return table
 
 
-def unlabelled_table(found: FoundImages, patients=None):
-    """Rows for every image found (no labels). ``patients``: optional DataFrame from :func:`read_patients`."""
+def unlabelled_table(found: FoundImages, patients=None) -> tuple[pd.DataFrame, int]:
+    """Rows for every image found (no labels), and how many images ``patients`` (optional, from
+    :func:`read_patients`) does not name: those fall back to their file stem as patient ID."""
     names = list(found.paths)
     table = pd.DataFrame({"image": names})
     pid = [Path(n).stem for n in names]
     view = [""] * len(names)
+    unmatched = 0
     if patients is not None:
         by_name = patients.set_index("image")
         for i, name in enumerate(names):
@@ -145,6 +148,8 @@ def unlabelled_table(found: FoundImages, patients=None):
             if key in by_name.index:
                 pid[i] = by_name.at[key, "patient_id"]
                 view[i] = by_name.at[key, "view"]
+            else:
+                unmatched += 1
     table["patient_id"] = pid
     table["view"] = view
     table["age"] = pd.array([None] * len(names), dtype="Int64")
@@ -152,7 +157,7 @@ def unlabelled_table(found: FoundImages, patients=None):
     table["follow_up"] = pd.array([None] * len(names), dtype="Int64")
     table["official_split"] = ""
     table["path"] = [found.paths[n] for n in names]
-    return table
+    return table, unmatched
 
 
 _IMAGE_KEYS = ("image", "image_id", "Image Index", "file", "filename")
@@ -160,7 +165,7 @@ _PATIENT_KEYS = ("patient_id", "Patient ID", "patient")
 _VIEW_KEYS = ("view", "View Position", "projection")
 
 
-def read_patients(path: os.PathLike | str):
+def read_patients(path: os.PathLike | str) -> pd.DataFrame:
     """A CSV mapping image names (with or without extension) to patient IDs, and optionally views."""
     path = Path(path)
     raw = pd.read_csv(path, dtype=str, keep_default_na=False)
