@@ -1,3 +1,5 @@
+import gzip
+import os
 import sys
 from pathlib import Path
 
@@ -7,7 +9,51 @@ sys.path.insert(0, str(Path(__file__).parent))  # for ``evalfakes`` (tests/ has 
 
 from evalfakes import FakeCache  # noqa: E402
 
+SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "nih-sample"
+
+
+@pytest.fixture(autouse=True)
+def fast_bundle_loading(monkeypatch):
+    """load_bundle builds a randomly initialised model and then overwrites every tensor
+    (load_state_dict strict=True); on a busy 2-core CPU the wasted trunc_normal_ init dominates
+    these tests, so skip it here. Loaded weights are unaffected."""
+    from unittest.mock import patch
+
+    import torch
+
+    import cxrvit.inference.bundle as bundle_module
+
+    real = bundle_module.build_model
+
+    def build_without_init(*args, **kwargs):
+        with patch.object(torch.nn.init, "trunc_normal_", lambda tensor, *a, **k: tensor):
+            return real(*args, **kwargs)
+
+    monkeypatch.setattr(bundle_module, "build_model", build_without_init)
+
 
 @pytest.fixture
 def cache():
     return FakeCache()
+
+
+@pytest.fixture(scope="session")
+def nih_tiny_cache(tmp_path_factory):
+    """A real cache: the first 64 images of the NIH sample at 32 px, built with prepare_cache."""
+    if not (SAMPLE / "images").is_dir():
+        pytest.skip(f"real NIH sample not found at {SAMPLE} (../shared/data is not mounted)")
+    from cxrvit.data.cache import CXRCache, prepare_cache
+
+    root = tmp_path_factory.mktemp("eval_nih")
+    (root / "images").mkdir()
+    names = sorted(p.name for p in (SAMPLE / "images").glob("*.png"))[:64]
+    for name in names:
+        os.symlink(SAMPLE / "images" / name, root / "images" / name)
+    with gzip.open(SAMPLE / "Data_Entry_2017_v2020.csv.gz", "rt") as f:
+        lines = f.read().splitlines()
+    wanted = set(names)
+    (root / "Data_Entry_2017_v2020.csv").write_text(
+        "\n".join([lines[0]] + [l for l in lines[1:] if l.split(",", 1)[0] in wanted]) + "\n")
+    out = tmp_path_factory.mktemp("eval_cache") / "cache"
+    prepare_cache(root, out, 32, progress=False, workers=1, log=lambda _msg: None)
+    return CXRCache(out)

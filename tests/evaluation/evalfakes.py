@@ -45,9 +45,20 @@ class FakeCache:
         return label_matrix(lambda f: self.index[f].to_numpy(), names)
 
 
+_MODELS: dict = {}
+
+
+def tiny_model(num_classes: int, seed: int = 0):
+    """A randomly initialised vit_tiny; built once per (K, seed) because init is slow on a busy CPU."""
+    key = (num_classes, seed)
+    if key not in _MODELS:
+        torch.manual_seed(seed)
+        _MODELS[key] = build_model("vit_tiny", num_classes=num_classes).eval()
+    return _MODELS[key]
+
+
 def make_bundle(path, cache, val_rows, labels=LABELS, size=32, seed=0):
-    torch.manual_seed(seed)
-    model = build_model("vit_tiny", num_classes=len(labels))
+    model = tiny_model(len(labels), seed)
     thresholds = {name: 0.5 for name in labels}
     names = cache.index["image"].to_numpy()[val_rows].tolist()
     return save_bundle(path, model, list(labels), thresholds, Preprocessing(size=size), arch="vit_tiny",

@@ -132,7 +132,8 @@ def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike, data: str |
     """Predict both bundles on the same ``split`` rows of ``data`` and compare them (B − A)."""
     from cxrvit.data.cache import CXRCache
     from cxrvit.evaluation.evaluate import (bundle_thresholds, cache_targets, check_thresholds_held_out,
-                                            predict_rows, resolve_device, select_rows)
+                                            predict_rows, read_bundle_meta, resolve_device,
+                                            select_rows)
     from cxrvit.inference.bundle import load_bundle
 
     if split == "val":
@@ -140,12 +141,14 @@ def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike, data: str |
                          "common 'val' split; use --split test or --split all on a held-out cache")
     cache = cache if cache is not None else CXRCache(data)
     rows = select_rows(cache, split, data=str(data))
+    # Both guards first (bundle.json only), so a leaky model fails before any weights are loaded.
+    for run in (run_a, run_b):
+        check_thresholds_held_out(read_bundle_meta(run).get("threshold_source") or {}, cache, rows,
+                                  allow_in_sample=False, allow_unverified=allow_unverified_thresholds, run=str(run))
     dev = resolve_device(device)
     bundles, probs, thrs = [], [], []
     for run in (run_a, run_b):
         bundle = load_bundle(run, device=dev)
-        check_thresholds_held_out(bundle.threshold_source, cache, rows, allow_in_sample=False,
-                                  allow_unverified=allow_unverified_thresholds, run=str(run))
         bundles.append(bundle)
         probs.append(predict_rows(bundle, cache, rows, batch_size=batch_size, progress=progress))
         thrs.append(bundle_thresholds(bundle, str(run)))

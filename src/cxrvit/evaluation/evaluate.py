@@ -9,6 +9,7 @@ Honesty rules this module enforces rather than documents:
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,6 +263,17 @@ def cache_targets(cache, labels, data: str = "cache") -> np.ndarray:
         raise ValueError(f"{data}: the cache has no label column for {exc}") from exc
 
 
+def read_bundle_meta(run: str | os.PathLike) -> dict:
+    """``RUN/bundle.json`` as a dict, with a clear error when ``run`` is not a bundle."""
+    path = Path(run) / "bundle.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run}: not a cxrvit model bundle (bundle.json missing)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON: {exc}") from exc
+
+
 def bundle_thresholds(bundle, run: str = "bundle") -> np.ndarray:
     missing = [name for name in bundle.labels if name not in bundle.thresholds]
     if missing:
@@ -281,13 +293,14 @@ def evaluate_run(run: str | os.PathLike, data: str | os.PathLike, split: str = "
     from cxrvit.inference.bundle import load_bundle
 
     run, data = str(run), str(data)
-    bundle = bundle if bundle is not None else load_bundle(run, device=resolve_device(device))
     cache = cache if cache is not None else CXRCache(data)
-    source = bundle.threshold_source or {}
+    # The guard needs only bundle.json: check it before paying for the weights.
+    source = (bundle.threshold_source if bundle is not None else read_bundle_meta(run).get("threshold_source")) or {}
     rows = select_rows(cache, split, source.get("images"), data=data)
     # The only way to score tuning images is to ask for them by name: split == "val".
     provenance = check_thresholds_held_out(source, cache, rows, allow_in_sample=(split == "val"),
                                            allow_unverified=allow_unverified_thresholds, run=run)
+    bundle = bundle if bundle is not None else load_bundle(run, device=resolve_device(device))
     y_true = cache_targets(cache, bundle.labels, data)[rows]
     y_prob = predict_rows(bundle, cache, rows, batch_size=batch_size, progress=progress)
     return score_predictions(

@@ -1,0 +1,126 @@
+"""The recipe benchmark: patient-disjoint folds, honest thresholds, pooling, resume."""
+import json
+
+import numpy as np
+import pytest
+
+from cxrvit.data.preprocess import Preprocessing
+from cxrvit.evaluation import metrics as M
+from cxrvit.evaluation.crossval import choose_protocol, load_configs, pool, run_recipes
+from cxrvit.evaluation.evaluate import predict_rows
+from cxrvit.inference.bundle import Bundle, save_bundle
+from evalfakes import FakeCache, tiny_model
+
+TINY = ["model.arch=vit_tiny", "model.img_size=32", "schedule.epochs=1", "schedule.batch_size=16",
+        "engine.checkpoint_every=0"]
+
+
+class RecordingTrain:
+    """Stands in for training.engine.train: an untrained vit_tiny whose thresholds are tuned on the
+    validation rows it is given, written as a real bundle. Records every call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, cfg, cache, train_rows, val_rows, out_dir, device=None, resume=False, progress=True):
+        self.calls.append((cfg.name, np.array(train_rows), np.array(val_rows)))
+        labels = list(cfg.data.labels)
+        model = tiny_model(len(labels), seed=len(self.calls) % 2)
+        prep = Preprocessing(size=cfg.model.img_size)
+        bundle = Bundle(model=model, labels=labels, thresholds={}, preprocessing=prep, arch="vit_tiny")
+        probs = predict_rows(bundle, cache, val_rows)
+        thr = M.tune_thresholds(cache.labels(labels)[val_rows], probs)
+        names = cache.index["image"].to_numpy()[val_rows].tolist()
+        return save_bundle(out_dir, model, labels, dict(zip(labels, thr.tolist())),
+                           Preprocessing(size=cfg.model.img_size), arch="vit_tiny",
+                           threshold_source={"split": "val", "images": names})
+
+
+def _patients(cache, rows):
+    return set(np.asarray(cache.patient_ids)[rows].astype(str))
+
+
+def test_folds_are_patient_disjoint_and_pooling_covers_every_image_once(tmp_path):
+    cache = FakeCache(n_patients=16, seed=2)
+    fake = RecordingTrain()
+    res = run_recipes("C", tmp_path / "b", folds=2, overrides=TINY, n_resamples=30, progress=False, cache=cache,
+                      train_fn=fake, log=lambda _m: None)
+    assert len(fake.calls) == 4  # 2 folds x 2 recipes
+    heldouts = [h for _, h in res.folds]
+    assert sorted(np.concatenate(heldouts).tolist()) == list(range(len(cache)))
+    for (train_rows, heldout), i in zip(res.folds, range(2)):
+        assert not _patients(cache, train_rows) & _patients(cache, heldout)
+        for name, fit, val in fake.calls[2 * i: 2 * i + 2]:
+            # the validation carve-out (thresholds, checkpoint choice) never touches the held-out fold
+            assert not _patients(cache, val) & _patients(cache, heldout)
+            assert not _patients(cache, fit) & _patients(cache, val)
+            assert set(fit) | set(val) == set(train_rows)
+    # both recipes saw the same images; pooled scores use each fold's own thresholds
+    assert [c[0] for c in fake.calls] == ["baseline", "improved"] * 2
+    s = res.scores["baseline"]
+    assert s.n_images == len(cache)
+    per_image_thr = s.thresholds[:, s.labels.index("Effusion")]
+    f0 = np.load(tmp_path / "b" / "fold0" / "baseline" / "heldout.npz")
+    k = list(f0["labels"]).index("Effusion")
+    assert np.allclose(per_image_thr[f0["rows"]], f0["thresholds"][k])
+    assert (tmp_path / "b" / "results.md").read_text().startswith("### improved vs baseline")
+    out = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert out["comparison"]["a"] == "baseline" and "diff_f1" in out["comparison"]["mean"]
+
+    # resume: a second run trains nothing and reproduces the numbers
+    again = run_recipes("C", tmp_path / "b", folds=2, overrides=TINY, n_resamples=30, progress=False, cache=cache,
+                        train_fn=fake, log=lambda _m: None)
+    assert len(fake.calls) == 4
+    assert again.comparison.diff_f1["mean"] == res.comparison.diff_f1["mean"]
+    # ... but not with another config in the same folder
+    with pytest.raises(ValueError, match="different config"):
+        run_recipes("C", tmp_path / "b", folds=2, overrides=TINY + ["schedule.epochs=2"], n_resamples=30,
+                    progress=False, cache=cache, train_fn=fake, log=lambda _m: None)
+
+
+def test_pool_rejects_overlapping_folds():
+    from cxrvit.evaluation.crossval import FoldPredictions
+
+    f = FoldPredictions(np.array([0, 1]), np.zeros((2, 1)), np.array([0.5]), ["Effusion"], 0.0)
+    with pytest.raises(ValueError, match="partition"):
+        pool([f, f], ["Effusion"])
+
+
+def test_recipes_must_share_epochs_and_size():
+    with pytest.raises(ValueError, match="schedule.epochs"):
+        load_configs(["baseline", _yaml_with_epochs(3)], TINY[:2])
+
+
+def _yaml_with_epochs(epochs):
+    import tempfile
+    from pathlib import Path
+
+    from cxrvit.training.config import recipe_path
+
+    text = recipe_path("baseline").read_text().replace("epochs: 30", f"epochs: {epochs}")
+    path = Path(tempfile.mkdtemp()) / "other.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_protocol_choice(cache):
+    assert choose_protocol(cache, "auto") == "cv"  # small cache
+    assert choose_protocol(cache, "official") == "official"
+    cache.index["official_split"] = ""
+    with pytest.raises(ValueError, match="split lists"):
+        choose_protocol(cache, "official")
+
+
+@pytest.mark.slow
+def test_real_training_two_folds(tmp_path, nih_tiny_cache):
+    """The real engine end to end: 2 folds x 2 recipes, vit_tiny, 32 px, 1 epoch, on real NIH images."""
+    res = run_recipes("tiny", tmp_path / "b", folds=2, overrides=TINY, n_resamples=50, progress=False,
+                      cache=nih_tiny_cache, log=lambda _m: None)
+    assert res.scores["baseline"].n_images == len(nih_tiny_cache) == res.scores["improved"].n_images
+    for r in ("baseline", "improved"):
+        for f in range(2):
+            meta = json.loads((tmp_path / "b" / f"fold{f}" / r / "run" / "bundle.json").read_text())
+            tuned_on = set(meta["threshold_source"]["images"])
+            held = set(nih_tiny_cache.index["image"].to_numpy()[res.folds[f][1]])
+            assert tuned_on and not tuned_on & held
+    assert np.isfinite(res.comparison.diff_f1["mean"].value)
