@@ -345,8 +345,8 @@ def _decode_all(plan: Plan, pixels: np.memmap, done: np.ndarray, work: Path, dat
             if time.monotonic() - last > flush_seconds:
                 _save_progress(work, pixels, done)
                 last = time.monotonic()
-        _save_progress(work, pixels, done)
     finally:
+        _save_progress(work, pixels, done)  # also on Ctrl-C: every row marked done was written above
         bar.close()
         if pool:
             pool.terminate()

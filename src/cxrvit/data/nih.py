@@ -229,13 +229,16 @@ def read_bbox_list(path: os.PathLike | str) -> pd.DataFrame:
     return out
 
 
-def _find_one(folder: Path, names: tuple[str, ...]) -> Path | None:
-    """The first of ``names`` in ``folder``, else anywhere below it (shallowest, then alphabetical)."""
-    for name in names:
-        if (folder / name).is_file():
-            return folder / name
-    hits = [p for name in names for p in folder.rglob(name) if p.is_file()]
-    return min(hits, key=lambda p: (len(p.parts), str(p))) if hits else None
+def _find_one(folder: Path, names: tuple[str, ...], depth: int = 3) -> Path | None:
+    """The first of ``names`` in ``folder``, else in its subfolders up to ``depth`` levels down
+    (shallowest first, then alphabetical). Bounded, so that 112k image files are never walked."""
+    pattern = ""
+    for _ in range(depth + 1):
+        hits = sorted(p for name in names for p in folder.glob(pattern + name) if p.is_file())
+        if hits:
+            return min(hits, key=lambda p: (names.index(p.name), str(p)))
+        pattern += "*/"
+    return None
 
 
 def find_data_entry(folder: os.PathLike | str) -> Path | None:
