@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from trainhelp import TINY
+
 SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "nih-sample"
 N_IMAGES = 96
 
@@ -44,3 +46,36 @@ def tiny_cache(tiny_cache_dir):
     from cxrvit.data.cache import CXRCache
 
     return CXRCache(tiny_cache_dir)
+
+
+@pytest.fixture
+def one_thread():
+    """The CI machine has 2 cores shared with other jobs: one intra-op thread avoids thrashing,
+    and identical thread counts keep in-process and subprocess runs bit-comparable."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_reference_run(tiny_cache, tmp_path_factory):
+    """One uninterrupted single-process TINY run, shared by the engine, resume and DDP tests."""
+    import torch
+
+    from cxrvit.training.commands import choose_rows
+    from cxrvit.training.config import load_recipe
+    from cxrvit.training.engine import train
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = load_recipe("improved", TINY)
+        tr, va, _ = choose_rows(tiny_cache, cfg.data.val_fraction, cfg.data.split_seed)
+        out = tmp_path_factory.mktemp("reference") / "run"
+        train(cfg, tiny_cache, tr, va, out, progress=False)
+    finally:
+        torch.set_num_threads(before)
+    return cfg, tr, va, out
