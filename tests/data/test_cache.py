@@ -177,7 +177,7 @@ def test_killed_prepare_resumes_to_an_identical_cache(nih_dir: Path, tmp_path: P
            "--size", str(SIZE), "--workers", str(workers), "--no-progress"]
     env = dict(os.environ, CXRVIT_PREPARE_DELAY_S="0.4", PYTHONPATH=str(REPO / "src"))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    progress = out / ".partial" / "progress.npy"
+    progress = out / ".partial" / "progress.bits"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # wait until some, not all, images are recorded as done
         assert not (out / "COMPLETE").exists(), "prepare finished before it could be killed"

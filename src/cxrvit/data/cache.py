@@ -248,7 +248,7 @@ def _atomic_write(path: Path, data: bytes | str) -> None:
 def _save_progress(work: Path, pixels: np.memmap, done: np.ndarray) -> None:
     # Pixels first, then the bitmap that vouches for them: a row is never marked done before its bytes are on disk.
     pixels.flush()
-    _atomic_write(work / "progress.npy", np.packbits(done).tobytes())
+    _atomic_write(work / "progress.bits", np.packbits(done).tobytes())
 
 
 def prepare_cache(
@@ -294,13 +294,15 @@ def prepare_cache(
 
     n_all, s = len(plan.table), int(size)
     done = np.zeros(n_all, dtype=bool)
-    if resumed and (work / "progress.npy").is_file():
-        done = np.unpackbits(np.frombuffer((work / "progress.npy").read_bytes(), np.uint8), count=n_all).astype(bool)
+    if resumed and (work / "progress.bits").is_file():
+        done = np.unpackbits(np.frombuffer((work / "progress.bits").read_bytes(), np.uint8), count=n_all).astype(bool)
         log(f"resuming: {int(done.sum()):,} of {n_all:,} images already done")
     bad: list[tuple[int, str]] = []
     work_pixels = work / PIXELS
     if n_all and not done.all():
         mode = "r+" if work_pixels.is_file() and work_pixels.stat().st_size == n_all * s * s else "w+"
+        if mode == "w+":
+            done[:] = False  # a missing or wrong-sized pixel file vouches for nothing
         pixels = np.memmap(work_pixels, dtype=np.uint8, mode=mode, shape=(n_all, s, s))
         bad = _decode_all(plan, pixels, done, work, Path(data), s, workers, progress, flush_seconds)
         del pixels
