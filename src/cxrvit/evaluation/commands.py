@@ -45,6 +45,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="fold assignment and bootstrap seed")
     p.add_argument("--bootstrap", type=int, default=DEFAULT_RESAMPLES, help="bootstrap resamples")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the recipes' engine.device)")
+    p.add_argument("--init", metavar="CKPT", help="backbone checkpoint both recipes start from (default: random init)")
     p.add_argument("--append-to", metavar="MD", help="also append the results section to this Markdown file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_bench_recipes)
@@ -114,7 +115,7 @@ def cmd_bench_recipes(args) -> int:
     try:
         result = run_recipes(args.data, args.out, recipes=args.recipes, folds=args.folds, overrides=args.overrides,
                              protocol=args.protocol, seed=args.seed, n_resamples=args.bootstrap, device=args.device,
-                             progress=not args.quiet, command=command)
+                             progress=not args.quiet, command=command, init=args.init)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         return _fail(exc)
     text = result.markdown()

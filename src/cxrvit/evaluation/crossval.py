@@ -64,7 +64,7 @@ class BenchResult:
             "",
             f"- data: `{i['data']}` ({i['n_images']} images, {i['n_patients']} patients, cache {i['cache_size']} px)",
             f"- same for both recipes: images, folds, {i['epochs']} epochs, {i['img_size']} px, "
-            f"model {i['arch']}; overrides: `{' '.join(i['overrides']) or 'none'}`",
+            f"model {i['arch']}, init: {i['init']}; overrides: `{' '.join(i['overrides']) or 'none'}`",
             f"- machine: {i['machine']}",
             f"- wall time: {i['train_seconds'] / 60:.1f} min of training+prediction (sum over folds), "
             f"this invocation {i['wall_seconds'] / 60:.1f} min; commit `{i['commit']}`",
@@ -140,7 +140,7 @@ def config_hash(cfg) -> str:
 
 
 def run_fold(cfg, cache, train_rows, heldout, fold_dir: Path, *, device=None, progress: bool = True,
-             train_fn=None) -> FoldPredictions:
+             train_fn=None, init=None) -> FoldPredictions:
     """Train ``cfg`` on ``train_rows`` (minus its validation carve-out), predict ``heldout``."""
     from cxrvit.data import splits
     from cxrvit.evaluation.evaluate import bundle_thresholds, resolve_device
@@ -161,7 +161,8 @@ def run_fold(cfg, cache, train_rows, heldout, fold_dir: Path, *, device=None, pr
     splits.assert_patient_disjoint(cache.patient_ids, fit_rows, val_rows, heldout)
     run_dir = fold_dir / "run"
     if not (run_dir / "bundle.json").is_file():
-        train_fn(cfg, cache, fit_rows, val_rows, run_dir, device=device, resume=True, progress=progress)
+        kwargs = {"init": init} if init else {}
+        train_fn(cfg, cache, fit_rows, val_rows, run_dir, device=device, resume=True, progress=progress, **kwargs)
     bundle = load_bundle(run_dir, device=resolve_device(device))
     # The fold's thresholds must come from its own carve-out, never from the fold it is scored on.
     check_thresholds_held_out(bundle.threshold_source, cache, heldout, run=str(run_dir))
@@ -203,7 +204,9 @@ def pool(folds: list[FoldPredictions], labels: list[str]):
 
 def run_recipes(data, out, *, recipes=("baseline", "improved"), folds: int = 5, overrides=(), protocol: str = "auto",
                 seed: int = 0, n_resamples: int = DEFAULT_RESAMPLES, device=None, progress: bool = True,
-                cache=None, command: str = "", train_fn=None, log=print) -> BenchResult:
+                cache=None, command: str = "", train_fn=None, init=None, log=print) -> BenchResult:
+    """Run (or resume) the benchmark in ``out``; see the module docstring. ``init`` is a backbone
+    checkpoint both recipes start from (``train(init=...)``); ``train_fn`` replaces the engine in tests."""
     from cxrvit.data.cache import CXRCache
 
     started = time.time()
@@ -223,7 +226,7 @@ def run_recipes(data, out, *, recipes=("baseline", "improved"), folds: int = 5, 
             log(f"[bench] fold {f + 1}/{len(plan)} recipe {r}: train {len(train_rows)} images, "
                 f"held out {len(heldout)}")
             fold = run_fold(cfgs[r], cache, train_rows, heldout, out / f"fold{f}" / r, device=device,
-                            progress=progress, train_fn=train_fn)
+                            progress=progress, train_fn=train_fn, init=init)
             results[r].append(fold)
     labels = [n for n in results[recipes[0]][0].labels if all(n in fr.labels for r in recipes for fr in results[r])]
     pooled = {r: pool(results[r], labels) for r in recipes}
@@ -251,6 +254,7 @@ def run_recipes(data, out, *, recipes=("baseline", "improved"), folds: int = 5, 
         "data": str(data), "n_images": int(len(rows)), "n_patients": int(len(np.unique(pids.astype(str)))),
         "cache_size": int(cache.size), "epochs": cfg0.schedule.epochs, "img_size": cfg0.model.img_size,
         "arch": cfg0.model.arch, "overrides": list(overrides), "folds": len(plan), "seed": seed,
+        "init": str(init) if init else "random (no pre-trained backbone)",
         "machine": machine_description(device), "commit": git_commit(),
         "train_seconds": float(sum(fr.seconds for r in recipes for fr in results[r])),
         "wall_seconds": time.time() - started, "command": command or "(library call)",
