@@ -1,0 +1,277 @@
+"""ViT-S/16 throughput against the measured matrix-multiply ceiling of this machine.
+
+One run measures
+1. the ceiling: fp32 and bf16 ``torch.mm`` / ``torch.bmm`` throughput on the model's own layer shapes
+   (qkv, proj, fc1, fc2 and the two attention products of one forward at the benchmark batch),
+   aggregated with the weights they have in the model;
+2. ViT-S/16 forward (eval, no grad) and train-step (forward + backward + AdamW) throughput at
+   224 and 128 px, fp32 and bf16 autocast, for cxrvit's model (SDPA attention) and a plain
+   DINO-style implementation (explicit softmax), loaded with the same weights;
+3. model FLOP utilisation: 4.6 GMAC = 9.2 GFLOP per forward image at 224 px (x3 for a train
+   step: 27.6 GFLOP), scaled by the token count at 128 px (65 / 197), divided by the ceiling.
+
+    .venv/bin/python bench/model.py                   # default: a few minutes on 2 cores
+    .venv/bin/python bench/model.py --write docs/parts/model.md
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+# bench/ holds scripts named like stdlib modules (bench/ssl.py): keep this script's folder off the path
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
+import argparse  # noqa: E402
+import platform
+import re
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cxrvit.model.vit import vit_small
+
+GFLOP_FWD_224 = 9.2  # 4.6 GMAC (DINO's count for ViT-S/16 at 224 px)
+
+
+def gflop_per_image(size: int, train: bool) -> float:
+    tokens = (size // 16) ** 2 + 1
+    return GFLOP_FWD_224 * tokens / 197 * (3 if train else 1)
+
+
+# -- a plain DINO-style ViT-S: explicit softmax, no fused kernels -----------------------------------
+class PlainAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class PlainBlock(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.attn = PlainAttention(dim, heads)
+        self.mlp = nn.Sequential()
+        self.mlp.fc1, self.mlp.act, self.mlp.fc2 = nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PlainViT(nn.Module):
+    """Same state_dict as cxrvit's; fixed 224-px position table, interpolated for other sizes."""
+
+    def __init__(self, num_classes: int, dim: int = 384, depth: int = 12, heads: int = 6):
+        super().__init__()
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, dim, 16, 16)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 197, dim))
+        self.blocks = nn.ModuleList(PlainBlock(dim, heads) for _ in range(depth))
+        self.norm, self.head = nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        pos = self.pos_embed
+        if h != 224 or w != 224:
+            grid = pos[:, 1:].reshape(1, 14, 14, -1).permute(0, 3, 1, 2)
+            grid = nn.functional.interpolate(grid, size=(h // 16, w // 16), mode="bicubic", align_corners=False)
+            pos = torch.cat((pos[:, :1], grid.flatten(2).transpose(1, 2)), dim=1)
+        x = torch.cat((self.cls_token.expand(b, -1, -1), x), dim=1) + pos
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.norm(x)[:, 0])
+
+
+# -- timing ----------------------------------------------------------------------------------------
+def timeit(fn, repeats: int, warmup: int = 1) -> float:
+    """Median seconds per call (medians resist the other jobs sharing this machine)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def layer_shapes(batch: int, size: int, dim: int = 384, heads: int = 6, depth: int = 12):
+    """(name, kind, shape, count) of every matrix product in one forward; kind mm: (M, K, N), bmm: (B, M, K, N)."""
+    t = (size // 16) ** 2 + 1
+    m = batch * t
+    return [
+        ("patch_embed", "mm", (batch * (t - 1), 768, dim), 1),
+        ("qkv", "mm", (m, dim, 3 * dim), depth), ("proj", "mm", (m, dim, dim), depth),
+        ("fc1", "mm", (m, dim, 4 * dim), depth), ("fc2", "mm", (m, 4 * dim, dim), depth),
+        ("q@k^T", "bmm", (batch * heads, t, dim // heads, t), depth),
+        ("attn@v", "bmm", (batch * heads, t, t, dim // heads), depth),
+    ]
+
+
+def ceiling(batch: int, size: int, dtype: torch.dtype, repeats: int) -> tuple[float, dict]:
+    """Aggregate GFLOP/s of the model's matmuls at ``dtype`` (time-weighted as one forward)."""
+    total_flop, total_s, per = 0.0, 0.0, {}
+    for name, kind, shape, count in layer_shapes(batch, size):
+        if kind == "mm":
+            m, k, n = shape
+            a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+            s = timeit(lambda: torch.mm(a, b), repeats)
+            flop = 2 * m * k * n
+        else:
+            bb, m, k, n = shape
+            a, b = torch.randn(bb, m, k, dtype=dtype), torch.randn(bb, k, n, dtype=dtype)
+            s = timeit(lambda: torch.bmm(a, b), repeats)
+            flop = 2 * bb * m * k * n
+        per[name] = flop / s / 1e9
+        total_flop += flop * count
+        total_s += s * count
+    return total_flop / total_s / 1e9, per
+
+
+@dataclass
+class Row:
+    impl: str
+    size: int
+    dtype: str
+    mode: str
+    batch: int
+    img_s: float
+    gflop_s: float
+
+
+def measure(model: nn.Module, size: int, batch: int, bf16: bool, train: bool, repeats: int) -> float:
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, 2, (batch, model.head.out_features)).float()
+    if train:
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = nn.functional.binary_cross_entropy_with_logits(model(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        s = timeit(step, repeats)
+    else:
+        model.eval()
+
+        @torch.no_grad()
+        def fwd():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                model(x)
+        s = timeit(fwd, repeats)
+    return batch / s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[224, 128])
+    ap.add_argument("--batch", type=int, default=4, help="images per forward / train step at 224 px "
+                                                         "(128 px uses 3x as many: similar work per call)")
+    ap.add_argument("--repeats", type=int, default=2, help="timed calls per measurement (median)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--write", metavar="MD", help="replace the benchmark section of this markdown file")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    ceil = {}
+    lines = ["| matmul ceiling | size | batch | " + " | ".join(n for n, *_ in layer_shapes(1, 224)) + " | aggregate |",
+             "|---|---|---|" + "---|" * (len(layer_shapes(1, 224)) + 1)]
+    for size in args.sizes:
+        batch = args.batch if size >= 224 else args.batch * 3
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            agg, per = ceiling(batch, size, dtype, max(3, args.repeats))
+            ceil[(size, name)] = agg
+            lines.append(f"| {name} | {size} | {batch} | " + " | ".join(f"{v:.0f}" for v in per.values())
+                         + f" | **{agg:.0f}** |")
+            print(lines[-1], flush=True)
+    lines.append("")
+    lines.append("GFLOP/s per product of one forward (`torch.mm`/`torch.bmm`, median of timed calls); "
+                 "aggregate = total FLOP / total time over one forward's products.")
+    lines.append("")
+
+    cx = vit_small(num_classes=15)
+    plain = PlainViT(num_classes=15)
+    plain.load_state_dict(cx.state_dict(), strict=True)
+    with torch.no_grad():
+        probe = torch.randn(2, 3, 224, 224)
+        diff = (cx.eval()(probe) - plain.eval()(probe)).abs().max().item()
+    print(f"cxrvit vs plain, same weights: max |logit diff| = {diff:.1e}", flush=True)
+
+    rows = []
+    header = ["| model | size | dtype | mode | batch | img/s | GFLOP/s | MFU vs same-dtype ceiling | vs bf16 ceiling |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    print("\n".join(header), flush=True)
+    for size in args.sizes:
+        batch = args.batch if size >= 224 else args.batch * 3
+        for mode in ("forward", "train"):
+            for dtype in ("fp32", "bf16"):
+                for impl, model in (("cxrvit (SDPA)", cx), ("plain (explicit softmax)", plain)):
+                    img_s = measure(model, size, batch, dtype == "bf16", mode == "train", args.repeats)
+                    gf = img_s * gflop_per_image(size, mode == "train")
+                    rows.append(Row(impl, size, dtype, mode, batch, img_s, gf))
+                    line = (f"| {impl} | {size} | {dtype} | {mode} | {batch} | {img_s:.2f} | {gf:.0f} | "
+                            f"{100 * gf / ceil[(size, dtype)]:.0f}% | {100 * gf / ceil[(size, 'bf16')]:.0f}% |")
+                    header.append(line)
+                    print(line, flush=True)
+
+    machine = describe_machine(args.threads)
+    section = "\n".join([
+        "<!-- bench:model start -->",
+        f"Machine: {machine}.",
+        f"Command: `.venv/bin/python bench/model.py --batch {args.batch} --repeats {args.repeats}"
+        f"{' --sizes ' + ' '.join(map(str, args.sizes)) if args.sizes != [224, 128] else ''}` "
+        f"(torch {torch.__version__}, {args.threads} threads).",
+        "",
+        *lines,
+        *header,
+        "",
+        f"FLOP per image: {GFLOP_FWD_224} GFLOP forward at 224 px (4.6 GMAC), x3 for a train step; "
+        f"scaled by tokens at 128 px. cxrvit vs plain with the same weights: max |logit diff| {diff:.1e}.",
+        "<!-- bench:model end -->",
+    ])
+    if args.write:
+        write_section(args.write, section)
+        print(f"wrote {args.write}")
+
+
+def describe_machine(threads: int) -> str:
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        flags = " ".join(sorted(set(re.findall(r"\b(avx512_bf16|amx_bf16|avx512_vnni|avx512f|avx2)\b", text))))
+        model = re.search(r"model name\s*:\s*(.*)", text)
+        name = model.group(1).strip() if model else platform.processor()
+    except OSError:
+        name = platform.processor()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{os.cpu_count()}-core {platform.machine()} CPU ({name}; flags: {flags or 'n/a'}), shared with other jobs (load average {load:.1f} at the end of the run)"
+
+
+def write_section(path: str, section: str) -> None:
+    """Replace the marked block in ``path`` (or append it), keeping the rest of the file."""
+    text = open(path).read() if os.path.exists(path) else ""
+    pattern = re.compile(r"<!-- bench:model start -->.*?<!-- bench:model end -->", re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()
