@@ -109,3 +109,13 @@ def test_early_exit_does_not_leak_threads(cache: CXRCache):
         for _batch in BatchLoader(cache, np.arange(12), TARGETS, batch_size=1, prefetch=1):
             break
     assert threading.active_count() <= before + 1
+
+
+def test_cache_pickles_without_its_pixels(cache: CXRCache):
+    import pickle
+
+    blob = pickle.dumps(cache)
+    assert np.asarray(cache.pixels[5]).tobytes() not in blob  # the index travels, the pixels are re-mapped
+    clone = pickle.loads(blob)
+    assert isinstance(clone.pixels, np.memmap) and np.array_equal(clone.pixels, cache.pixels)
+    assert clone.index.equals(cache.index)

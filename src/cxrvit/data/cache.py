@@ -99,9 +99,20 @@ class CXRCache:
         self.index: pd.DataFrame = read_index_csv(self.root / INDEX)
         if len(self.index) != n:
             raise IncompleteCacheError(f"{self.root / INDEX}: {len(self.index)} rows, meta.json says {n}")
+        self.pixels = self._open_pixels()
+
+    def _open_pixels(self) -> np.ndarray:
         # An empty memmap cannot be created; a zero-image cache gets an empty array instead.
-        shape = (n, self.size, self.size)
-        self.pixels = np.memmap(self.root / PIXELS, dtype=np.uint8, mode="r", shape=shape) if n else np.zeros(shape, np.uint8)
+        shape = (int(self.meta["n"]), self.size, self.size)
+        return np.memmap(self.root / PIXELS, dtype=np.uint8, mode="r", shape=shape) if shape[0] else np.zeros(shape, np.uint8)
+
+    def __getstate__(self) -> dict:
+        # A pickled memmap carries all its bytes; worker processes re-map the file instead.
+        return {k: v for k, v in self.__dict__.items() if k != "pixels"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.pixels = self._open_pixels()
 
     def verify(self) -> None:
         """Recompute the checksums recorded in COMPLETE; raise naming the first file that differs."""
