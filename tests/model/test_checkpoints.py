@@ -191,6 +191,15 @@ def test_cxrvit_bundle_and_safetensors(tmp_path):
     check_landed(model, backbone_state(src_model), "dino")
 
 
+def test_cxrvit_training_checkpoint(tmp_path):
+    src = narrow(0, num_classes=15)
+    torch.save({"format": "cxrvit-train-checkpoint/1", "model": src.state_dict(), "config": {"seed": 0},
+                "optimizer": {"state": {}, "param_groups": []}, "progress": {"epoch": 2}}, tmp_path / "last.pt")
+    model, report = load_backbone(tmp_path / "last.pt", narrow(1, num_classes=15), strict=True, head=True)
+    assert report.layout == "cxrvit" and report.source == "model"
+    check_landed(model, src.state_dict(), "cxrvit")
+
+
 def test_prefixes_stripped_only_at_start():
     state = {"module.backbone.blocks.0.norm1.weight": 1, "blocks.0.backbone.weight": 2,
              "_orig_mod.module.norm.bias": 3, "xmodule.pos_embed": 4}
