@@ -119,3 +119,17 @@ def test_cache_pickles_without_its_pixels(cache: CXRCache):
     clone = pickle.loads(blob)
     assert isinstance(clone.pixels, np.memmap) and np.array_equal(clone.pixels, cache.pixels)
     assert clone.index.equals(cache.index)
+
+
+def test_ranks_deal_the_single_process_global_batch(cache: CXRCache):
+    """Rank r's batch k holds positions r, r + W, r + 2W, ... of the one-process batch k of size B*W
+    (the training engine relies on this to draw augmentation for the global batch)."""
+    world, per_rank = 2, 3
+    single = BatchLoader(cache, np.arange(12), None, batch_size=per_rank * world, seed=9)
+    ranks = [BatchLoader(cache, np.arange(12), None, batch_size=per_rank, seed=9, rank=r, world_size=world)
+             for r in range(world)]
+    for lo in [single, *ranks]:
+        lo.set_epoch(4)
+    for k, global_batch in enumerate(single):
+        for r, lo in enumerate(ranks):
+            assert list(lo.iter_from(k))[0].rows.tolist() == global_batch.rows.tolist()[r::world]
