@@ -39,7 +39,8 @@ def cache():
 
 @pytest.fixture(scope="session")
 def nih_tiny_cache(tmp_path_factory):
-    """A real cache: the first 64 images of the NIH sample at 32 px, built with prepare_cache."""
+    """A real cache: the first 64 images of the NIH sample at 32 px (real labels and official split),
+    built with the project's prepare_cache."""
     if not (SAMPLE / "images").is_dir():
         pytest.skip(f"real NIH sample not found at {SAMPLE} (../shared/data is not mounted)")
     from cxrvit.data.cache import CXRCache, prepare_cache
@@ -54,6 +55,9 @@ def nih_tiny_cache(tmp_path_factory):
     wanted = set(names)
     (root / "Data_Entry_2017_v2020.csv").write_text(
         "\n".join([lines[0]] + [l for l in lines[1:] if l.split(",", 1)[0] in wanted]) + "\n")
+    for split in ("train_val_list.txt", "test_list.txt"):
+        listed = [n for n in (SAMPLE / split).read_text().split() if n in wanted]
+        (root / split).write_text("\n".join(listed) + "\n")
     out = tmp_path_factory.mktemp("eval_cache") / "cache"
     prepare_cache(root, out, 32, progress=False, workers=1, log=lambda _msg: None)
     return CXRCache(out)

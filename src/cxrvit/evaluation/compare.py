@@ -79,6 +79,15 @@ def _f(x: float) -> str:
     return "n/a" if x is None or np.isnan(x) else f"{x:.3f}"
 
 
+def _nanmean_last(a: np.ndarray) -> np.ndarray:
+    """Mean over the last axis ignoring NaN (a resample where a target has one class); NaN, without
+    a warning, when every entry is NaN."""
+    ok = np.isfinite(a)
+    total = np.where(ok, a, 0.0).sum(-1, keepdims=True)
+    count = ok.sum(-1, keepdims=True)
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
 def paired_compare(y_true, prob_a, thr_a, prob_b, thr_b, patient_ids, labels, *, names=("A", "B"),
                    targets=None, n_resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> Comparison:
     """Paired patient bootstrap of B − A on fixed predictions of both models.
@@ -103,8 +112,7 @@ def paired_compare(y_true, prob_a, thr_a, prob_b, thr_b, patient_ids, labels, *,
         f1a, f1b = M.f1_at(y, pa, ta, w), M.f1_at(y, pb, tb, w)
         aua, aub = M.auroc(y, pa, w), M.auroc(y, pb, w)
         df, da = f1b - f1a, aub - aua
-        return {"f1": df, "auroc": da, "f1_mean": df.mean(-1, keepdims=True),
-                "auroc_mean": np.nanmean(da, -1, keepdims=True) if np.isfinite(da).any() else da[..., :1]}
+        return {"f1": df, "auroc": da, "f1_mean": df.mean(-1, keepdims=True), "auroc_mean": _nanmean_last(da)}
 
     point = stat(None)
     boot = PatientBootstrap(patient_ids, n_resamples, seed).run(stat)
