@@ -5,6 +5,7 @@ import gzip
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from cxrvit.data import nih
@@ -105,3 +106,13 @@ def test_full_real_data_entry(nih_sample: Path):
     assert int(table["Pleural_Thickening"].sum()) == 3_385
     boxes = nih.read_bbox_list(nih_sample / "BBox_List_2017.csv.gz")
     assert len(boxes) == 984
+
+
+def test_vectorised_ages_follow_parse_age(nih_dir: Path, tmp_path: Path):
+    text = (nih_dir / "Data_Entry_2017.csv").read_text()
+    for old, new in (("057Y", "018M"), ("058Y", "400D"), ("081Y", "")):
+        text = text.replace(old, new, 1)
+    (tmp_path / "d.csv").write_text(text)
+    ages = nih.read_data_entry(tmp_path / "d.csv").table.set_index("image")["age"]
+    assert ages["00000001_000.png"] == 1 and ages["00000001_001.png"] == 1
+    assert ages["00000003_000.png"] is pd.NA and ages["00000100_000.png"] == 60

@@ -285,6 +285,8 @@ def prepare_cache(
                       exclude=[out], strict=strict)
     for line in plan.report_lines:
         log(line)
+    if len(plan.table) == 0:
+        raise ValueError(f"{data}: no images to cache ({'; '.join(plan.report_lines[-2:])})")
     key = plan.key()
     work = out / WORK
     if (out / COMPLETE).is_file():

@@ -139,7 +139,7 @@ def read_data_entry(path: os.PathLike | str) -> DataEntry:
             "image": images.to_numpy(dtype=object),
             "patient_id": patients.to_numpy(dtype=object),
             "view": raw["View Position"].str.strip().str.upper().to_numpy(dtype=object),
-            "age": pd.array(ages, dtype="Int64"),
+            "age": ages,
             "sex": raw["Patient Gender"].str.strip().str.upper().to_numpy(dtype=object),
             "follow_up": pd.array(_parse_ints(path, raw["Follow-up #"], "Follow-up #"), dtype="Int64"),
         }
@@ -175,14 +175,15 @@ def _parse_findings(path: Path, column: pd.Series) -> dict[str, np.ndarray]:
     return out
 
 
-def _parse_ages(path: Path, column: pd.Series) -> list[int | None]:
-    ages = []
-    for row, text in enumerate(column.tolist()):
-        try:
-            ages.append(parse_age(text))
-        except ValueError as exc:
-            raise MetadataError(path, f"column 'Patient Age': {exc}", _line(row)) from None
-    return ages
+def _parse_ages(path: Path, column: pd.Series) -> pd.array:
+    """Vectorised :func:`parse_age` (112k rows): the same rules, the same errors."""
+    parts = column.str.extract(_AGE_RE)
+    bad = np.flatnonzero(parts[0].isna().to_numpy() & (column.str.strip() != "").to_numpy())
+    if len(bad):
+        raise MetadataError(path, f"column 'Patient Age': unreadable age {column.iloc[bad[0]]!r}", _line(bad[0]))
+    value = pd.to_numeric(parts[0]).astype("Int64")
+    unit = parts[1].fillna("").str.upper()
+    return value.where(unit != "M", value // 12).where(unit != "D", value // 365).array
 
 
 def _parse_ints(path: Path, column: pd.Series, name: str) -> list[int | None]:
