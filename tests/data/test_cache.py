@@ -107,6 +107,8 @@ def test_unlisted_images_are_reported_and_strict_refuses(nih_copy: Path, tmp_pat
 def test_views_filter(nih_dir: Path, tmp_path: Path):
     cache = _prep(nih_dir, tmp_path / "c", views=["pa"])
     assert len(cache) == 8 and set(cache.index["view"]) == {"PA"} and cache.meta["views_filter"] == ["PA"]
+    with pytest.raises(ValueError, match="no images to cache.*keeping LL"):
+        _prep(nih_dir, tmp_path / "e", views=["LL"])
 
 
 def test_corrupt_png_is_named_and_skip_bad_keeps_going(nih_copy: Path, tmp_path: Path):

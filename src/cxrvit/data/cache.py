@@ -176,6 +176,8 @@ def plan_cache(
     data = Path(data)
     if size < 8:
         raise ValueError(f"--size {size} is too small")
+    if csv and unlabelled:
+        raise ValueError("--csv and --unlabelled contradict each other: give one")
     found = index_mod.find_images(data, exclude=exclude)
     csv_path = Path(csv) if csv else (None if unlabelled else nih.find_data_entry(data))
     meta: dict = {"format": FORMAT, "size": int(size), "source": str(data.resolve()), "geometry": GEOMETRY}
