@@ -1,7 +1,6 @@
-"""Shared fixtures: a random-weight vit_tiny bundle at 32 px and the DICOM factory."""
+"""Shared fixtures: a random-weight vit_tiny bundle at 32 px."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -11,15 +10,7 @@ from cxrvit.data.preprocess import Preprocessing
 from cxrvit.inference.bundle import save_bundle
 from cxrvit.labels import DEFAULT_LABELS
 from cxrvit.model.vit import vit_tiny
-
-ROOT = Path(__file__).resolve().parents[2]
-SHARED = ROOT.parent / "shared" / "data"
-_spec = importlib.util.spec_from_file_location("dicom_factory", ROOT / "tests/fixtures/dicom/factory.py")
-factory = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(factory)
-
-#: Thresholds that make some labels positive and some not, whatever the random model says.
-THRESHOLDS = {label: (0.0 if i % 2 == 0 else 1.01) for i, label in enumerate(DEFAULT_LABELS)}
+from inference_support import THRESHOLDS
 
 
 @pytest.fixture(scope="session")

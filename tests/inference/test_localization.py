@@ -6,7 +6,7 @@ import pytest
 
 from cxrvit.inference import localization as loc
 
-from conftest import SHARED
+from inference_support import SHARED
 
 
 def test_box_follows_the_nih_scale_and_the_model_geometry():

@@ -14,7 +14,7 @@ from cxrvit.cli import main
 from cxrvit.data import images
 from cxrvit.inference.predict import collect_inputs, predict_files, tta_views, write_predictions
 
-from conftest import SHARED, THRESHOLDS, factory
+from inference_support import SHARED, THRESHOLDS, factory
 
 
 @pytest.fixture()

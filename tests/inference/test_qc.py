@@ -8,7 +8,7 @@ import numpy as np
 from cxrvit.cli import main
 from cxrvit.inference import qc
 
-from conftest import factory
+from inference_support import factory
 
 
 def test_header_flags():
