@@ -49,7 +49,7 @@ def test_fixture_cache_contents(nih_dir: Path, tmp_path: Path):
     cache.verify()  # the checksums in COMPLETE match
 
 
-def test_rgba_and_16bit_and_non_square_become_the_same_grey(nih_copy: Path, tmp_path: Path):
+def test_rgb_rgba_16bit_and_non_square_become_the_same_grey(nih_copy: Path, tmp_path: Path):
     rgba = nih_copy / "images" / "00000100_000.png"
     assert Image.open(rgba).mode == "RGBA"
     grey = np.asarray(Image.open(rgba).convert("L"))
@@ -61,8 +61,14 @@ def test_rgba_and_16bit_and_non_square_become_the_same_grey(nih_copy: Path, tmp_
     # a non-square crop: padded to square with its minimum, then resized
     tall = np.asarray(Image.open(nih_copy / "images" / "00000211_000.png"))[:, 12:52]
     Image.fromarray(tall).save(nih_copy / "images" / "00000211_000.png")
+    # an RGB copy of a grey image (equal channels) must give the grey image back
+    grey_l = np.asarray(Image.open(nih_copy / "images" / "00001362_001.png"))
+    Image.fromarray(np.stack([grey_l] * 3, axis=-1)).save(nih_copy / "images" / "00001362_001.png")
+    assert Image.open(nih_copy / "images" / "00001362_001.png").mode == "RGB"
     cache = _prep(nih_copy, tmp_path / "c")
     rows = {name: i for i, name in enumerate(cache.index["image"])}
+    assert np.array_equal(cache.pixels[rows["00001362_001.png"]],
+                          np.asarray(Image.fromarray(grey_l).resize((SIZE, SIZE), Image.BILINEAR, reducing_gap=None)))
     assert np.array_equal(cache.pixels[rows["00000100_000.png"]],
                           np.asarray(Image.fromarray(grey).resize((SIZE, SIZE), Image.BILINEAR, reducing_gap=None)))
     stretched = ((src.astype(np.float32) - src.min()) * 255.0 / (src.max() - src.min()) + 0.5).astype(np.uint8)
