@@ -220,6 +220,12 @@ def test_unlabelled_folder_with_patients_csv(nih_dir: Path, tmp_path: Path):
     assert not any(c in cache.index.columns for c in ("Atelectasis", "No Finding"))
     with pytest.raises(ValueError, match="unlabelled cache has no labels"):
         cache.labels(["Atelectasis"])
+    from cxrvit.data.summary import format_summary, summarize
+
+    summary = summarize(cache)
+    assert (summary["images"], summary["patients"], summary["labelled"]) == (3, 3, False)
+    assert "positives" not in summary and summary["splits"]["unassigned"]["images"] == 3
+    assert "unlabelled" in format_summary(summary)
     patients = tmp_path / "patients.csv"
     patients.write_text("image_id,patient_id,projection\n00000001_000,p1,pa\n00000001_001.png,p1,ap\n")
     lines.clear()
