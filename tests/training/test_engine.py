@@ -90,3 +90,16 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert state["progress"]["step"] == 4  # the end-of-epoch-0 checkpoint survives
     assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_init_loads_a_backbone_and_keeps_a_fresh_head(tiny_run, tiny_cache, tmp_path):
+    from cxrvit.training import distributed
+
+    cfg, tr, va, out = tiny_run
+    trained = load_file(str(out / "model.safetensors"))  # a cxrvit bundle is a valid --init source
+    trainer = engine.Trainer(cfg, tiny_cache, tr, va, tmp_path / "run", out / "model.safetensors",
+                             distributed.DistContext(), False, False)
+    state = trainer.model.state_dict()
+    assert all(torch.equal(state[k], trained[k]) for k in trained if not k.startswith("head."))
+    assert not torch.equal(state["head.weight"], trained["head.weight"])  # fine-tuning starts a new head
+    assert trainer.init_report is not None
