@@ -146,3 +146,13 @@ def test_real_dicoms(bundle):
     assert twin.qc_flags == ["possibly_inverted", "auto_inverted"] and original.qc_flags == []
     assert twin.probs == pytest.approx(original.probs, abs=1e-6) and twin.findings == original.findings
     assert rows["nih-dx-implicit-vr.dcm"].qc_flags == []
+
+
+def test_display_copy_for_overlays_matches_the_model_input(folder):
+    from cxrvit.inference.predict import load_for_model
+
+    img = load_for_model(folder / "a.png", 32, display_size=128)
+    assert img.square.shape == (32, 32) and img.display.shape == (128, 128)
+    small = np.asarray(Image.fromarray(img.display).resize((32, 32), Image.BILINEAR), dtype=np.int32)
+    assert np.abs(small - img.square).mean() < 8  # the same picture, only sharper
+    assert load_for_model(folder / "a.png", 32).display is None

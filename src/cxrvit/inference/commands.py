@@ -8,6 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+#: Side of the picture under the heat-maps (the maps themselves are at the model's resolution).
+OVERLAY_SIZE = 448
+
 DICOM_INFO_FIELDS = (
     ("patient_name", "Patient name"), ("patient_id", "Patient ID"), ("age", "Age"), ("sex", "Sex"),
     ("modality", "Modality"), ("body_part", "Body part"), ("view_position", "View position"),
@@ -66,7 +69,8 @@ def run_predict(args: argparse.Namespace) -> int:
         return 2
     on_batch = _heatmap_writer(bundle, Path(args.heatmaps), args.target, args.per_head) if args.heatmaps else None
     rows = predict_files(bundle, paths, batch_size=args.batch_size, tta=args.tta, fix_inverted=args.fix_inverted,
-                         progress=not args.no_progress, on_batch=on_batch)
+                         progress=not args.no_progress, on_batch=on_batch,
+                         display_size=OVERLAY_SIZE if args.heatmaps else None)
     out = write_predictions(rows, bundle.labels, args.out)
     failed = [r for r in rows if r.status != "ok"]
     flagged = [r for r in rows if r.qc_flags]
@@ -98,7 +102,8 @@ def _heatmap_writer(bundle, folder: Path, target: str | None, per_head: bool):
             while name in used:  # same stem in different folders
                 name += "_"
             used.add(name)
-            heatmaps.save_overlay(folder / f"{name}.png", img.square, {k: v[i] for k, v in maps.items()},
+            shown = img.display if img.display is not None else img.square
+            heatmaps.save_overlay(folder / f"{name}.png", shown, {k: v[i] for k, v in maps.items()},
                                   heatmaps.caption_for(p, findings, bundle.labels[idx[i]], img.flags),
                                   title=str(img.path))
 

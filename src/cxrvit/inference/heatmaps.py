@@ -129,7 +129,10 @@ def caption_for(probs: Mapping[str, float], findings: Sequence[str], target: str
 
 def save_overlay(path: os.PathLike | str, grey: np.ndarray, maps: Mapping[str, np.ndarray], caption: str,
                  title: str = "", alpha: float = 0.45) -> Path:
-    """One PNG: the image, then each map blended over it, with ``caption`` underneath."""
+    """One PNG: the image, then each map blended over it, with ``caption`` underneath.
+
+    ``grey`` may be larger than the maps (a sharper copy of the same square picture).
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers; set before pyplot is imported
@@ -137,10 +140,11 @@ def save_overlay(path: os.PathLike | str, grey: np.ndarray, maps: Mapping[str, n
 
     panels = [("image", None)] + list(maps.items())
     fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 3.9), squeeze=False)
+    extent = (0, grey.shape[1], grey.shape[0], 0)  # maps may be smaller than the picture: stretch them over it
     for ax, (name, heat) in zip(axes[0], panels):
-        ax.imshow(grey, cmap="gray", vmin=0, vmax=255)
+        ax.imshow(grey, cmap="gray", vmin=0, vmax=255, extent=extent)
         if heat is not None:
-            ax.imshow(heat, cmap="jet", alpha=alpha, vmin=0.0, vmax=1.0)
+            ax.imshow(heat, cmap="jet", alpha=alpha, vmin=0.0, vmax=1.0, extent=extent, interpolation="bilinear")
         ax.set_title(name, fontsize=9)
         ax.axis("off")
     if title:

@@ -94,6 +94,7 @@ class LoadedImage:
     path: Path
     square: np.ndarray  # uint8 [S, S], the model's input geometry
     flags: list[str]
+    display: np.ndarray | None = None  # the same picture at a larger size, for heat-map overlays
 
 
 def dicom_header_flags(path: Path) -> list[str]:
@@ -129,7 +130,7 @@ def check_pixel_count(path: Path, max_pixels: int) -> None:
 
 
 def load_for_model(path: Path, size: int, max_pixels: int = images.MAX_PIXELS,
-                   fix_inverted: bool = True) -> LoadedImage:
+                   fix_inverted: bool = True, display_size: int | None = None) -> LoadedImage:
     """Decode, QC and fit one file; raises ImageReadError with the file's name on any failure.
 
     With ``fix_inverted``, an image that QC finds inverted (a negative: typically MONOCHROME1 pixel
@@ -142,9 +143,11 @@ def load_for_model(path: Path, size: int, max_pixels: int = images.MAX_PIXELS,
     square = images.square_resize(arr, size)
     flags = dicom_header_flags(path) + qc.pixel_flags(arr.shape, square)
     if fix_inverted and "possibly_inverted" in flags:
-        square = images.square_resize(255 - images.to_uint8(arr), size)  # pad after inverting: dark padding
+        arr = 255 - images.to_uint8(arr)  # invert before padding, so that the padding stays dark
+        square = images.square_resize(arr, size)
         flags.append("auto_inverted")
-    return LoadedImage(path, square, flags)
+    display = images.square_resize(arr, display_size) if display_size else None
+    return LoadedImage(path, square, flags, display)
 
 
 # -- scoring -----------------------------------------------------------------------------------------
@@ -170,13 +173,13 @@ def score_batch(bundle: Bundle, squares: Sequence[np.ndarray], tta: bool = False
 
 
 def _batches(paths: Sequence[Path], size: int, batch_size: int, max_pixels: int,
-             fix_inverted: bool) -> Iterator[tuple[list[Prediction], list[LoadedImage]]]:
+             fix_inverted: bool, display_size: int | None) -> Iterator[tuple[list[Prediction], list[LoadedImage]]]:
     """Read files, yielding (every prediction row, the loaded images among them) in batches."""
     rows: list[Prediction] = []
     loaded: list[LoadedImage] = []
     for path in paths:
         try:
-            img = load_for_model(path, size, max_pixels, fix_inverted)
+            img = load_for_model(path, size, max_pixels, fix_inverted, display_size)
         except (ImageReadError, OSError, ValueError) as exc:
             rows.append(Prediction(str(path), status="error", error=str(exc)))
         else:
@@ -191,17 +194,19 @@ def _batches(paths: Sequence[Path], size: int, batch_size: int, max_pixels: int,
 
 def predict_files(bundle: Bundle, paths: Sequence[os.PathLike | str], *, batch_size: int = 16, tta: bool = False,
                   progress: bool = True, max_pixels: int = images.MAX_PIXELS, fix_inverted: bool = True,
+                  display_size: int | None = None,
                   on_batch: Callable[[list[LoadedImage], np.ndarray], None] | None = None) -> list[Prediction]:
     """Score ``paths`` with ``bundle``; one :class:`Prediction` per path, in order.
 
     ``on_batch(images, probs)`` is called after each scored batch (``cxrvit predict --heatmaps`` uses
-    it to draw overlays without decoding the files twice).
+    it to draw overlays without decoding the files twice; ``display_size`` keeps a larger copy of
+    each image for them).
     """
     paths = [Path(p) for p in paths]
     size = bundle.preprocessing.size
     out: list[Prediction] = []
     with tqdm(total=len(paths), unit="img", disable=not progress, desc="predict") as bar:
-        for rows, loaded in _batches(paths, size, batch_size, max_pixels, fix_inverted):
+        for rows, loaded in _batches(paths, size, batch_size, max_pixels, fix_inverted, display_size):
             if loaded:
                 probs = score_batch(bundle, [img.square for img in loaded], tta=tta)
                 by_path = {str(img.path): p for img, p in zip(loaded, probs)}
