@@ -82,7 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--csv", type=Path, help="write every (image, finding, method) record here")
     args = ap.parse_args(argv)
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     bundle = load_bundle(args.model) if args.model else random_bundle(args.random, args.size, args.seed)
     what = (f"bundle {args.model}" if args.model
             else f"random-init {args.random}, seed {args.seed} (untrained model — method check only)")

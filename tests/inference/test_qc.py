@@ -46,3 +46,13 @@ def test_dicom_info(tmp_path, capsys):
     assert main(["dicom-info", str(mono1), str(tmp_path / "x.dcm")]) == 1
     out = capsys.readouterr().out
     assert "MONOCHROME1" in out and "lateral_view" in out and "error:" in out and "x.dcm" in out
+
+
+def test_dicom_info_prints_the_header_of_undecodable_objects(capsys):
+    from pydicom.data import get_testdata_file
+
+    rgb = get_testdata_file("SC_rgb_rle.dcm")  # real colour object: header yes, pixels refused
+    assert main(["dicom-info", rgb, "--json"]) == 1
+    info = json.loads(capsys.readouterr().out)
+    assert info["photometric"] == "RGB" and info["qc"] == ["not_radiograph:OT"]
+    assert info["decode_error"].startswith("colour DICOM refused")

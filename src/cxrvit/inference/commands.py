@@ -16,7 +16,7 @@ DICOM_INFO_FIELDS = (
     ("modality", "Modality"), ("body_part", "Body part"), ("view_position", "View position"),
     ("size", "Image size"), ("bits", "Bits (stored/allocated)"), ("photometric", "Photometric"),
     ("spacing", "Pixel spacing (mm)"), ("transfer_syntax", "Transfer syntax"), ("sop_class", "SOP class"),
-    ("qc", "QC flags"),
+    ("qc", "QC flags"), ("decode_error", "Pixel data"),
 )
 
 
@@ -116,20 +116,29 @@ def dicom_summary(path: Path, decode: bool = True) -> dict:
     """Header summary plus QC flags (pixel checks too when ``decode``, at the default 224 px)."""
     from cxrvit.data import images
     from cxrvit.data.dicom import read_header
+    from cxrvit.data.images import ImageReadError
     from cxrvit.inference import qc
 
     h = read_header(path)
     flags = qc.header_flags(qc.HeaderFacts(h.modality, h.body_part, h.view_position, h.series_description))
+    decode_error = None
     if decode:
-        arr = images.read_grey(path)
-        flags += qc.pixel_flags(arr.shape, images.square_resize(arr, 224))
+        try:
+            arr = images.read_grey(path)
+        except ImageReadError as exc:  # the header is still worth printing
+            decode_error = exc.reason
+        else:
+            flags += qc.pixel_flags(arr.shape, images.square_resize(arr, 224))
     return {
         **h.to_dict(),
-        "size": f"{h.columns}x{h.rows}" + (f"x{h.frames} frames" if h.frames > 1 else ""),
-        "bits": f"{h.bits_stored}/{h.bits_allocated}" + (" signed" if h.pixel_representation == 1 else ""),
+        "size": (f"{h.columns}x{h.rows}" + (f"x{h.frames} frames" if h.frames > 1 else "")
+                 if h.rows and h.columns else None),
+        "bits": (f"{h.bits_stored}/{h.bits_allocated}" + (" signed" if h.pixel_representation == 1 else "")
+                 if h.bits_allocated else None),
         "spacing": (" x ".join(f"{v:g}" for v in h.pixel_spacing) + f" ({h.spacing_source})"
                     if h.pixel_spacing else None),
         "qc": flags,
+        "decode_error": decode_error,
     }
 
 
@@ -155,7 +164,9 @@ def run_dicom_info(args: argparse.Namespace) -> int:
             if not is_dicom_file(path):
                 raise ImageReadError(path, "not a DICOM file (content not recognised)")
             info = dicom_summary(path)
-            if args.preview:
+            if info["decode_error"]:
+                failures += 1
+            elif args.preview:
                 out = _preview_path(Path(args.preview), path, many)
                 out.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(images.to_uint8(images.read_grey(path))).save(out)
