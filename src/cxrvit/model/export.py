@@ -19,8 +19,12 @@ information needed to use the weights without cxrvit: labels, tuned thresholds a
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
+import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,8 +107,9 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike, fmt: str = "di
         header = {"format": "pt", "layout": "dino", "cxrvit": json.dumps(meta)}
         _atomic(out, lambda tmp: save_file(state, tmp, metadata=header))
         return ExportResult(out, meta)
-    # onnx: a model holding exactly the exported head
-    model = VisionTransformer(**_same_shape_kwargs(bundle.model), num_classes=len(chosen))
+    # onnx: a copy of the model holding exactly the exported head
+    model = copy.deepcopy(bundle.model).float().cpu()
+    model.head = nn.Linear(model.embed_dim, len(chosen))
     model.load_state_dict(state, strict=True)
     size = bundle.preprocessing.size
     export_onnx(model, out, bundle.preprocessing, size=size, dynamic_size=dynamic_size, opset=opset)
@@ -117,13 +122,6 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike, fmt: str = "di
     meta_path = out.with_suffix(".json")
     _atomic(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
     return ExportResult(out, meta, meta_path, [f"onnxruntime vs PyTorch: max |logit diff| = {diff:.2e}"])
-
-
-def _same_shape_kwargs(model: VisionTransformer) -> dict:
-    blk = model.blocks[0]
-    return dict(img_size=model.patch_embed.img_size, patch_size=model.patch_size, embed_dim=model.embed_dim,
-                depth=len(model.blocks), num_heads=blk.attn.num_heads,
-                mlp_ratio=blk.mlp.fc1.out_features / model.embed_dim, eps=model.norm.eps)
 
 
 def _atomic(path: Path, write) -> None:
@@ -193,7 +191,7 @@ def export_onnx(model: VisionTransformer, out: str | os.PathLike, pre: Preproces
         shapes[3] = p * torch.export.Dim("grid_w", min=1, max=256)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
+    with torch.no_grad(), _quiet_exporter():
         program = torch.onnx.export(wrapper, (example,), dynamo=True, input_names=["grey"],
                                     output_names=["logits", "probabilities"], dynamic_shapes={"grey": shapes},
                                     opset_version=opset, external_data=False, verbose=False)
@@ -201,6 +199,22 @@ def export_onnx(model: VisionTransformer, out: str | os.PathLike, pre: Preproces
     program.save(str(tmp), external_data=False)
     os.replace(tmp, out)
     return out
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The dynamo exporter logs a line per missing optional op set (torchvision) and deprecation
+    warnings from its own internals; none of it concerns the exported graph."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=FutureWarning)
+            warnings.simplefilter("ignore", category=DeprecationWarning)
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def verify_onnx(path: str | os.PathLike, model: VisionTransformer, pre: Preprocessing,
