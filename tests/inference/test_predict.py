@@ -10,11 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from cxrvit.cli import main
 from cxrvit.data import images
 from cxrvit.inference.predict import collect_inputs, predict_files, tta_views, write_predictions
 
-from inference_support import SHARED, THRESHOLDS, factory
+from inference_support import SHARED, THRESHOLDS, factory, run_cli as main
 
 
 @pytest.fixture()

@@ -5,10 +5,9 @@ import json
 
 import numpy as np
 
-from cxrvit.cli import main
 from cxrvit.inference import qc
 
-from inference_support import factory
+from inference_support import factory, run_cli as main
 
 
 def test_header_flags():
