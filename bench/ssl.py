@@ -11,9 +11,15 @@ written to OUT/results.md). Resumable: rerun the same command after an interrupt
 """
 from __future__ import annotations
 
-import argparse
-import shlex
 import sys
+from pathlib import Path
+
+# This file is named ssl.py and Python puts its folder first on sys.path, where it would shadow
+# the standard library's ssl module for everything imported later: drop that entry first.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse  # noqa: E402
+import shlex  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -55,6 +56,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
     from cxrvit.ssl.pretrain import pretrain
     from cxrvit.ssl.probe import ProbeSet
 
+    args.quiet = args.quiet or int(os.environ.get("RANK", "0")) != 0   # torchrun: one rank talks
     overrides = list(args.overrides) + ([f"engine.device={args.device}"] if args.device else [])
     try:
         cfg = load_pretrain_recipe(args.recipe or args.method, overrides, method=args.method)
@@ -72,9 +74,9 @@ def run_pretrain(args: argparse.Namespace) -> int:
     if not args.no_probe:
         labelled = [c for c in caches if c.labelled]
         probe_cache = CXRCache(args.probe_cache) if args.probe_cache else (labelled[0] if labelled else None)
-        if probe_cache is None:
+        if probe_cache is None and not args.quiet:
             print("no labelled cache: pre-training without k-NN / linear probes", file=sys.stderr)
-        else:
+        elif probe_cache is not None:
             train_rows, val_rows = probe_rows(probe_cache, cfg.engine.seed)
             probe = ProbeSet(probe_cache, np.asarray(train_rows), np.asarray(val_rows))
     try:
@@ -83,6 +85,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
     except (ValueError, FloatingPointError) as exc:
         print(f"cxrvit pretrain: {exc}", file=sys.stderr)
         return 1
-    print(f"{result.backbone} ({result.steps} steps): fine-tune with "
-          f"`cxrvit train --recipe improved --init {result.backbone} ...`")
+    if not args.quiet:
+        print(f"{result.backbone} ({result.steps} steps): fine-tune with "
+              f"`cxrvit train --recipe improved --init {result.backbone} ...`")
     return 0
