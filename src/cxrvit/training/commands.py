@@ -36,7 +36,8 @@ def choose_rows(cache, val_fraction: float, seed: int) -> tuple[np.ndarray, np.n
     """
     from cxrvit.data import splits
 
-    has_split = "official_split" in cache.index.columns and (cache.index["official_split"] == "test").any()
+    has_split = ("official_split" in cache.index.columns
+                 and cache.index["official_split"].isin(["train_val", "test"]).any())
     if has_split:
         rows, _test = splits.official_split(cache)
         how = f"official split: {len(rows)} train_val rows (test rows held out)"
