@@ -19,7 +19,7 @@ def register(subparsers) -> None:
     p.add_argument("--data", required=True, nargs="+", metavar="CACHE", help="prepared caches (any mix, any sizes)")
     p.add_argument("--out", required=True, metavar="RUN", help="run folder: checkpoint, log.jsonl, backbone")
     p.add_argument("--recipe", default=None,
-                   help="shipped recipe (dino, mae, ijepa, <method>-cpu) or a YAML file; default: the method's")
+                   help="shipped recipe (dino, mae, ijepa) or a YAML file; default: the method's")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set schedule.epochs=50 (repeatable)")
     p.add_argument("--probe-cache", default=None, metavar="CACHE",

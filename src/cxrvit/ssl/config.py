@@ -122,7 +122,7 @@ def recipe_path(name_or_path: str | Path) -> Path:
 
 def load_pretrain_recipe(recipe: str | Path, overrides: list[str] | None = None,
                          method: str | None = None) -> PretrainConfig:
-    """A shipped recipe (``dino``, ``mae``, ``ijepa``, ``*-sample``) or a YAML path, plus ``--set`` overrides."""
+    """A shipped recipe (``dino``, ``mae``, ``ijepa``) or a YAML path, plus ``--set`` overrides."""
     path = recipe_path(recipe)
     try:
         raw = yaml.safe_load(path.read_text()) or {}

@@ -32,8 +32,8 @@ class DinoConfig:
     global_size: int = 224
     local_size: int = 96
     n_local: int = 8
-    # CXR: the global crops keep most of the chest (a 10% crop of a radiograph is often just
-    # soft tissue); local crops are still small enough to force local-to-global correspondence.
+    # DINO's defaults: global crops keep most of the chest, local crops are small enough to
+    # force local-to-global correspondence.
     global_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
     local_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
     ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333333])
