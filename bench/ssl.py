@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="finetune", action="append", default=[], metavar="KEY=VALUE",
                    help="fine-tune overrides, applied to every arm (baseline, improved, SSL+improved)")
     p.add_argument("--ssl-set", dest="ssl", action="append", default=[], metavar="KEY=VALUE",
-                   help="pre-training overrides, applied to every method's recipe")
+                   help="pre-training overrides for every method's recipe; METHOD:KEY=VALUE for one method only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bootstrap", type=int, default=None)
     p.add_argument("--device", default=None)

@@ -81,6 +81,20 @@ def _f(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.3f}"
 
 
+def method_overrides(overrides: Sequence[str], method: str) -> list[str]:
+    """Overrides for every method (``key=value``) plus this method's own (``method:key=value``)."""
+    out = []
+    for o in overrides:
+        key = o.split("=", 1)[0]
+        if ":" in key:
+            who, rest = o.split(":", 1)
+            if who == method:
+                out.append(rest)
+        else:
+            out.append(o)
+    return out
+
+
 def _finetune_seconds(fold_dir: Path) -> float:
     from cxrvit.evaluation.crossval import PREDICTIONS, load_fold
 
@@ -128,8 +142,8 @@ def run_ssl_bench(data, out, *, methods: Sequence[str] = ("dino", "mae", "ijepa"
         for m in methods:
             arm = f"{m}+improved"
             pdir = fold_dir / f"pretrain-{m}"
-            pcfg = load_pretrain_recipe(m, list(ssl_overrides) + ([f"engine.device={device}"] if device else []),
-                                        method=m)
+            pcfg = load_pretrain_recipe(m, method_overrides(ssl_overrides, m) +
+                                        ([f"engine.device={device}"] if device else []), method=m)
             probe_set = None
             if probe:  # the probe's labels come from the fold's training patients only
                 fit, val = splits.carve_validation(train_rows, pids, fraction=0.2, seed=seed)
