@@ -77,18 +77,23 @@ class UnlabelledImages:
     def batches_per_epoch(self, batch_size: int) -> int:
         return len(self) // batch_size  # drop_last: every step sees a full batch
 
-    def batch(self, epoch: int, index: int, batch_size: int, size: int, rank: int = 0, world: int = 1) -> torch.Tensor:
-        """Float grey ``[b, 1, size, size]`` in [0, 1]: batch ``index`` of ``epoch``, this rank's share."""
+    def batch(self, epoch: int, index: int, batch_size: int, size: int, rank: int = 0, world: int = 1,
+              device: torch.device | str = "cpu") -> torch.Tensor:
+        """Float grey ``[b, 1, size, size]`` in [0, 1]: batch ``index`` of ``epoch``, this rank's share.
+
+        Only uint8 pixels cross to the device; the resize to ``size`` happens there (GPU when present).
+        """
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self), generator=gen).numpy()
         chosen = self.entries[order[index * batch_size:(index + 1) * batch_size]][rank::world]
-        out = torch.empty(len(chosen), 1, size, size)
+        out = torch.empty(len(chosen), 1, size, size, device=device)
         for ci in np.unique(chosen[:, 0]):
             where = np.nonzero(chosen[:, 0] == ci)[0]
             rows = chosen[where, 1]
             sort = np.argsort(rows)
             pix = np.ascontiguousarray(self.caches[ci].pixels[rows[sort]])   # sorted reads of the memmap
-            out[torch.from_numpy(where[sort])] = to_unit(torch.from_numpy(pix).unsqueeze(1), size)
+            grey = torch.from_numpy(pix).unsqueeze(1).to(device, non_blocking=True)
+            out[torch.from_numpy(where[sort]).to(device)] = to_unit(grey, size)
         return out
 
 
@@ -207,7 +212,7 @@ def pretrain(cfg: PretrainConfig, caches: Sequence, out_dir: os.PathLike | str, 
     t0, seen = time.time(), 0
     while step < last:
         epoch, index = divmod(step, spe)
-        x = data.batch(epoch, index, bs, source_size, rank, world).to(device, non_blocking=True)
+        x = data.batch(epoch, index, bs, source_size, rank, world, device)
         seed = (cfg.engine.seed * 1_000_003 + step) * 64 + rank
         torch.manual_seed(seed)                       # stochastic depth
         gen = torch.Generator().manual_seed(seed)     # crops, jitter, masks
