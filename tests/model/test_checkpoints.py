@@ -18,7 +18,6 @@ from cxrvit.inference.bundle import save_bundle
 from cxrvit.model.checkpoints import CheckpointError, load_backbone, strip_prefixes
 from cxrvit.model.vit import VisionTransformer, resample_pos_embed, vit_small
 
-torch.set_num_threads(2)
 HEAD = ("head.weight", "head.bias")
 
 

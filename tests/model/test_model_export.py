@@ -19,7 +19,6 @@ from cxrvit.model.export import select_labels
 from cxrvit.model.vit import VisionTransformer, vit_small
 from dino_reference import dino_vit_small
 
-torch.set_num_threads(2)
 CHOSEN = ["Atelectasis", "Effusion", "Mass/Nodule"]
 
 

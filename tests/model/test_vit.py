@@ -9,7 +9,6 @@ from cxrvit.model.vit import (VisionTransformer, drop_path, fold_patch_embed_to_
                               vit_small)
 from dino_reference import dino_vit_small
 
-torch.set_num_threads(2)
 
 # The full manifest of DINO's vit_small (150 backbone keys) plus a 3-label head, in state_dict order.
 BLOCK_MANIFEST = [
@@ -40,16 +39,20 @@ def vits():
     return vit_small(num_classes=3).eval()
 
 
-def test_state_dict_is_dinos_manifest(vits):
+@pytest.fixture(scope="module")
+def dino_ref():
+    return dino_vit_small(num_classes=3).eval()
+
+
+def test_state_dict_is_dinos_manifest(vits, dino_ref):
     got = [(k, tuple(v.shape)) for k, v in vits.state_dict().items()]
     assert len(MANIFEST) == 152
     assert got == MANIFEST
-    ref = dino_vit_small(num_classes=3)
-    assert [(k, tuple(v.shape)) for k, v in ref.state_dict().items()] == MANIFEST
+    assert [(k, tuple(v.shape)) for k, v in dino_ref.state_dict().items()] == MANIFEST
 
 
-def test_forward_matches_independent_dino(vits):
-    ref = dino_vit_small(num_classes=3).eval()
+def test_forward_matches_independent_dino(vits, dino_ref):
+    ref = dino_ref
     ref.load_state_dict(vits.state_dict(), strict=True)
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
@@ -153,9 +156,8 @@ def test_drop_path_and_dropout():
     torch.testing.assert_close(model.forward_features(inp), model.forward_features(inp))
 
 
-def test_dino_initialisation():
-    torch.manual_seed(0)
-    model = vit_small()
+def test_dino_initialisation(vits):
+    model = vits
     w = model.blocks[0].mlp.fc1.weight
     assert abs(w.std().item() - 0.02) < 0.001 and abs(w.mean().item()) < 0.001
     assert model.blocks[0].mlp.fc1.bias.abs().max() == 0 and torch.all(model.norm.weight == 1)
