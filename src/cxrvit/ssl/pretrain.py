@@ -183,11 +183,11 @@ def pretrain(cfg: PretrainConfig, caches: Sequence, out_dir: os.PathLike | str, 
     if main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
+    bf16 = use_bf16(cfg.engine.precision, device)
     model = method
     if distributed:
         model = nn.parallel.DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None,
                                                     broadcast_buffers=False)
-    bf16 = use_bf16(cfg.engine.precision, device)
 
     def checkpoint() -> None:
         if main:
@@ -199,7 +199,7 @@ def pretrain(cfg: PretrainConfig, caches: Sequence, out_dir: os.PathLike | str, 
             return
         t = time.time()
         res = run_probes(method.export_encoder(), probe, cfg.probe.size, Preprocessing(size=cfg.probe.size),
-                         cfg.probe.k, device, cfg.probe.batch_size)
+                         cfg.probe.k, device, cfg.probe.batch_size, bf16)
         rec = {"step": step, "epoch": epoch, "probe_seconds": round(time.time() - t, 1), **res}
         history.append(rec)
         append_log(out / LOG_FILE, {"kind": "probe", **rec})

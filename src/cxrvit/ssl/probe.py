@@ -33,7 +33,8 @@ class ProbeSet:
 
 @torch.no_grad()
 def extract_features(vit: VisionTransformer, pixels, rows: np.ndarray, size: int, pre: Preprocessing,
-                     batch_size: int = 64, device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+                     batch_size: int = 64, device: torch.device | str = "cpu",
+                     bf16: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(CLS, mean of patch tokens) features ``[N, D]`` each, after the final norm."""
     was_training = vit.training
     vit.eval()
@@ -43,7 +44,7 @@ def extract_features(vit: VisionTransformer, pixels, rows: np.ndarray, size: int
         order = np.argsort(np.argsort(rows[start:start + batch_size]))  # back to the caller's order
         grey = torch.from_numpy(np.ascontiguousarray(pixels[idx])).unsqueeze(1)[order].to(device)
         x = pre.normalize(to_unit(grey, size))
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             tokens = encode(vit, x).float()
         cls_out.append(tokens[:, 0].cpu())
         mean_out.append(tokens[:, 1:].mean(1).cpu())
@@ -80,13 +81,13 @@ def linear_scores(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, c
 
 
 def run_probes(vit: VisionTransformer, probe: ProbeSet, size: int, pre: Preprocessing, k: int = 20,
-               device: torch.device | str = "cpu", batch_size: int = 64) -> dict[str, float]:
+               device: torch.device | str = "cpu", batch_size: int = 64, bf16: bool = False) -> dict[str, float]:
     """k-NN and linear AUROC per label and their means, for CLS and mean-pooled features."""
     names = list(probe.labels)
     y = probe.cache.labels(names)
     ty, vy = y[probe.train_rows], y[probe.val_rows]
-    tr = extract_features(vit, probe.cache.pixels, probe.train_rows, size, pre, batch_size, device)
-    va = extract_features(vit, probe.cache.pixels, probe.val_rows, size, pre, batch_size, device)
+    tr = extract_features(vit, probe.cache.pixels, probe.train_rows, size, pre, batch_size, device, bf16)
+    va = extract_features(vit, probe.cache.pixels, probe.val_rows, size, pre, batch_size, device, bf16)
     out: dict[str, float] = {}
     for feat_name, tx, vx in (("cls", tr[0], va[0]), ("mean", tr[1], va[1])):
         for probe_name, scores in (("knn", knn_scores(tx, ty, vx, k)), ("linear", linear_scores(tx, ty, vx))):
