@@ -63,10 +63,11 @@ class MultiBlockMasker:
         ch, cw = self._block_size(self.context_scale, (1.0, 1.0), gen)
         targets, contexts = [], []
         for _ in range(batch):
-            blocks = [self._place(th, tw, gen) for _ in range(self.n_targets)]
-            union = torch.stack(blocks).any(dim=0)
-            # Re-draw the context block until enough of it survives the target removal.
+            # Re-draw targets and context together until enough context survives the target removal
+            # (on small grids four targets can cover nearly everything).
             for _ in range(self.max_tries):
+                blocks = [self._place(th, tw, gen) for _ in range(self.n_targets)]
+                union = torch.stack(blocks).any(dim=0)
                 ctx = self._place(ch, cw, gen) & ~union
                 if int(ctx.sum()) >= self.min_context:
                     break
