@@ -99,7 +99,8 @@ def main() -> None:
         "<!-- bench:onnx start -->",
         f"Machine: {os.cpu_count()}-core CPU, {args.threads} threads, shared with other jobs "
         f"(load average {load:.1f} at the end of the run). torch {torch.__version__}, onnxruntime {ort.__version__}.",
-        f"Command: `.venv/bin/python bench/onnx_latency.py{' --model ' + args.model if args.model else ''}` "
+        f"Command: `.venv/bin/python bench/onnx_latency.py{' --model ' + args.model if args.model else ''}"
+        f"{f' --threads {args.threads}' if args.threads != os.cpu_count() else ''}` "
         f"({'bundle' if args.model else 'random ViT-S/16 weights'}, {size} px, fp32).",
         f"ONNX export took {export_s:.0f} s; onnxruntime vs PyTorch: max |logit difference| {diff:.2e}.",
         "",
