@@ -25,6 +25,7 @@ from cxrvit.data.preprocess import Preprocessing
 from cxrvit.evaluation.metrics import tune_thresholds
 from cxrvit.inference.bundle import save_bundle
 from cxrvit.model.vit import build_model
+from cxrvit.runtime import resolve_precision
 from cxrvit.training import checkpointing as ckpt
 from cxrvit.training import distributed as dist_
 from cxrvit.training.augment import BatchAugment
@@ -69,13 +70,10 @@ def lr_at(step: int, total: int, warmup: int, base: float, minimum: float) -> fl
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 where the hardware has it (CPU, Ampere+ GPUs), fp16 on older GPUs, None for fp32."""
+    """bf16 where the hardware has native bf16 (see cxrvit.runtime), fp16 on older GPUs, None for fp32."""
+    precision = resolve_precision(precision, device)
     if precision == "fp32":
         return None
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if device.type == "cpu" else None
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("engine.precision=fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
     return torch.bfloat16 if precision == "bf16" else torch.float16
