@@ -64,6 +64,7 @@ def test_folds_are_patient_disjoint_and_pooling_covers_every_image_once(tmp_path
     k = list(f0["labels"]).index("Effusion")
     assert np.allclose(per_image_thr[f0["rows"]], f0["thresholds"][k])
     assert (tmp_path / "b" / "results.md").read_text().startswith("### improved vs baseline")
+    assert (tmp_path / "b" / "report-improved" / "pr.png").is_file()
     out = json.loads((tmp_path / "b" / "results.json").read_text())
     assert out["comparison"]["a"] == "baseline" and "diff_f1" in out["comparison"]["mean"]
 

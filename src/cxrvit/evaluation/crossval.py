@@ -259,6 +259,10 @@ def run_recipes(data, out, *, recipes=("baseline", "improved"), folds: int = 5, 
         "train_seconds": float(sum(fr.seconds for r in recipes for fr in results[r])),
         "wall_seconds": time.time() - started, "command": command or "(library call)",
     })
+    from cxrvit.evaluation.report import write_report
+
+    for r in recipes:  # ROC/PR/reliability/F1-vs-trivial plots of the pooled out-of-fold predictions
+        write_report(scores[r], out / f"report-{r}", title=f"{r}: {split_name} predictions")
     (out / "results.md").write_text(result.markdown())
     (out / "results.json").write_text(json.dumps(result.to_json(), indent=2))
     return result

@@ -174,7 +174,7 @@ class EvalResult:
             "n_images": self.n_images,
             "n_patients": self.n_patients,
             "scored_targets": self.scored,
-            "mean_f1_scored": self.mean_f1_scored,
+            "mean_f1_scored": _nan_to_none(self.mean_f1_scored),
             "headline": {k: v.to_dict() for k, v in self.headline.items()},
             "threshold_source": self.provenance,
             "bootstrap": self.bootstrap,
@@ -197,6 +197,8 @@ def score_predictions(y_true: np.ndarray, y_prob: np.ndarray, thresholds: np.nda
     labels = list(labels)
     y_true = np.asarray(y_true, dtype=np.float64)
     y_prob = np.asarray(y_prob, dtype=np.float64)
+    if len(y_true) == 0:
+        raise ValueError(f"no images to score on split {split!r}")
     thr = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), y_prob.shape)
     scored = [name for name in SCORED_TARGETS if name in labels]
     si = [labels.index(name) for name in scored]
