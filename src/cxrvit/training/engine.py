@@ -291,8 +291,9 @@ class Trainer:
             if self.show_progress:
                 au = " ".join(f"{s}={metrics['auroc'][s]:.3f}" for s in self.scored)
                 f1 = " ".join(f"{s}={v:.3f}" for s, v in metrics["f1"].items())
-                print(f"epoch {p.epoch}: val_loss={metrics['val_loss']:.4f} AUROC {au} | F1 {f1}"
-                      f"{'  (best)' if improved else ''}", flush=True)
+                from tqdm import tqdm  # tqdm.write keeps the line clear of the progress bar
+                tqdm.write(f"epoch {p.epoch}: val_loss={metrics['val_loss']:.4f} AUROC {au} | F1 {f1}"
+                           f"{'  (best)' if improved else ''}")
         p.epoch += 1
         p.batch = 0
         self.save_checkpoint()
