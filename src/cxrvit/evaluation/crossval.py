@@ -241,7 +241,9 @@ def run_recipes(data, out, *, recipes=("baseline", "improved"), folds: int = 5, 
                   "tuning_images": None, "overlap_images": 0}
     split_name = "pooled out-of-fold" if protocol == "cv" else "official test"
     scores = {r: score_predictions(y, pooled[r][1], pooled[r][2], pids, labels, provenance=provenance,
-                                   split=split_name, n_resamples=n_resamples, seed=seed) for r in recipes}
+                                   split=split_name, n_resamples=n_resamples, seed=seed,
+                                   info={"run": f"{r} ({len(plan)} fold models, {out})", "data": str(data)})
+              for r in recipes}
     comparison = paired_compare(y, pooled[recipes[0]][1], pooled[recipes[0]][2], pooled[recipes[1]][1],
                                 pooled[recipes[1]][2], pids, labels, names=tuple(recipes),
                                 n_resamples=n_resamples, seed=seed)

@@ -43,7 +43,8 @@ def provenance_line(p: dict) -> str:
     if p.get("in_sample"):
         return (f"**In-sample thresholds: F1 is optimistic.** The thresholds were tuned on these very images "
                 f"({p['overlap_images']} of them; split {p['split']!r}).")
-    return (f"Thresholds were tuned on the model's own {p['split']!r} split ({p['tuning_images']} images); "
+    count = f" ({p['tuning_images']} images)" if p.get("tuning_images") is not None else ""
+    return (f"Thresholds were tuned on the model's own {p['split']!r} split{count}; "
             "no scored image shares a patient with them.")
 
 
