@@ -103,3 +103,15 @@ def test_init_loads_a_backbone_and_keeps_a_fresh_head(tiny_run, tiny_cache, tmp_
     assert all(torch.equal(state[k], trained[k]) for k in trained if not k.startswith("head."))
     assert not torch.equal(state["head.weight"], trained["head.weight"])  # fine-tuning starts a new head
     assert trainer.init_report is not None
+
+
+def test_cli_errors_are_clear_and_exit_2(tiny_cache_dir, tmp_path, capsys):
+    from cxrvit.cli import main
+
+    assert main(["train", "--recipe", "baseline", "--data", str(tiny_cache_dir), "--out", str(tmp_path / "a"),
+                 "--set", "optim.lrr=1"]) == 2
+    assert "unknown config key 'optim.lrr'" in capsys.readouterr().err
+    assert main(["train", "--recipe", "baseline", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "b")]) == 2
+    assert "cannot open the cache" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "never-ran")]) == 2
+    assert "config.yaml not found" in capsys.readouterr().err

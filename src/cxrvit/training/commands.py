@@ -88,7 +88,11 @@ def run_train(args: argparse.Namespace) -> int:
         print("cxrvit train: --data CACHE is required", file=sys.stderr)
         return 2
 
-    cache = CXRCache(data)
+    try:
+        cache = CXRCache(data)
+    except (OSError, RuntimeError, ValueError) as exc:  # absent, incomplete or unreadable cache
+        print(f"cxrvit train: cannot open the cache {data}: {exc}", file=sys.stderr)
+        return 2
     if not cache.meta.get("labelled", True):
         print(f"cxrvit train: {data} is an unlabelled cache; supervised training needs NIH labels", file=sys.stderr)
         return 2
