@@ -145,7 +145,10 @@ class Trainer:
         self.model = model.to(self.device)
         self.prep = Preprocessing(size=cfg.model.img_size)
         self.amp = autocast_dtype(cfg.engine.precision, self.device)
-        groups = self.model.param_groups_layer_decay(cfg.optim.weight_decay, cfg.optim.layer_decay)
+        # Layer-wise decay assumes pre-trained early blocks worth protecting. From random init it would
+        # all but freeze them (0.75**12 = 3% of the lr for block 1), so it applies only with --init.
+        self.layer_decay = cfg.optim.layer_decay if init is not None else 1.0
+        groups = self.model.param_groups_layer_decay(cfg.optim.weight_decay, self.layer_decay)
         fused = cfg.optim.fused and self.device.type in ("cpu", "cuda")
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), fused=fused)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
