@@ -190,6 +190,17 @@ def test_cxrvit_bundle_and_safetensors(tmp_path):
     check_landed(model, backbone_state(src_model), "dino")
 
 
+def test_pretraining_run_folder_loads_its_backbone(tmp_path):
+    src_model = narrow(0)
+    (tmp_path / "ssl-run").mkdir()
+    save_file(backbone_state(src_model), str(tmp_path / "ssl-run" / "backbone.safetensors"))
+    model, _ = load_backbone(tmp_path / "ssl-run", narrow(1), strict=True)
+    check_landed(model, backbone_state(src_model), "dino")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="empty.*backbone.safetensors"):
+        load_backbone(tmp_path / "empty", narrow(1))
+
+
 def test_cxrvit_training_checkpoint(tmp_path):
     src = narrow(0, num_classes=15)
     torch.save({"format": "cxrvit-train-checkpoint/1", "model": src.state_dict(), "config": {"seed": 0},

@@ -101,10 +101,12 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
     """Read a file (or cxrvit bundle folder) safely -> (object, safetensors metadata or {})."""
     path = Path(path)
     if path.is_dir():
-        weights = path / "model.safetensors"
-        if not weights.is_file():
-            raise CheckpointError(f"{path}: a folder, but not a cxrvit bundle (no model.safetensors)")
-        path = weights
+        # A training run (model bundle) holds model.safetensors; a pre-training run, backbone.safetensors.
+        found = [path / n for n in ("model.safetensors", "backbone.safetensors") if (path / n).is_file()]
+        if not found:
+            raise CheckpointError(f"{path}: a folder, but neither a cxrvit model bundle (model.safetensors) "
+                                  "nor a pre-training run (backbone.safetensors)")
+        path = found[0]
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     with open(path, "rb") as f:

@@ -15,7 +15,7 @@ import yaml
 from cxrvit.ssl.dino import DinoConfig
 from cxrvit.ssl.ijepa import IJepaConfig
 from cxrvit.ssl.mae import MaeConfig
-from cxrvit.training.config import _build, apply_overrides
+from cxrvit.training.config import build_dataclass, apply_overrides
 
 METHODS = ("dino", "mae", "ijepa")
 
@@ -105,7 +105,7 @@ def config_to_dict(cfg: PretrainConfig) -> dict:
 
 
 def config_from_dict(d: dict, source: str = "config") -> PretrainConfig:
-    return _build(PretrainConfig, d, prefix="", source=source).validate()
+    return build_dataclass(PretrainConfig, d, prefix="", source=source).validate()
 
 
 def recipe_path(name_or_path: str | Path) -> Path:

@@ -159,10 +159,11 @@ def config_to_dict(cfg: TrainConfig) -> dict:
 
 
 def config_from_dict(d: dict, *, source: str = "config") -> TrainConfig:
-    return _build(TrainConfig, d, prefix="", source=source).validate()
+    return build_dataclass(TrainConfig, d, prefix="", source=source).validate()
 
 
-def _build(cls, d: dict, prefix: str, source: str):
+def build_dataclass(cls, d: dict, prefix: str, source: str):
+    """Build dataclass ``cls`` from a nested dict, type-checking values; unknown keys name ``source``."""
     if not isinstance(d, dict):
         raise ValueError(f"{source}: section {prefix.rstrip('.') or '<root>'} must be a mapping, got {type(d).__name__}")
     hints = typing.get_type_hints(cls)
@@ -174,7 +175,7 @@ def _build(cls, d: dict, prefix: str, source: str):
                              f"known keys here: {', '.join(sorted(names))}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value or {}, prefix + key + ".", source)
+            kwargs[key] = build_dataclass(hint, value or {}, prefix + key + ".", source)
         else:
             kwargs[key] = _coerce(value, hint, prefix + key, source)
     return cls(**kwargs)
