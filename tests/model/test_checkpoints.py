@@ -265,5 +265,5 @@ def test_unreadable_files_are_named(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         load_backbone(tmp_path / "absent.pth")
     (tmp_path / "empty_dir").mkdir()
-    with pytest.raises(CheckpointError, match="not a cxrvit bundle"):
+    with pytest.raises(CheckpointError, match="neither a cxrvit model bundle"):
         load_backbone(tmp_path / "empty_dir")
