@@ -29,7 +29,8 @@ echo "== 3/4 evaluate on NIH's official test images (never used for training or 
 "$CXRVIT" eval --model "$OUT/run" --data "$OUT/cache" --split test --json "$OUT/test_metrics.json" --report "$OUT/report"
 
 echo "== 4/4 predict: official test images, with explanation heat-maps for the first 8"
-awk -v d="$DATA/images" '{print d "/" $1}' "$DATA/test_list.txt" > "$OUT/test_images.txt"
+IMAGES=$(cd "$DATA/images" && pwd)   # absolute: paths in a list file are read relative to the list
+awk -v d="$IMAGES" '{print d "/" $1}' "$DATA/test_list.txt" > "$OUT/test_images.txt"
 head -n 8 "$OUT/test_images.txt" > "$OUT/heatmap_images.txt"
 "$CXRVIT" predict --model "$OUT/run" "$OUT/test_images.txt" --out "$OUT/predictions.csv"
 "$CXRVIT" predict --model "$OUT/run" "$OUT/heatmap_images.txt" --out "$OUT/heatmap_predictions.csv" --heatmaps "$OUT/heatmaps"
