@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from cxrvit.data import images
-from cxrvit.inference.predict import collect_inputs, predict_files, tta_views, write_predictions
+from cxrvit.data.images import load_square
+from cxrvit.inference.predict import collect_inputs, predict_files, write_predictions
 
 from inference_support import SHARED, THRESHOLDS, factory, run_cli as main
 
@@ -75,14 +76,25 @@ def test_decompression_bomb_guard(bundle, folder):
     assert all(r.status == "error" and "decompression-bomb" in r.error for r in rows)
 
 
-def test_tta_views_and_scores(bundle, folder):
-    grey = torch.from_numpy(factory.real_pixels())[None, None]
-    views = tta_views(grey)
-    assert len(views) == 3 and all(v.shape == grey.shape and v.dtype == torch.uint8 for v in views)
-    assert torch.equal(views[1], grey.flip(-1))
-    plain = predict_files(bundle, [folder / "a.png"], progress=False)[0].probs
+def test_tta_is_the_validation_pass_that_tuned_the_thresholds(bundle, folder):
+    from cxrvit.training.augment import eval_transform, to_float
+    from cxrvit.training.validation import center_zoom
+
+    grey = torch.from_numpy(load_square(folder / "a.png", bundle.preprocessing.size).copy())[None, None]
+    size = bundle.preprocessing.size
+    with torch.no_grad():
+        logits = [bundle.model(bundle.preprocessing.normalize(v)).float()
+                  for v in (eval_transform(grey, size), center_zoom(to_float(grey), size, 0.9))]
+    expected = torch.sigmoid((logits[0] + logits[1]) / 2)[0].numpy()
     tta = predict_files(bundle, [folder / "a.png"], progress=False, tta=True)[0].probs
-    assert all(0.0 <= v <= 1.0 for v in tta.values()) and tta != plain
+    np.testing.assert_allclose([tta[k] for k in bundle.labels], expected, rtol=1e-5, atol=1e-6)
+    plain = predict_files(bundle, [folder / "a.png"], progress=False)[0].probs
+    assert plain != tta  # default: as tuned, and this bundle was tuned without TTA
+    bundle.meta.setdefault("training", {})["tta"] = True
+    try:
+        assert predict_files(bundle, [folder / "a.png"], progress=False)[0].probs == tta
+    finally:
+        bundle.meta["training"]["tta"] = False
 
 
 def test_csv_and_json_outputs(bundle, folder, tmp_path):

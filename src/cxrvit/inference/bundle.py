@@ -37,17 +37,35 @@ class Bundle:
     config: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
 
+    @property
+    def tuned_with_tta(self) -> bool:
+        """Whether the thresholds were tuned on test-time-augmented predictions."""
+        return bool((self.meta.get("training") or {}).get("tta", False))
+
     @torch.no_grad()
-    def predict_proba(self, grey: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-        """``[N, 1, S, S]`` uint8 grey images at the bundle's size -> ``[N, K]`` probabilities."""
+    def predict_proba(self, grey: torch.Tensor, batch_size: int = 64, tta: bool | None = None) -> torch.Tensor:
+        """``[N, 1, S, S]`` uint8 grey images -> ``[N, K]`` probabilities.
+
+        Exactly the validation pass that tuned the thresholds (``training.validation.predict``): the whole
+        image resized to the bundle size, and with ``tta`` (default: as the bundle was tuned) the logits
+        averaged with a 90 % centre zoom. No mirror view: the recipes do not train on flipped films.
+        """
+        from cxrvit.training.augment import eval_transform, to_float
+        from cxrvit.training.validation import center_zoom
+
+        tta = self.tuned_with_tta if tta is None else tta
+        size = int(self.preprocessing.size)
         self.model.eval()
         device = next(self.model.parameters()).device
         out = []
         for start in range(0, len(grey), batch_size):
-            x = self.preprocessing.normalize(grey[start : start + batch_size].to(device))
-            with autocast(device, resolve_precision("auto", device)):
-                logits = self.model(x)
-            out.append(torch.sigmoid(logits.float()).cpu())
+            chunk = grey[start : start + batch_size].to(device)
+            views = [eval_transform(chunk, size)] + ([center_zoom(to_float(chunk), size, 0.9)] if tta else [])
+            logits = 0.0
+            for view in views:
+                with autocast(device, resolve_precision("auto", device)):
+                    logits = logits + self.model(self.preprocessing.normalize(view)).float()
+            out.append(torch.sigmoid(logits / len(views)).cpu())
         return torch.cat(out) if out else torch.zeros(0, len(self.labels))
 
 

@@ -30,7 +30,8 @@ def register(subparsers) -> None:
     p.add_argument("--heatmaps", metavar="DIR", help="write an explanation overlay PNG per image here")
     p.add_argument("--target", help="label for Grad-CAM (default: each image's most probable label)")
     p.add_argument("--per-head", action="store_true", help="overlays also show each attention head")
-    p.add_argument("--tta", action="store_true", help="average identity, mirror and a centre zoom")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average with a 90%% centre zoom, as validation does (default: as the bundle's thresholds were tuned)")
     p.add_argument("--no-fix-inverted", dest="fix_inverted", action="store_false",
                    help="score images QC finds inverted as they are (default: re-invert them, flag auto_inverted)")
     p.add_argument("--batch-size", type=int, default=16)

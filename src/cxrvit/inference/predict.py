@@ -152,24 +152,10 @@ def load_for_model(path: Path, size: int, max_pixels: int = images.MAX_PIXELS,
 
 # -- scoring -----------------------------------------------------------------------------------------
 
-def tta_views(grey: torch.Tensor) -> list[torch.Tensor]:
-    """Test-time views of a ``[B, 1, S, S]`` uint8 batch: identity, mirror, and a 92 % centre zoom.
-
-    The mirror is kept because findings are scored as present/absent, not by side; the zoom
-    covers a framing slightly tighter than the padded square. Probabilities are averaged.
-    """
-    s = grey.shape[-1]
-    margin = max(1, round(s * 0.04))
-    zoom = torch.nn.functional.interpolate(grey[..., margin:s - margin, margin:s - margin].float(), size=(s, s),
-                                           mode="bilinear", align_corners=False, antialias=True)
-    return [grey, torch.flip(grey, dims=[-1]), zoom.round().clamp(0, 255).to(torch.uint8)]
-
-
-def score_batch(bundle: Bundle, squares: Sequence[np.ndarray], tta: bool = False) -> np.ndarray:
+def score_batch(bundle: Bundle, squares: Sequence[np.ndarray], tta: bool | None = None) -> np.ndarray:
+    """Probabilities for square uint8 images, through the bundle's own validation pass."""
     grey = torch.from_numpy(np.stack(squares)).unsqueeze(1)
-    views = tta_views(grey) if tta else [grey]
-    probs = torch.stack([bundle.predict_proba(v) for v in views]).mean(0)
-    return probs.numpy()
+    return bundle.predict_proba(grey, tta=tta).numpy()
 
 
 def _batches(paths: Sequence[Path], size: int, batch_size: int, max_pixels: int,
@@ -192,7 +178,7 @@ def _batches(paths: Sequence[Path], size: int, batch_size: int, max_pixels: int,
         yield rows, loaded
 
 
-def predict_files(bundle: Bundle, paths: Sequence[os.PathLike | str], *, batch_size: int = 16, tta: bool = False,
+def predict_files(bundle: Bundle, paths: Sequence[os.PathLike | str], *, batch_size: int = 16, tta: bool | None = None,
                   progress: bool = True, max_pixels: int = images.MAX_PIXELS, fix_inverted: bool = True,
                   display_size: int | None = None,
                   on_batch: Callable[[list[LoadedImage], np.ndarray], None] | None = None) -> list[Prediction]:
