@@ -11,7 +11,7 @@ One run measures
    step: 27.6 GFLOP), scaled by the token count at 128 px (65 / 197), divided by the ceiling.
 
     .venv/bin/python bench/model.py                   # default: a few minutes on 2 cores
-    .venv/bin/python bench/model.py --write docs/parts/model.md
+    .venv/bin/python bench/model.py --write docs/benchmarks.md
 """
 from __future__ import annotations
 

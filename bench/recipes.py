@@ -2,7 +2,7 @@
 
     python bench/recipes.py --data CACHE [--folds 5] [--set k=v ...] [--out DIR] [--init CKPT]
 
-See docs/parts/evaluation.md for the documented CPU and GPU configurations.
+See docs/evaluation.md for the documented CPU and GPU configurations.
 """
 import sys
 

@@ -32,7 +32,7 @@ MAX_ASPECT = 1.6
 #: Threshold on :func:`inversion_score`. On the real data in ../shared the score of correctly
 #: displayed frontal CXRs ranged from -0.71 (min of 1,099 NIH) and -0.35 (min of 243 Hannover)
 #: up; the relabelled MONOCHROME1 SIIM twin scored -1.65. -1.0 flagged none of the 1,342 real
-#: images and caught the inverted one (see docs/parts/inference.md).
+#: images and caught the inverted one (see docs/inference.md).
 INVERSION_THRESHOLD = -1.0
 
 
