@@ -9,27 +9,9 @@ sys.path.insert(0, str(Path(__file__).parent))  # for ``evalfakes`` (tests/ has 
 
 from evalfakes import FakeCache  # noqa: E402
 
-SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "nih-sample"
-
-
-@pytest.fixture(autouse=True)
-def fast_bundle_loading(monkeypatch):
-    """load_bundle builds a randomly initialised model and then overwrites every tensor
-    (load_state_dict strict=True); on a busy 2-core CPU the wasted trunc_normal_ init dominates
-    these tests, so skip it here. Loaded weights are unaffected."""
-    from unittest.mock import patch
-
-    import torch
-
-    import cxrvit.inference.bundle as bundle_module
-
-    real = bundle_module.build_model
-
-    def build_without_init(*args, **kwargs):
-        with patch.object(torch.nn.init, "trunc_normal_", lambda tensor, *a, **k: tensor):
-            return real(*args, **kwargs)
-
-    monkeypatch.setattr(bundle_module, "build_model", build_without_init)
+_SHARED_SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "nih-sample"
+# The real sample from ../shared when it is there, else the downsampled copy shipped in sample/ (same layout).
+SAMPLE = _SHARED_SAMPLE if (_SHARED_SAMPLE / "images").is_dir() else Path(__file__).resolve().parents[2] / "sample" / "nih-sample"
 
 
 @pytest.fixture

@@ -20,7 +20,9 @@ from cxrvit.labels import label_matrix
 # they gain on these tiny tensors (a 2-thread linear was ~7x slower than 1 thread under load).
 torch.set_num_threads(1)
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "nih-sample"
+_SHARED_SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "nih-sample"
+# The real sample from ../shared when it is there, else the downsampled copy shipped in sample/ (same layout).
+DATA = _SHARED_SAMPLE if (_SHARED_SAMPLE / "images").is_dir() else Path(__file__).resolve().parents[2] / "sample" / "nih-sample"
 SIZE = 64
 
 
