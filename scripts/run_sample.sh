@@ -11,7 +11,7 @@ DATA=${1:-sample/nih-sample}
 OUT=${2:-runs/sample}
 shift $(( $# > 2 ? 2 : $# ))
 CXRVIT=${CXRVIT:-.venv/bin/cxrvit}
-EPOCHS=${EPOCHS:-12}
+EPOCHS=${EPOCHS:-8}
 
 echo "== 1/4 prepare: decode $DATA once into a 160-px cache"
 "$CXRVIT" prepare --data "$DATA" --out "$OUT/cache" --size 160
