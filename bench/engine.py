@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import sys
 
-# bench/ holds scripts named like stdlib modules (bench/ssl.py); never import from the script folder
+# Keep bench/ itself off sys.path: a script here must never shadow a module of the same name.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 import argparse

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-# bench/ holds scripts named like stdlib modules (bench/ssl.py): keep this script's folder off the path
+# Keep bench/ itself off sys.path: a script here must never shadow a module of the same name.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 

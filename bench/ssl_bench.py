@@ -6,7 +6,7 @@ folds' images only (plus --extra unlabelled caches), then ``improved`` fine-tune
 same budget as the scratch ``improved`` and ``baseline`` arms. Prints the results table (also
 written to OUT/results.md). Resumable: rerun the same command after an interruption.
 
-    python bench/ssl.py --data runs/cache-nih-128 --extra runs/cache-hannover-128 --out runs/bench-ssl \
+    python bench/ssl_bench.py --data runs/cache-nih-128 --extra runs/cache-hannover-128 --out runs/bench-ssl \
         --folds 5 --methods dino mae ijepa --ssl-set schedule.epochs=100 --set schedule.epochs=30
 """
 from __future__ import annotations
@@ -14,12 +14,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# This file is named ssl.py and Python puts its folder first on sys.path, where it would shadow
-# the standard library's ssl module for everything imported later: drop that entry first.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-import argparse  # noqa: E402
-import shlex  # noqa: E402
+import argparse
+import shlex
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run_ssl_bench(args.data, args.out, methods=args.methods, folds=args.folds, ssl_overrides=args.ssl,
                            finetune_overrides=args.finetune, extra=args.extra, seed=args.seed,
                            n_resamples=args.bootstrap, device=args.device, probe=not args.no_probe,
-                           command="python bench/ssl.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv)),
+                           command="python bench/ssl_bench.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv)),
                            progress=args.progress, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(result.markdown())
     return 0
