@@ -240,27 +240,27 @@ def average_precision(y_true, y_prob, weights=None) -> np.ndarray:
     return _squeeze(out, weights)
 
 
-def roc_curve(y_true_col, y_prob_col) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(fpr, tpr, thresholds)`` for one label, starting at (0, 0), one point per distinct score."""
+def _curve_counts(y_true_col, y_prob_col) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Walk the distinct scores downwards: ``(y, tp, predicted_positive, score)`` at each distinct score."""
     y = np.asarray(y_true_col).astype(bool).ravel()
     s = np.asarray(y_prob_col, dtype=np.float64).ravel()
     order, group = _tie_groups(s)
     ends = np.flatnonzero(np.r_[group[1:] != group[:-1], True])
-    tp = np.cumsum(y[order])[ends]
-    fp = (ends + 1) - tp
+    return y, np.cumsum(y[order])[ends], ends + 1, s[order][ends]
+
+
+def roc_curve(y_true_col, y_prob_col) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(fpr, tpr, thresholds)`` for one label, starting at (0, 0), one point per distinct score."""
+    y, tp, predicted, score = _curve_counts(y_true_col, y_prob_col)
+    fp = predicted - tp
     p, n = max(int(y.sum()), 1), max(int((~y).sum()), 1)
-    return np.r_[0.0, fp / n], np.r_[0.0, tp / p], np.r_[np.inf, s[order][ends]]
+    return np.r_[0.0, fp / n], np.r_[0.0, tp / p], np.r_[np.inf, score]
 
 
 def pr_curve(y_true_col, y_prob_col) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(recall, precision, thresholds)`` for one label, one point per distinct score (descending)."""
-    y = np.asarray(y_true_col).astype(bool).ravel()
-    s = np.asarray(y_prob_col, dtype=np.float64).ravel()
-    order, group = _tie_groups(s)
-    ends = np.flatnonzero(np.r_[group[1:] != group[:-1], True])
-    tp = np.cumsum(y[order])[ends]
-    predicted = ends + 1
-    return tp / max(int(y.sum()), 1), tp / predicted, s[order][ends]
+    y, tp, predicted, score = _curve_counts(y_true_col, y_prob_col)
+    return tp / max(int(y.sum()), 1), tp / predicted, score
 
 
 def calibration_bins(y_true_col, y_prob_col, n_bins: int = 10) -> dict[str, np.ndarray]:

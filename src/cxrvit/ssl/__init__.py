@@ -5,5 +5,5 @@
 - :mod:`~cxrvit.ssl.config` - typed recipes (``ssl/recipes/*.yaml``) and ``--set`` overrides;
 - :mod:`~cxrvit.ssl.probe` - k-NN / linear-probe AUROC on frozen features;
 - :mod:`~cxrvit.ssl.bench` - SSL-initialised vs from-scratch fine-tuning in cross-validation
-  (``bench/ssl.py``).
+  (``bench/ssl_bench.py``).
 """
