@@ -17,10 +17,13 @@ echo "== 1/4 prepare: decode $DATA once into a 160-px cache"
 "$CXRVIT" prepare --data "$DATA" --out "$OUT/cache" --size 160
 "$CXRVIT" data-summary "$OUT/cache"
 
-echo "== 2/4 train: the improved recipe at 128 px for $EPOCHS epochs (official train_val -> train/val by patient)"
-if [ -f "$OUT/run/last.pt" ] && [ ! -f "$OUT/run/bundle.json" ]; then
-  "$CXRVIT" train --resume "$OUT/run"          # a killed run continues where it stopped
-elif [ ! -f "$OUT/run/bundle.json" ]; then
+if [ -f "$OUT/run/bundle.json" ]; then
+  echo "== 2/4 train: $OUT/run is finished (delete it to train again)"
+elif [ -f "$OUT/run/last.pt" ]; then
+  echo "== 2/4 train: resuming the killed run in $OUT/run with its saved config"
+  "$CXRVIT" train --resume "$OUT/run"
+else
+  echo "== 2/4 train: the improved recipe at 128 px for $EPOCHS epochs (official train_val -> train/val by patient)"
   "$CXRVIT" train --recipe improved --data "$OUT/cache" --out "$OUT/run" \
     --set model.img_size=128 --set schedule.epochs="$EPOCHS" "$@"
 fi
