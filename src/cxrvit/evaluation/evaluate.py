@@ -103,28 +103,15 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device(device)
 
 
-def uses_tta(bundle) -> bool:
-    """Whether the bundle's thresholds were tuned on test-time-augmented predictions."""
-    return bool((bundle.meta.get("training") or {}).get("tta", False))
-
-
 @torch.no_grad()
 def predict_rows(bundle, cache, rows: np.ndarray, batch_size: int = 64, progress: bool = False) -> np.ndarray:
     """Probabilities ``[len(rows), K]`` of ``bundle`` on cache rows, in the order of ``rows``.
 
-    Exactly the validation pass that tuned the bundle's thresholds (``training.validation``): the
-    whole square image resized to the model size (bilinear, antialiased, in float, so a cache at
-    another size works), plus the centre-zoom view averaged in logit space when the run used TTA.
-    Anything else would move the scores away from the thresholds they were tuned with.
+    Through ``Bundle.predict_proba``, which is exactly the validation pass that tuned the bundle's
+    thresholds (the whole square image resized to the model size, plus the centre-zoom view when the
+    run used TTA): anything else would move the scores away from the thresholds they were tuned with.
+    Reads the memory-mapped cache one batch at a time.
     """
-    from cxrvit.runtime import autocast, resolve_precision
-    from cxrvit.training.augment import eval_transform, to_float
-    from cxrvit.training.validation import center_zoom
-
-    model = bundle.model.eval()
-    device = next(model.parameters()).device
-    precision = resolve_precision("auto", device)
-    size, tta = int(bundle.preprocessing.size), uses_tta(bundle)
     out = []
     starts = range(0, len(rows), batch_size)
     if progress:
@@ -133,13 +120,8 @@ def predict_rows(bundle, cache, rows: np.ndarray, batch_size: int = 64, progress
         starts = tqdm(starts, desc="predict", unit="batch")
     for start in starts:
         chunk = np.asarray(rows[start : start + batch_size])
-        grey = torch.from_numpy(np.ascontiguousarray(cache.pixels[chunk]))[:, None].to(device)  # [B,1,S,S] uint8
-        views = [eval_transform(grey, size)] + ([center_zoom(to_float(grey), size, 0.9)] if tta else [])
-        logits = 0
-        for view in views:
-            with autocast(device, precision):
-                logits = logits + model(bundle.preprocessing.normalize(view)).float()
-        out.append(torch.sigmoid(logits / len(views)).cpu().numpy())
+        grey = torch.from_numpy(np.ascontiguousarray(cache.pixels[chunk]))[:, None]  # [B,1,S,S] uint8
+        out.append(bundle.predict_proba(grey, batch_size=batch_size).numpy())
     return np.concatenate(out) if out else np.zeros((0, len(bundle.labels)), dtype=np.float32)
 
 
