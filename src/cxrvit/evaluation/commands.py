@@ -50,6 +50,22 @@ def register(subparsers) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_bench_recipes)
 
+    p = bsub.add_parser("arms", help="N training strategies on the same patients, folds and seeds: one table",
+                        description="Runs (or resumes) every arm of an arms YAML file (recipe, overrides, init "
+                                    "checkpoint or per-fold self-supervised pre-training) on the same patient "
+                                    "folds and seeds, then scores pooled held-out predictions with paired "
+                                    "patient-bootstrap CIs against the reference arm. See docs/evaluation.md.")
+    p.add_argument("plan", metavar="ARMS.yaml", help="the arms file (e.g. bench/arms/sample-cv2.yaml)")
+    p.add_argument("--data", required=True, metavar="CACHE", help="prepared labelled cache folder")
+    p.add_argument("--out", required=True, metavar="DIR", help="fold runs, pre-training runs, predictions, results.md")
+    p.add_argument("--only", nargs="+", metavar="ARM",
+                   help="run only these arms (a second worker can run others on the same --out at the same time)")
+    p.add_argument("--bootstrap", type=int, default=DEFAULT_RESAMPLES, help="bootstrap resamples")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the recipes' engine.device)")
+    p.add_argument("--append-to", metavar="MD", help="also append the results section to this Markdown file")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_bench_arms)
+
 
 def _common(p, splits=("test", "val", "all")) -> None:
     p.add_argument("--data", required=True, metavar="CACHE", help="prepared (labelled) cache folder")
@@ -118,6 +134,27 @@ def cmd_bench_recipes(args) -> int:
                              progress=not args.quiet, command=command, init=args.init)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         return _fail(exc)
+    text = result.markdown()
+    print(text)
+    if args.append_to:
+        with open(args.append_to, "a") as f:
+            f.write("\n" + text)
+    return 0
+
+
+def cmd_bench_arms(args) -> int:
+    from cxrvit.evaluation.arms import load_plan, run_arms
+
+    command = "cxrvit " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""
+    try:
+        plan = load_plan(args.plan)
+        result = run_arms(plan, args.data, args.out, only=args.only, device=args.device, progress=not args.quiet,
+                          n_resamples=args.bootstrap, command=command,
+                          log=lambda m: print(m, file=sys.stderr, flush=True))
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        return _fail(exc)
+    if result is None:
+        return 0
     text = result.markdown()
     print(text)
     if args.append_to:

@@ -1,0 +1,305 @@
+"""``cxrvit bench arms``: N training strategies ("arms") on the same patients, one honest table.
+
+An *arm* is a training recipe, its ``--set`` overrides, and where its backbone starts: random
+init, a checkpoint file (``init``), or a self-supervised pre-training stage run *inside the
+benchmark* on each fold's training images only (``pretrain``), so that no image an arm is scored
+on was ever seen by any stage of that arm. Every arm trains on the same folds (patient-wise
+k-fold, or NIH's official split) with the same seeds; held-out predictions are pooled over
+folds, stacked over seeds, and scored once: F1 at each fold's validation-tuned thresholds,
+trivial all-positive F1, AUROC, AP, each with a patient-bootstrap CI, and a *paired* patient
+bootstrap of every arm against the reference arm (``baseline``).
+
+Seeds are stacked, not averaged: with S seeds each image appears S times, once per seed's
+prediction, and a bootstrap resample that draws a patient takes all of that patient's rows. The
+numbers are therefore the expected single-model score (not an ensemble's), and the interval
+still counts patients, not predictions.
+
+Layout (compatible with ``cxrvit bench recipes``; a rerun skips whatever is finished, and a
+killed stage resumes from its checkpoint)::
+
+    OUT/plan.yaml                          the arms file as run (a changed plan is refused)
+    OUT/fold<f>/pretrain-<name>/           pre-training run on fold f's training images
+    OUT/fold<f>/<arm>[-seed<s>]/run/       the fold model (bundle, metrics.jsonl)
+    OUT/fold<f>/<arm>[-seed<s>]/heldout.npz
+    OUT/results.md, OUT/results.json       the table
+
+Two processes may work on one OUT at the same time on disjoint arms (``--only``); a stage that
+another live process is running is refused, never run twice.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from cxrvit.evaluation.crossval import (FoldPredictions, choose_protocol, config_hash, git_commit, load_fold,
+                                        machine_description, plan_folds, pool, run_fold)
+
+PLAN_FILE = "plan.yaml"
+
+
+@dataclass
+class PretrainSpec:
+    method: str                                       # dino | mae | ijepa
+    recipe: str | None = None                         # default: the method's shipped recipe
+    overrides: list[str] = field(default_factory=list)
+    extra_data: list[str] = field(default_factory=list)   # other caches (never the scored images)
+
+
+@dataclass
+class Arm:
+    name: str
+    recipe: str
+    overrides: list[str] = field(default_factory=list)
+    init: str | None = None                           # a backbone file every fold starts from
+    pretrain: str | None = None                       # name of a PretrainSpec run per fold
+
+
+@dataclass
+class ArmsPlan:
+    arms: list[Arm]
+    reference: str = "baseline"
+    overrides: list[str] = field(default_factory=list)    # applied to every arm, before its own
+    pretrain: dict[str, PretrainSpec] = field(default_factory=dict)
+    protocol: str = "cv"
+    folds: int = 5
+    seeds: list[int] = field(default_factory=lambda: [0])
+    fold_seed: int = 0
+
+    def arm(self, name: str) -> Arm:
+        for a in self.arms:
+            if a.name == name:
+                return a
+        raise ValueError(f"no arm named {name!r}; the plan has {[a.name for a in self.arms]}")
+
+
+def load_plan(path: str | os.PathLike) -> ArmsPlan:
+    """Read an arms YAML file; every mistake is named with the file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path}: cannot read the arms file: {exc}") from exc
+    known = {f for f in ArmsPlan.__dataclass_fields__}
+    unknown = set(raw) - known
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
+    try:
+        arms = [Arm(**a) for a in raw.get("arms") or []]
+        pre = {k: PretrainSpec(**v) for k, v in (raw.get("pretrain") or {}).items()}
+    except TypeError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+    plan = ArmsPlan(arms=arms, pretrain=pre, **{k: v for k, v in raw.items() if k not in ("arms", "pretrain")})
+    names = [a.name for a in plan.arms]
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise ValueError(f"{path}: needs at least two arms with distinct names, got {names}")
+    if plan.reference not in names:
+        raise ValueError(f"{path}: reference arm {plan.reference!r} is not among the arms {names}")
+    for a in plan.arms:
+        if a.pretrain and a.pretrain not in plan.pretrain:
+            raise ValueError(f"{path}: arm {a.name!r} names pre-training {a.pretrain!r}, which is not defined "
+                             f"under 'pretrain:' ({sorted(plan.pretrain)})")
+        if a.pretrain and a.init:
+            raise ValueError(f"{path}: arm {a.name!r} has both 'init' and 'pretrain'; choose one")
+        if a.init and not Path(a.init).exists():
+            raise ValueError(f"{path}: arm {a.name!r}: init checkpoint {a.init} does not exist")
+        if "-seed" in a.name or "/" in a.name:
+            raise ValueError(f"{path}: arm name {a.name!r} may not contain '/' or '-seed'")
+    if not plan.seeds:
+        raise ValueError(f"{path}: 'seeds' is empty")
+    return plan
+
+
+def arm_config(plan: ArmsPlan, arm: Arm, seed: int):
+    from cxrvit.training.config import load_recipe
+
+    return load_recipe(arm.recipe, overrides=list(plan.overrides) + list(arm.overrides) + [f"engine.seed={seed}"])
+
+
+def arm_dir(out: Path, fold: int, arm: Arm, seed: int) -> Path:
+    return out / f"fold{fold}" / (arm.name if seed == 0 else f"{arm.name}-seed{seed}")
+
+
+# --------------------------------------------------------------------------- stages
+
+
+class StageLock:
+    """Refuse to run a stage that a live process already runs (two workers on one OUT)."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / ".running"
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            pid = int(self.path.read_text().strip() or 0)
+            if pid and _alive(pid):
+                raise RuntimeError(f"{self.path.parent}: process {pid} is running this stage; "
+                                   "give the other worker different --only arms") from None
+            self.path.unlink(missing_ok=True)   # left by a killed worker: take it over
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return self
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def run_pretrain_stage(plan: ArmsPlan, name: str, cache, train_rows: np.ndarray, heldout: np.ndarray,
+                       folder: Path, *, device=None, quiet: bool = False, log=print) -> Path:
+    """Pre-train on this fold's training images (+ extra caches); returns the backbone file."""
+    from cxrvit.data.cache import CXRCache
+    from cxrvit.ssl.config import load_pretrain_recipe
+    from cxrvit.ssl.pretrain import pretrain
+    from cxrvit.ssl.probe import ProbeSet
+    from cxrvit.data import splits
+
+    backbone = folder / "backbone.safetensors"
+    cost = folder / "cost.json"
+    if backbone.is_file() and cost.is_file():
+        return backbone
+    spec = plan.pretrain[name]
+    overrides = list(spec.overrides) + ([f"engine.device={device}"] if device else [])
+    cfg = load_pretrain_recipe(spec.recipe or spec.method, overrides, method=spec.method)
+    extra = [CXRCache(p) for p in spec.extra_data]
+    held_names = set(np.asarray(cache.index["image"])[heldout].astype(str)) if "image" in cache.index else set()
+    for path, c in zip(spec.extra_data, extra):
+        if "image" in c.index and held_names & set(c.index["image"].astype(str)):
+            raise ValueError(f"pre-training {name!r}: extra cache {path} holds images this fold scores; "
+                             "pre-training must never see them")
+    # The probe (monitoring only) trains and scores inside this fold's training patients.
+    p_train, p_val = splits.carve_validation(train_rows, cache.patient_ids, fraction=0.2, seed=cfg.engine.seed)
+    probe = ProbeSet(cache, np.asarray(p_train), np.asarray(p_val))
+    log(f"[arms] pre-training {name} ({spec.method}) in {folder}: {len(train_rows)} fold-training images"
+        + "".join(f" + {len(c)} from {p}" for p, c in zip(spec.extra_data, extra)))
+    start = time.time()
+    with StageLock(folder):
+        prior = json.loads(cost.read_text())["seconds"] if cost.is_file() else 0.0
+        result = pretrain(cfg, [cache] + extra, folder, rows=[train_rows] + [None] * len(extra), probe=probe,
+                          resume=True, quiet=quiet)
+        cost.write_text(json.dumps({"seconds": prior + time.time() - start, "steps": result.steps,
+                                    "images": int(len(train_rows) + sum(len(c) for c in extra))}))
+    return Path(result.backbone)
+
+
+def run_arm_fold(plan: ArmsPlan, arm: Arm, seed: int, cache, fold: int, train_rows, heldout, out: Path, *,
+                 device=None, progress: bool = True, train_fn=None, quiet: bool = False,
+                 log=print) -> FoldPredictions:
+    folder = arm_dir(out, fold, arm, seed)
+    cfg = arm_config(plan, arm, seed)
+    init = arm.init
+    if arm.pretrain:
+        init = str(run_pretrain_stage(plan, arm.pretrain, cache, train_rows, heldout,
+                                      out / f"fold{fold}" / f"pretrain-{arm.pretrain}", device=device,
+                                      quiet=quiet, log=log))
+    if (folder / "heldout.npz").is_file():
+        return run_fold(cfg, cache, train_rows, heldout, folder)
+    log(f"[arms] fold {fold} arm {arm.name} seed {seed}: train {len(train_rows)} images, held out {len(heldout)}")
+    with StageLock(folder):
+        return run_fold(cfg, cache, train_rows, heldout, folder, device=device, progress=progress,
+                        train_fn=train_fn, init=init)
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+
+def run_arms(plan: ArmsPlan, data, out, *, only=None, device=None, progress: bool = True, cache=None,
+             n_resamples: int | None = None, command: str = "", train_fn=None, log=print):
+    """Run (or resume) every stage this invocation owns, then score if every arm is complete.
+
+    Returns the :class:`~cxrvit.evaluation.arms_table.ArmsResult`, or ``None`` when stages of
+    arms outside ``only`` are still missing (another worker's).
+    """
+    from cxrvit.data.cache import CXRCache
+    from cxrvit.evaluation.arms_table import score_arms
+
+    started = time.time()
+    out = Path(out)
+    cache = cache if cache is not None else CXRCache(data)
+    if not cache.meta.get("labelled", True):
+        raise ValueError(f"{data}: an unlabelled cache cannot score arms")
+    protocol = choose_protocol(cache, plan.protocol)
+    folds = plan_folds(cache, protocol, plan.folds, plan.fold_seed)
+    _check_plan_file(plan, out)
+    mine = [plan.arm(n) for n in only] if only else plan.arms
+    for f, (train_rows, heldout) in enumerate(folds):
+        for seed in plan.seeds:
+            for arm in mine:
+                run_arm_fold(plan, arm, seed, cache, f, train_rows, heldout, out, device=device,
+                             progress=progress, train_fn=train_fn, quiet=not progress, log=log)
+    results, missing = {}, []
+    for arm in plan.arms:
+        for seed in plan.seeds:
+            for f, (_, heldout) in enumerate(folds):
+                path = arm_dir(out, f, arm, seed) / "heldout.npz"
+                if not path.is_file():
+                    missing.append(str(path))
+                    continue
+                fold, chash = load_fold(path)
+                if chash != config_hash(arm_config(plan, arm, seed)) or not np.array_equal(fold.rows, heldout):
+                    raise ValueError(f"{path}: made with a different config or fold; use a new OUT folder")
+                results.setdefault(arm.name, {}).setdefault(seed, []).append(fold)
+    if missing:
+        log(f"[arms] {len(missing)} fold predictions still missing (other workers'?), e.g. {missing[0]}; "
+            "rerun to score when they exist")
+        return None
+    info = {"protocol": protocol, "folds": len(folds), "seeds": list(plan.seeds), "data": str(data),
+            "cache_size": int(cache.size), "overrides": list(plan.overrides), "machine": machine_description(device),
+            "commit": git_commit(), "command": command or "(library call)", "wall_seconds": time.time() - started,
+            "pretrain_seconds": _pretrain_seconds(out, plan, len(folds))}
+    result = score_arms(plan, cache, results, folds, out, info, n_resamples=n_resamples)
+    (out / "results.md").write_text(result.markdown())
+    (out / "results.json").write_text(json.dumps(result.to_json(), indent=2))
+    return result
+
+
+def _pretrain_seconds(out: Path, plan: ArmsPlan, n_folds: int) -> dict[str, float]:
+    total = {}
+    for name in plan.pretrain:
+        for f in range(n_folds):
+            cost = out / f"fold{f}" / f"pretrain-{name}" / "cost.json"
+            if cost.is_file():
+                total[name] = total.get(name, 0.0) + json.loads(cost.read_text())["seconds"]
+    return total
+
+
+def _check_plan_file(plan: ArmsPlan, out: Path) -> None:
+    """Arms can be added to a finished benchmark; the shared settings cannot change under it."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / PLAN_FILE
+    now = asdict(plan)
+    if path.is_file():
+        before = yaml.safe_load(path.read_text()) or {}
+        for key in ("protocol", "folds", "fold_seed", "overrides", "reference"):
+            if before.get(key) != now[key]:
+                raise ValueError(f"{path}: this OUT was made with {key}={before.get(key)!r}, the plan now says "
+                                 f"{now[key]!r}; use a new OUT folder")
+        old_arms = {a["name"]: a for a in before.get("arms", [])}
+        for a in now["arms"]:
+            if a["name"] in old_arms and old_arms[a["name"]] != a:
+                raise ValueError(f"{path}: arm {a['name']!r} changed since it was run; give it a new name")
+        merged = {a["name"]: a for a in before.get("arms", [])} | {a["name"]: a for a in now["arms"]}
+        now = now | {"arms": list(merged.values()),
+                     "pretrain": (before.get("pretrain") or {}) | now["pretrain"],
+                     "seeds": sorted(set(before.get("seeds", [])) | set(now["seeds"]))}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(now, sort_keys=False))
+    os.replace(tmp, path)

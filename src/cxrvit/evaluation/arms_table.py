@@ -1,0 +1,142 @@
+"""Scoring for ``cxrvit bench arms``: pool folds, stack seeds, one table with paired CIs.
+
+Kept apart from the runner (``arms.py``) so the table can be rebuilt from the saved held-out
+predictions alone, without a model or a training engine.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cxrvit.evaluation.bootstrap import DEFAULT_RESAMPLES
+from cxrvit.evaluation.compare import Comparison, paired_compare
+from cxrvit.evaluation.crossval import FoldPredictions, pool
+from cxrvit.evaluation.evaluate import EvalResult, score_predictions
+from cxrvit.labels import SCORED_TARGETS
+from cxrvit.training.runlog import METRICS, read_metrics
+
+
+@dataclass
+class ArmsResult:
+    arms: list[str]
+    reference: str
+    scores: dict[str, EvalResult]
+    comparisons: dict[str, Comparison]          # arm -> (arm − reference)
+    cost_minutes: dict[str, dict[str, float]]   # arm -> {"train": min, "pretrain": min}
+    learning: dict[str, dict]                   # arm -> best/last epoch and late slope of validation AUROC
+    info: dict = field(default_factory=dict)
+
+    def markdown(self) -> str:
+        i = self.info
+        ref = self.reference
+        what = (f"{i['folds']}-fold patient-wise cross-validation, pooled out-of-fold predictions"
+                if i["protocol"] == "cv" else "NIH official split (train_val -> train/val, test_list -> test)")
+        targets = [t for t in SCORED_TARGETS if t in self.scores[ref].targets]
+        lines = [
+            f"### Arms on {what}; seeds {i['seeds']} stacked",
+            "",
+            f"- data: `{i['data']}` ({self.scores[ref].n_images} scored predictions = images × seeds, "
+            f"{self.scores[ref].n_patients} patients, cache {i['cache_size']} px); common overrides: "
+            f"`{' '.join(i['overrides']) or 'none'}`",
+            f"- machine: {i['machine']}; commit `{i['commit']}`",
+            f"- command: `{i['command']}`",
+            "",
+            f"| arm | mean F1 [95% CI] | Δ mean F1 vs {ref} [paired 95% CI] | mean AUROC [95% CI] | "
+            f"Δ mean AUROC [paired 95% CI] | "
+            + " | ".join(f"F1 / AUROC {t}" for t in targets)
+            + " | val AUROC best@epoch (last) | cost min (pretrain + train) |",
+            "| --- | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in targets) + " | ---: | ---: |",
+        ]
+        for arm in self.arms:
+            s = self.scores[arm]
+            h = s.headline
+            c = self.comparisons.get(arm)
+            d_f1 = c.diff_f1["mean"].fmt(signed=True) if c else "—"
+            d_au = c.diff_auroc["mean"].fmt(signed=True) if c else "—"
+            per = " | ".join(f"{s.targets[t]['f1']:.3f} / {_f(s.targets[t]['auroc'])}" for t in targets)
+            lr = self.learning.get(arm, {})
+            learn = (f"{lr['best']:.3f}@{lr['best_epoch']} ({lr['last']:.3f})" if lr else "n/a")
+            cost = self.cost_minutes[arm]
+            lines.append(f"| {arm} | {h['mean_f1_scored'].fmt()} | {d_f1} | {h['mean_auroc_scored'].fmt()} | {d_au} | "
+                         f"{per} | {learn} | {cost['pretrain']:.0f} + {cost['train']:.0f} |")
+        triv = self.scores[ref].headline["mean_trivial_f1_scored"].value
+        lines += ["", f"Trivial all-positive mean F1: {triv:.3f} ("
+                  + ", ".join(f"{t} {self.scores[ref].targets[t]['trivial_f1']:.3f}" for t in targets) + "). "
+                  "F1 at each fold's validation-tuned thresholds; CIs are patient-bootstrap percentiles "
+                  f"({self.scores[ref].bootstrap['resamples']} resamples); Δ = arm − {ref}, paired on the same "
+                  "patients. Validation AUROC: mean over folds/seeds of the scored-target mean per epoch."]
+        return "\n".join(lines) + "\n"
+
+    def to_json(self) -> dict:
+        return {"info": self.info, "reference": self.reference, "arms": self.arms,
+                "scores": {a: s.to_json() for a, s in self.scores.items()},
+                "vs_reference": {a: c.to_json() for a, c in self.comparisons.items()},
+                "cost_minutes": self.cost_minutes, "learning": self.learning}
+
+
+def _f(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.3f}"
+
+
+def stack_seeds(per_seed: dict[int, list[FoldPredictions]], labels: list[str]):
+    """Pool each seed's folds, then stack seeds in seed order: rows, probs, thresholds."""
+    pooled = [pool(per_seed[s], labels) for s in sorted(per_seed)]
+    return (np.concatenate([p[0] for p in pooled]), np.concatenate([p[1] for p in pooled]),
+            np.concatenate([p[2] for p in pooled]))
+
+
+def learning_summary(run_dirs: list[Path]) -> dict:
+    """Mean-over-runs validation score per epoch: where it peaked and where it ended."""
+    curves = []
+    for d in run_dirs:
+        path = d / "run" / METRICS
+        if not path.is_file():
+            continue
+        val = [r for r in read_metrics(path) if r.get("kind") == "val" and "score" in r]
+        if val:
+            curves.append([float(r["score"]) for r in val])
+    if not curves:
+        return {}
+    n = min(len(c) for c in curves)
+    mean = np.mean([c[:n] for c in curves], axis=0)
+    best = int(np.argmax(mean))
+    return {"epochs": n, "best": float(mean[best]), "best_epoch": best + 1, "last": float(mean[-1]),
+            "curve": [round(float(v), 4) for v in mean]}
+
+
+def score_arms(plan, cache, results: dict[str, dict[int, list[FoldPredictions]]], folds, out: Path, info: dict,
+               n_resamples: int | None = None) -> ArmsResult:
+    from cxrvit.evaluation.arms import arm_dir
+
+    n_resamples = n_resamples or DEFAULT_RESAMPLES
+    names = [a.name for a in plan.arms]
+    first = results[names[0]][plan.seeds[0]][0]
+    labels = [n for n in first.labels
+              if all(n in fp.labels for a in names for s in plan.seeds for fp in results[a][s])]
+    stacked = {a: stack_seeds({s: results[a][s] for s in plan.seeds}, labels) for a in names}
+    rows = stacked[plan.reference][0]
+    for a in names:
+        if not np.array_equal(stacked[a][0], rows):
+            raise ValueError(f"arm {a} was scored on different images than {plan.reference}")
+    y = cache.labels(labels)[rows].astype(np.float64)
+    pids = np.asarray(cache.patient_ids)[rows]
+    provenance = {"split": "validation carve-out of each fold's training patients", "verified": True,
+                  "in_sample": False, "tuning_images": None, "overlap_images": 0}
+    split = "pooled out-of-fold" if info["protocol"] == "cv" else "official test"
+    scores = {a: score_predictions(y, stacked[a][1], stacked[a][2], pids, labels, provenance=provenance, split=split,
+                                   n_resamples=n_resamples, info={"arm": a})
+              for a in names}
+    ref = stacked[plan.reference]
+    comparisons = {a: paired_compare(y, ref[1], ref[2], stacked[a][1], stacked[a][2], pids, labels,
+                                     names=(plan.reference, a), n_resamples=n_resamples)
+                   for a in names if a != plan.reference}
+    pre = info.get("pretrain_seconds", {})
+    cost, learning = {}, {}
+    for arm in plan.arms:
+        train_s = sum(fp.seconds for s in plan.seeds for fp in results[arm.name][s])
+        cost[arm.name] = {"train": train_s / 60, "pretrain": pre.get(arm.pretrain, 0.0) / 60 if arm.pretrain else 0.0}
+        learning[arm.name] = learning_summary([arm_dir(out, f, arm, s) for f in range(len(folds))
+                                               for s in plan.seeds])
+    return ArmsResult(names, plan.reference, scores, comparisons, cost, learning, info)

@@ -1,0 +1,163 @@
+"""`cxrvit bench arms`: N arms on the same folds and seeds, per-fold pre-training, stacking, resume."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from cxrvit.data.preprocess import Preprocessing
+from cxrvit.evaluation import metrics as M
+from cxrvit.evaluation.arms import load_plan, run_arms
+from cxrvit.evaluation.evaluate import predict_rows
+from cxrvit.inference.bundle import Bundle, save_bundle
+from evalfakes import FakeCache, tiny_model
+
+TINY = ["model.arch=vit_tiny", "model.img_size=32", "schedule.epochs=1", "schedule.batch_size=16",
+        "engine.checkpoint_every=0"]
+QUIET = dict(progress=False, n_resamples=30, log=lambda _m: None)
+
+
+class RecordingTrain:
+    """Stands in for training.engine.train; writes a real bundle tuned on its validation rows."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, cfg, cache, train_rows, val_rows, out_dir, device=None, resume=False, progress=True,
+                 init=None):
+        self.calls.append({"dir": str(out_dir), "seed": cfg.engine.seed, "init": init,
+                           "fit": np.array(train_rows), "val": np.array(val_rows)})
+        labels = list(cfg.data.labels)
+        model = tiny_model(len(labels), seed=cfg.engine.seed % 2)
+        bundle = Bundle(model=model, labels=labels, thresholds={}, preprocessing=Preprocessing(size=32),
+                        arch="vit_tiny")
+        thr = M.tune_thresholds(cache.labels(labels)[val_rows], predict_rows(bundle, cache, val_rows))
+        return save_bundle(out_dir, model, labels, dict(zip(labels, thr.tolist())), Preprocessing(size=32),
+                           arch="vit_tiny", threshold_source={
+                               "split": "val", "images": cache.index["image"].to_numpy()[val_rows].tolist()})
+
+
+def write_plan(path: Path, **extra) -> Path:
+    plan = {"reference": "baseline", "protocol": "cv", "folds": 2, "seeds": [0, 1], "overrides": TINY,
+            "arms": [{"name": "baseline", "recipe": "baseline"}, {"name": "improved", "recipe": "improved"},
+                     {"name": "low-lr", "recipe": "baseline", "overrides": ["optim.lr=1e-5"]}]}
+    plan.update(extra)
+    path.write_text(yaml.safe_dump(plan))
+    return path
+
+
+def _patients(cache, rows):
+    return set(np.asarray(cache.patient_ids)[rows].astype(str))
+
+
+def test_arms_share_folds_and_seeds_stack_and_resume(tmp_path):
+    cache = FakeCache(n_patients=16, seed=3)
+    plan = load_plan(write_plan(tmp_path / "arms.yaml"))
+    fake = RecordingTrain()
+    res = run_arms(plan, "C", tmp_path / "b", cache=cache, train_fn=fake, **QUIET)
+    assert len(fake.calls) == 3 * 2 * 2                       # arms x folds x seeds
+    assert sorted({c["seed"] for c in fake.calls}) == [0, 1]
+    # every arm trained on the same fit/val rows of a fold, whatever its seed
+    by_fold = {}
+    for c in fake.calls:
+        fold = Path(c["dir"]).parent.parent.name
+        by_fold.setdefault(fold, set()).add((tuple(c["fit"]), tuple(c["val"])))
+    assert all(len(v) == 1 for v in by_fold.values()) and len(by_fold) == 2
+    # seeds are stacked: each image is scored once per seed, patients are the bootstrap unit
+    for arm in ("baseline", "improved", "low-lr"):
+        assert res.scores[arm].n_images == 2 * len(cache)
+        assert res.scores[arm].n_patients == len(set(cache.patient_ids))
+    assert set(res.comparisons) == {"improved", "low-lr"}
+    assert res.comparisons["improved"].names == ("baseline", "improved")
+    md = (tmp_path / "b" / "results.md").read_text()
+    assert "| low-lr |" in md and "Trivial all-positive mean F1" in md
+    saved = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert saved["vs_reference"]["improved"]["a"] == "baseline"
+    assert (tmp_path / "b" / "fold1" / "improved-seed1" / "heldout.npz").is_file()
+
+    again = run_arms(plan, "C", tmp_path / "b", cache=cache, train_fn=fake, **QUIET)
+    assert len(fake.calls) == 12                                # resumed: nothing retrained
+    assert again.comparisons["improved"].diff_f1["mean"] == res.comparisons["improved"].diff_f1["mean"]
+
+
+def test_only_runs_a_subset_and_scores_when_complete(tmp_path):
+    cache = FakeCache(n_patients=12, seed=4)
+    plan = load_plan(write_plan(tmp_path / "arms.yaml", seeds=[0]))
+    fake = RecordingTrain()
+    assert run_arms(plan, "C", tmp_path / "b", only=["improved"], cache=cache, train_fn=fake, **QUIET) is None
+    assert len(fake.calls) == 2
+    res = run_arms(plan, "C", tmp_path / "b", only=["baseline", "low-lr"], cache=cache, train_fn=fake, **QUIET)
+    assert len(fake.calls) == 6 and res is not None
+
+
+def test_changed_shared_settings_or_arm_are_refused(tmp_path):
+    cache = FakeCache(n_patients=12, seed=5)
+    fake = RecordingTrain()
+    run_arms(load_plan(write_plan(tmp_path / "a.yaml", seeds=[0])), "C", tmp_path / "b", cache=cache,
+             train_fn=fake, **QUIET)
+    with pytest.raises(ValueError, match="overrides"):
+        run_arms(load_plan(write_plan(tmp_path / "a.yaml", seeds=[0], overrides=TINY + ["optim.lr=1e-3"])), "C",
+                 tmp_path / "b", cache=cache, train_fn=fake, **QUIET)
+    changed = write_plan(tmp_path / "a.yaml", seeds=[0], arms=[
+        {"name": "baseline", "recipe": "baseline"}, {"name": "improved", "recipe": "baseline"}])
+    with pytest.raises(ValueError, match="arm 'improved' changed"):
+        run_arms(load_plan(changed), "C", tmp_path / "b", cache=cache, train_fn=fake, **QUIET)
+
+
+def test_pretraining_runs_per_fold_on_training_images_only(tmp_path, monkeypatch):
+    import cxrvit.ssl.pretrain as pretrain_mod
+
+    cache = FakeCache(n_patients=12, seed=6)
+    seen = []
+
+    class Result:
+        def __init__(self, out):
+            self.backbone, self.steps = out / "backbone.safetensors", 3
+
+    def fake_pretrain(cfg, caches, out_dir, rows=None, probe=None, resume=True, quiet=False):
+        seen.append((Path(out_dir).parent.name, np.array(rows[0]), cfg.schedule.epochs))
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "backbone.safetensors").write_bytes(b"weights")
+        return Result(Path(out_dir))
+
+    monkeypatch.setattr(pretrain_mod, "pretrain", fake_pretrain)
+    path = write_plan(tmp_path / "arms.yaml", seeds=[0], pretrain={"mae": {"method": "mae",
+                                                                            "overrides": ["schedule.epochs=3"]}},
+                      arms=[{"name": "baseline", "recipe": "baseline"},
+                            {"name": "mae+improved", "recipe": "improved", "pretrain": "mae"}])
+    fake = RecordingTrain()
+    res = run_arms(load_plan(path), "C", tmp_path / "b", cache=cache, train_fn=fake, **QUIET)
+    assert [s[0] for s in seen] == ["fold0", "fold1"] and all(s[2] == 3 for s in seen)
+    folds = res.info["folds"]
+    assert folds == 2
+    for fold_name, pre_rows, _ in seen:
+        f = int(fold_name[-1])
+        call = next(c for c in fake.calls if f"fold{f}/mae+improved" in c["dir"])
+        assert call["init"].endswith(f"fold{f}/pretrain-mae/backbone.safetensors")
+        # the pre-training images are this fold's training images: never the ones it scores
+        assert set(pre_rows) == set(call["fit"]) | set(call["val"])
+        held = np.load(tmp_path / "b" / f"fold{f}" / "mae+improved" / "heldout.npz")["rows"]
+        assert not _patients(cache, pre_rows) & _patients(cache, held)
+    assert res.cost_minutes["mae+improved"]["pretrain"] >= 0.0
+    run_arms(load_plan(path), "C", tmp_path / "b", cache=cache, train_fn=fake, **QUIET)
+    assert len(seen) == 2                                       # pre-training is reused, not rerun
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"arms": [{"name": "baseline", "recipe": "baseline"}]}, "at least two arms"),
+    ({"arms": [{"name": "a", "recipe": "baseline"}, {"name": "b", "recipe": "improved"}]}, "reference arm"),
+    ({"arms": [{"name": "baseline", "recipe": "baseline"}, {"name": "x", "recipe": "improved", "pretrain": "dino"}]},
+     "not defined"),
+    ({"arms": [{"name": "baseline", "recipe": "baseline"}, {"name": "x", "recipe": "improved", "init": "/nope.pt"}]},
+     "does not exist"),
+    ({"arms": [{"name": "baseline", "recipe": "baseline", "colour": 1}, {"name": "x", "recipe": "improved"}]},
+     "colour"),
+    ({"epochs": 3, "arms": []}, "unknown keys"),
+])
+def test_bad_arms_files_name_the_file_and_the_problem(tmp_path, body, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(body))
+    with pytest.raises(ValueError, match=message) as exc:
+        load_plan(path)
+    assert str(path) in str(exc.value)
