@@ -161,3 +161,31 @@ def test_bad_arms_files_name_the_file_and_the_problem(tmp_path, body, message):
     with pytest.raises(ValueError, match=message) as exc:
         load_plan(path)
     assert str(path) in str(exc.value)
+
+
+def test_one_flag_starts_every_plain_arm_from_a_checkpoint(tmp_path):
+    from cxrvit.evaluation.arms import with_default_init
+
+    ckpt = tmp_path / "dino_deitsmall16_pretrain.pth"
+    ckpt.write_bytes(b"x")
+    path = write_plan(tmp_path / "arms.yaml", pretrain={"mae": {"method": "mae"}},
+                      arms=[{"name": "baseline", "recipe": "baseline"},
+                            {"name": "mae+improved", "recipe": "improved", "pretrain": "mae"}])
+    plan = with_default_init(load_plan(path), str(ckpt))
+    assert plan.arm("baseline").init == str(ckpt)
+    assert plan.arm("mae+improved").init is None and plan.arm("mae+improved").pretrain == "mae"
+    with pytest.raises(ValueError, match="no such file"):
+        with_default_init(load_plan(path), str(tmp_path / "absent.pth"))
+
+
+def test_a_changed_pretraining_recipe_is_refused(tmp_path):
+    cache = FakeCache(n_patients=12, seed=7)
+    fake = RecordingTrain()
+    arms = [{"name": "baseline", "recipe": "baseline"}, {"name": "improved", "recipe": "improved"}]
+    run_arms(load_plan(write_plan(tmp_path / "a.yaml", seeds=[0], arms=arms,
+                                  pretrain={"mae": {"method": "mae", "overrides": ["schedule.epochs=3"]}})),
+             "C", tmp_path / "b", cache=cache, train_fn=fake, **QUIET)
+    with pytest.raises(ValueError, match="pre-training 'mae' changed"):
+        run_arms(load_plan(write_plan(tmp_path / "a.yaml", seeds=[0], arms=arms,
+                                      pretrain={"mae": {"method": "mae", "overrides": ["schedule.epochs=4"]}})),
+                 "C", tmp_path / "b", cache=cache, train_fn=fake, **QUIET)

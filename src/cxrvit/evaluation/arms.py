@@ -221,6 +221,17 @@ def run_arm_fold(plan: ArmsPlan, arm: Arm, seed: int, cache, fold: int, train_ro
 # --------------------------------------------------------------------------- the benchmark
 
 
+def with_default_init(plan: ArmsPlan, init: str | None) -> ArmsPlan:
+    """Every arm without its own ``init`` or ``pretrain`` starts from ``init`` (e.g. DINO's published
+    ImageNet ViT-S/16, ``dino_deitsmall16_pretrain.pth``, which cxrvit cannot download for you)."""
+    if not init:
+        return plan
+    if not Path(init).exists():
+        raise ValueError(f"--init {init}: no such file")
+    arms = [a if (a.init or a.pretrain) else Arm(**{**asdict(a), "init": str(init)}) for a in plan.arms]
+    return ArmsPlan(**{**asdict(plan), "arms": arms, "pretrain": plan.pretrain})
+
+
 def run_arms(plan: ArmsPlan, data, out, *, only=None, device=None, progress: bool = True, cache=None,
              n_resamples: int | None = None, command: str = "", train_fn=None, log=print):
     """Run (or resume) every stage this invocation owns, then score if every arm is complete.
@@ -292,6 +303,10 @@ def _check_plan_file(plan: ArmsPlan, out: Path) -> None:
             if before.get(key) != now[key]:
                 raise ValueError(f"{path}: this OUT was made with {key}={before.get(key)!r}, the plan now says "
                                  f"{now[key]!r}; use a new OUT folder")
+        for name, spec in now["pretrain"].items():
+            old = (before.get("pretrain") or {}).get(name)
+            if old is not None and old != spec:
+                raise ValueError(f"{path}: pre-training {name!r} changed since it was run; give it a new name")
         old_arms = {a["name"]: a for a in before.get("arms", [])}
         for a in now["arms"]:
             if a["name"] in old_arms and old_arms[a["name"]] != a:

@@ -62,6 +62,9 @@ def register(subparsers) -> None:
                    help="run only these arms (a second worker can run others on the same --out at the same time)")
     p.add_argument("--bootstrap", type=int, default=DEFAULT_RESAMPLES, help="bootstrap resamples")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the recipes' engine.device)")
+    p.add_argument("--init", metavar="CKPT",
+                   help="backbone every arm without its own init/pretrain starts from (e.g. DINO's "
+                        "dino_deitsmall16_pretrain.pth); use a new --out for it")
     p.add_argument("--append-to", metavar="MD", help="also append the results section to this Markdown file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_bench_arms)
@@ -143,11 +146,11 @@ def cmd_bench_recipes(args) -> int:
 
 
 def cmd_bench_arms(args) -> int:
-    from cxrvit.evaluation.arms import load_plan, run_arms
+    from cxrvit.evaluation.arms import load_plan, run_arms, with_default_init
 
     command = "cxrvit " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""
     try:
-        plan = load_plan(args.plan)
+        plan = with_default_init(load_plan(args.plan), args.init)
         result = run_arms(plan, args.data, args.out, only=args.only, device=args.device, progress=not args.quiet,
                           n_resamples=args.bootstrap, command=command,
                           log=lambda m: print(m, file=sys.stderr, flush=True))
