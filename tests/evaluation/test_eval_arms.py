@@ -189,3 +189,21 @@ def test_a_changed_pretraining_recipe_is_refused(tmp_path):
         run_arms(load_plan(write_plan(tmp_path / "a.yaml", seeds=[0], arms=arms,
                                       pretrain={"mae": {"method": "mae", "overrides": ["schedule.epochs=4"]}})),
                  "C", tmp_path / "b", cache=cache, train_fn=fake, **QUIET)
+
+
+def test_run_folds_scores_a_patient_wise_hold_out_and_reuses_it_later(tmp_path):
+    cache = FakeCache(n_patients=14, seed=8)
+    fake = RecordingTrain()
+    arms = [{"name": "baseline", "recipe": "baseline"}, {"name": "improved", "recipe": "improved"}]
+    half = run_arms(load_plan(write_plan(tmp_path / "a.yaml", seeds=[0], arms=arms, run_folds=[0])), "C",
+                    tmp_path / "b", cache=cache, train_fn=fake, **QUIET)
+    assert len(fake.calls) == 2 and half.info["scored_folds"] == [0]
+    held = np.load(tmp_path / "b" / "fold0" / "baseline" / "heldout.npz")["rows"]
+    assert half.scores["baseline"].n_images == len(held) < len(cache)
+    assert "hold-out" in (tmp_path / "b" / "results.md").read_text()
+    full = run_arms(load_plan(write_plan(tmp_path / "a.yaml", seeds=[0], arms=arms)), "C", tmp_path / "b",
+                    cache=cache, train_fn=fake, **QUIET)
+    assert len(fake.calls) == 4 and full.scores["baseline"].n_images == len(cache)   # fold 0 reused
+    with pytest.raises(ValueError, match="run_folds"):
+        run_arms(load_plan(write_plan(tmp_path / "a.yaml", seeds=[0], arms=arms, run_folds=[2])), "C",
+                 tmp_path / "b", cache=cache, train_fn=fake, **QUIET)

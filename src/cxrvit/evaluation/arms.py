@@ -70,6 +70,9 @@ class ArmsPlan:
     folds: int = 5
     seeds: list[int] = field(default_factory=lambda: [0])
     fold_seed: int = 0
+    # Run and score only these folds of the k-fold plan (default: all). [0] with folds: 2 is a
+    # patient-wise 50/50 hold-out; the other folds can be added later into the same OUT.
+    run_folds: list[int] | None = None
 
     def arm(self, name: str) -> Arm:
         for a in self.arms:
@@ -248,10 +251,14 @@ def run_arms(plan: ArmsPlan, data, out, *, only=None, device=None, progress: boo
     if not cache.meta.get("labelled", True):
         raise ValueError(f"{data}: an unlabelled cache cannot score arms")
     protocol = choose_protocol(cache, plan.protocol)
-    folds = plan_folds(cache, protocol, plan.folds, plan.fold_seed)
+    all_folds = plan_folds(cache, protocol, plan.folds, plan.fold_seed)
+    indices = list(range(len(all_folds))) if plan.run_folds is None else list(plan.run_folds)
+    if not indices or any(not 0 <= i < len(all_folds) for i in indices) or len(set(indices)) != len(indices):
+        raise ValueError(f"run_folds {plan.run_folds} must be distinct fold numbers in 0..{len(all_folds) - 1}")
+    folds = {i: all_folds[i] for i in indices}
     _check_plan_file(plan, out)
     mine = [plan.arm(n) for n in only] if only else plan.arms
-    for f, (train_rows, heldout) in enumerate(folds):
+    for f, (train_rows, heldout) in folds.items():
         for seed in plan.seeds:
             for arm in mine:
                 run_arm_fold(plan, arm, seed, cache, f, train_rows, heldout, out, device=device,
@@ -259,7 +266,7 @@ def run_arms(plan: ArmsPlan, data, out, *, only=None, device=None, progress: boo
     results, missing = {}, []
     for arm in plan.arms:
         for seed in plan.seeds:
-            for f, (_, heldout) in enumerate(folds):
+            for f, (_, heldout) in folds.items():
                 path = arm_dir(out, f, arm, seed) / "heldout.npz"
                 if not path.is_file():
                     missing.append(str(path))
@@ -272,20 +279,21 @@ def run_arms(plan: ArmsPlan, data, out, *, only=None, device=None, progress: boo
         log(f"[arms] {len(missing)} fold predictions still missing (other workers'?), e.g. {missing[0]}; "
             "rerun to score when they exist")
         return None
-    info = {"protocol": protocol, "folds": len(folds), "seeds": list(plan.seeds), "data": str(data),
+    info = {"protocol": protocol, "folds": len(all_folds), "scored_folds": indices, "seeds": list(plan.seeds),
+            "data": str(data),
             "cache_size": int(cache.size), "overrides": list(plan.overrides), "machine": machine_description(device),
             "commit": git_commit(), "command": command or "(library call)", "wall_seconds": time.time() - started,
-            "pretrain_seconds": _pretrain_seconds(out, plan, len(folds))}
-    result = score_arms(plan, cache, results, folds, out, info, n_resamples=n_resamples)
+            "pretrain_seconds": _pretrain_seconds(out, plan, indices)}
+    result = score_arms(plan, cache, results, indices, out, info, n_resamples=n_resamples)
     (out / "results.md").write_text(result.markdown())
     (out / "results.json").write_text(json.dumps(result.to_json(), indent=2))
     return result
 
 
-def _pretrain_seconds(out: Path, plan: ArmsPlan, n_folds: int) -> dict[str, float]:
+def _pretrain_seconds(out: Path, plan: ArmsPlan, fold_indices: list[int]) -> dict[str, float]:
     total = {}
     for name in plan.pretrain:
-        for f in range(n_folds):
+        for f in fold_indices:
             cost = out / f"fold{f}" / f"pretrain-{name}" / "cost.json"
             if cost.is_file():
                 total[name] = total.get(name, 0.0) + json.loads(cost.read_text())["seconds"]

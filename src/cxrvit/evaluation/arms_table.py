@@ -31,8 +31,13 @@ class ArmsResult:
     def markdown(self) -> str:
         i = self.info
         ref = self.reference
-        what = (f"{i['folds']}-fold patient-wise cross-validation, pooled out-of-fold predictions"
-                if i["protocol"] == "cv" else "NIH official split (train_val -> train/val, test_list -> test)")
+        if i["protocol"] != "cv":
+            what = "NIH official split (train_val -> train/val, test_list -> test)"
+        elif len(i["scored_folds"]) == i["folds"]:
+            what = f"{i['folds']}-fold patient-wise cross-validation, pooled out-of-fold predictions"
+        else:
+            what = (f"a patient-wise hold-out: fold(s) {i['scored_folds']} of a {i['folds']}-fold plan scored, "
+                    "each by models trained (and pre-trained) on the other folds only")
         targets = [t for t in SCORED_TARGETS if t in self.scores[ref].targets]
         lines = [
             f"### Arms on {what}; seeds {i['seeds']} stacked",
@@ -106,7 +111,7 @@ def learning_summary(run_dirs: list[Path]) -> dict:
             "curve": [round(float(v), 4) for v in mean]}
 
 
-def score_arms(plan, cache, results: dict[str, dict[int, list[FoldPredictions]]], folds, out: Path, info: dict,
+def score_arms(plan, cache, results: dict[str, dict[int, list[FoldPredictions]]], fold_indices, out: Path, info: dict,
                n_resamples: int | None = None) -> ArmsResult:
     from cxrvit.evaluation.arms import arm_dir
 
@@ -124,7 +129,8 @@ def score_arms(plan, cache, results: dict[str, dict[int, list[FoldPredictions]]]
     pids = np.asarray(cache.patient_ids)[rows]
     provenance = {"split": "validation carve-out of each fold's training patients", "verified": True,
                   "in_sample": False, "tuning_images": None, "overlap_images": 0}
-    split = "pooled out-of-fold" if info["protocol"] == "cv" else "official test"
+    split = ("official test" if info["protocol"] != "cv" else "pooled out-of-fold"
+             if len(fold_indices) == info["folds"] else "patient-wise hold-out")
     scores = {a: score_predictions(y, stacked[a][1], stacked[a][2], pids, labels, provenance=provenance, split=split,
                                    n_resamples=n_resamples, info={"arm": a})
               for a in names}
@@ -137,6 +143,6 @@ def score_arms(plan, cache, results: dict[str, dict[int, list[FoldPredictions]]]
     for arm in plan.arms:
         train_s = sum(fp.seconds for s in plan.seeds for fp in results[arm.name][s])
         cost[arm.name] = {"train": train_s / 60, "pretrain": pre.get(arm.pretrain, 0.0) / 60 if arm.pretrain else 0.0}
-        learning[arm.name] = learning_summary([arm_dir(out, f, arm, s) for f in range(len(folds))
+        learning[arm.name] = learning_summary([arm_dir(out, f, arm, s) for f in fold_indices
                                                for s in plan.seeds])
     return ArmsResult(names, plan.reference, scores, comparisons, cost, learning, info)
