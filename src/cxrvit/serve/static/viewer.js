@@ -184,7 +184,8 @@ $("dl-png").addEventListener("click", () => {
   save(`${stem()}-${what.replace(/[^A-Za-z0-9_-]/g, "_")}.png`, canvas.toDataURL("image/png"));
 });
 
-for (const id of ["method", "target", "opacity", "show-overlay"]) $(id).addEventListener("input", updateOverlay);
+for (const id of ["method", "target", "opacity", "show-overlay"])
+  for (const kind of ["input", "change"]) $(id).addEventListener(kind, updateOverlay);
 for (const radio of document.querySelectorAll('input[name="form"]')) radio.addEventListener("change", renderReport);
 
 $("file").addEventListener("change", (e) => { if (e.target.files.length) upload(e.target.files[0]); });
