@@ -4,6 +4,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from cxrvit.labels import DEFAULT_LABELS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,12 +24,15 @@ def real_dicoms(tmp: Path) -> dict[str, Path]:
 
     The real files of ../shared/data/dicom when present (the CXR is then the JPEG-Baseline CR);
     otherwise DICOMs built from the real NIH pixels of tests/fixtures/dicom/cxr64.png.
+    ``real`` says which.
     """
     if (SHARED_DICOM / "siim-cr-chest-pa-jpeg-baseline.dcm").is_file():
         out = {"cxr": SHARED_DICOM / "siim-cr-chest-pa-jpeg-baseline.dcm",
                "not_cxr": SHARED_DICOM / "not-a-cxr-ot.dcm", "real": True}
     else:
-        out = {"cxr": factory.make_dicom(tmp / "cxr.dcm", modality="CR"),
+        # upscaled to 512 px so that it is not flagged low-resolution, like the real file
+        big = np.asarray(Image.fromarray(factory.real_pixels()).resize((512, 512), Image.BILINEAR))
+        out = {"cxr": factory.make_dicom(tmp / "cxr.dcm", big, modality="CR"),
                "not_cxr": factory.make_dicom(tmp / "ot.dcm", modality="OT", body_part=None, view=None),
                "real": False}
     data = out["cxr"].read_bytes()
