@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "cxrvit.evaluation.commands",  # eval, compare, bench
     "cxrvit.inference.commands",   # predict, dicom-info
     "cxrvit.ssl.commands",         # pretrain
+    "cxrvit.serve.commands",       # serve
 )
 
 

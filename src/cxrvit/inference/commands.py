@@ -30,6 +30,8 @@ def register(subparsers) -> None:
     p.add_argument("--heatmaps", metavar="DIR", help="write an explanation overlay PNG per image here")
     p.add_argument("--target", help="label for Grad-CAM (default: each image's most probable label)")
     p.add_argument("--per-head", action="store_true", help="overlays also show each attention head")
+    p.add_argument("--report", nargs="?", const="full", choices=("short", "full"),
+                   help="print a templated preliminary report per image (default form: full)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="average with a 90%% centre zoom, as validation does (default: as the bundle's thresholds were tuned)")
     p.add_argument("--no-fix-inverted", dest="fix_inverted", action="store_false",
@@ -68,9 +70,17 @@ def run_predict(args: argparse.Namespace) -> int:
     if not paths:
         print("error: no input files found", file=sys.stderr)
         return 2
-    on_batch = _heatmap_writer(bundle, Path(args.heatmaps), args.target, args.per_head) if args.heatmaps else None
+    callbacks = [_heatmap_writer(bundle, Path(args.heatmaps), args.target, args.per_head)] if args.heatmaps else []
+    reports: dict[str, str] = {}
+    if args.report:
+        callbacks.append(_report_writer(bundle, reports, full=args.report == "full"))
+
+    def on_batch(loaded, probs):
+        for callback in callbacks:
+            callback(loaded, probs)
+
     rows = predict_files(bundle, paths, batch_size=args.batch_size, tta=args.tta, fix_inverted=args.fix_inverted,
-                         progress=not args.no_progress, on_batch=on_batch,
+                         progress=not args.no_progress, on_batch=on_batch if callbacks else None,
                          display_size=OVERLAY_SIZE if args.heatmaps else None)
     out = write_predictions(rows, bundle.labels, args.out)
     failed = [r for r in rows if r.status != "ok"]
@@ -79,7 +89,26 @@ def run_predict(args: argparse.Namespace) -> int:
           f" ({len(flagged)} with QC flags, {len(failed)} failed)")
     for r in failed:
         print(f"  failed: {r.error}", file=sys.stderr)
+    for r in rows:
+        if r.path in reports:
+            print(f"\n== {r.path}\n{reports[r.path]}")
     return 1 if failed else 0
+
+
+def _report_writer(bundle, reports: dict[str, str], full: bool):
+    """A callback for predict_files that fills ``reports`` (path -> text) for each scored image."""
+    from cxrvit.inference import prelim_report
+    from cxrvit.inference.findings import explain_findings, labels_to_explain
+
+    def write(loaded, probs: np.ndarray) -> None:
+        per_image = [dict(zip(bundle.labels, map(float, p))) for p in probs]
+        chosen = [labels_to_explain(p, bundle.thresholds) for p in per_image]
+        explained = explain_findings(bundle, [img.square for img in loaded], probs, chosen)
+        for img, p, e in zip(loaded, per_image, explained):
+            calls = prelim_report.assess(p, bundle.thresholds, e.peaks)
+            reports[str(img.path)] = prelim_report.render(calls, img.flags, full=full)
+
+    return write
 
 
 def _heatmap_writer(bundle, folder: Path, target: str | None, per_head: bool):

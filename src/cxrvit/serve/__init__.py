@@ -1,0 +1,1 @@
+"""``cxrvit serve``: a reading-room web page and JSON API over one model bundle (docs/serve.md)."""

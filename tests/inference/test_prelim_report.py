@@ -1,0 +1,112 @@
+"""The templated preliminary report, the Grad-CAM peak location and the label choice for maps."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from cxrvit.inference import prelim_report as rp
+from cxrvit.inference.findings import MAX_LABELS, labels_to_explain, peak_location
+
+THR = {"Atelectasis": 0.30, "Effusion": 0.40, "Mass/Nodule": 0.20}
+
+
+def test_bands_and_sorting():
+    assert [rp.band(p) for p in (0.95, 0.8, 0.6, 0.3, 0.05)] == ["very high", "very high", "high", "intermediate",
+                                                                 "low"]
+    calls = rp.assess({"Atelectasis": 0.1, "Effusion": 0.9, "Mass/Nodule": 0.5}, THR)
+    assert [c.label for c in calls] == ["Effusion", "Mass/Nodule", "Atelectasis"]
+    assert [c.call for c in calls] == [True, True, False]
+
+
+def test_hedging_is_in_logit_distance_from_the_threshold():
+    # threshold 0.40: logit -0.405; +-0.5 in logit is 0.289..0.525
+    near = rp.assess({"Effusion": 0.45}, THR)[0]
+    clear = rp.assess({"Effusion": 0.60}, THR)[0]
+    miss = rp.assess({"Effusion": 0.33}, THR)[0]
+    far = rp.assess({"Effusion": 0.05}, THR)[0]
+    assert (near.call, near.near) == (True, True)
+    assert (clear.call, clear.near) == (True, False)
+    assert (miss.call, miss.near) == (False, True)
+    assert (far.call, far.near) == (False, False)
+
+
+def test_report_text_from_calls_with_location():
+    peaks = {"Effusion": {"side": "right", "zone": "lower"}, "Atelectasis": {"side": "left", "zone": "middle"}}
+    calls = rp.assess({"Effusion": 0.85, "Atelectasis": 0.33, "Mass/Nodule": 0.01}, THR, peaks)
+    full = rp.render(calls, full=True)
+    short = rp.render(calls, full=False)
+    assert "FINDINGS: Effusion (very high: probability 0.85, operating point 0.40, lower zone, right side)." in full
+    assert "Possible Atelectasis (borderline: probability 0.33, operating point 0.30, middle zone, left side)." in full
+    assert "Below threshold: Mass/Nodule." in full
+    assert "IMPRESSION: Effusion; possible Atelectasis." in full
+    assert "FINDINGS: Effusion (very high: 0.85, lower zone, right side). Possible Atelectasis" in short
+    assert "Below threshold" not in short and "operating point 0." not in short
+    assert full.endswith(rp.DISCLAIMER) and short.endswith(rp.DISCLAIMER)
+
+
+def test_no_finding_above_threshold_is_said_so():
+    calls = rp.assess({"Effusion": 0.01, "Atelectasis": 0.02, "Mass/Nodule": 0.19}, THR)
+    text = rp.render(calls, full=True)
+    assert "No finding above threshold among the 3 labels assessed." in text
+    assert "IMPRESSION: No finding above threshold." in text
+    assert "normal" not in text.lower()
+    # a near miss is still reported, hedged
+    assert "Mass/Nodule cannot be excluded (probability 0.19, just below operating point 0.20)." in text
+
+
+def test_qc_flags_lead_the_report():
+    calls = rp.assess({"Effusion": 0.9}, THR)
+    text = rp.render(calls, ["not_radiograph:OT", "low_resolution:200x200"], full=False)
+    lines = text.splitlines()
+    assert lines[1] == "INPUT QUALITY: not a projection radiograph (DICOM modality OT); low resolution (200x200 px)."
+    assert "IMPRESSION: Input is probably not a frontal chest radiograph" in text
+    mild = rp.render(calls, ["low_resolution:200x200"], full=False)
+    assert "not a frontal chest radiograph" not in mild
+    assert rp.qc_message("something_new:x") == "something_new:x"
+
+
+def test_peak_location_uses_radiographic_sides_and_thirds():
+    heat = np.zeros((90, 90), np.float32)
+    heat[80, 10] = 1.0  # image left, bottom: the patient's right lower zone
+    assert peak_location(heat)["side"] == "right" and peak_location(heat)["zone"] == "lower"
+    heat[:] = 0
+    heat[5, 80] = 1.0
+    assert (peak_location(heat)["side"], peak_location(heat)["zone"]) == ("left", "upper")
+    heat[:] = 0
+    heat[45, 45] = 1.0
+    assert (peak_location(heat)["side"], peak_location(heat)["zone"]) == ("central", "middle")
+
+
+def test_labels_to_explain_calls_first_then_near_then_top():
+    labels = [f"L{i}" for i in range(12)]
+    thr = {k: 0.5 for k in labels}
+    probs = {k: 0.01 for k in labels}
+    probs.update({"L3": 0.9, "L7": 0.45, "L1": 0.2, "L2": 0.15})
+    assert labels_to_explain(probs, thr) == ["L3", "L7", "L1"]  # call, near miss, then the next most probable
+    probs = {k: 0.9 for k in labels}  # every label called: capped
+    assert len(labels_to_explain(probs, thr)) == MAX_LABELS
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="memfd exists on Linux only")
+def test_uploads_live_in_memory_files():
+    from cxrvit.serve.uploads import memory_path
+
+    with memory_path(b"abc" * 1000) as path:
+        assert str(path).startswith("/proc/self/fd/") and path.read_bytes() == b"abc" * 1000
+        assert "memfd:" in __import__("os").readlink(path)
+
+
+def test_cli_predict_report_prints_the_same_template(bundle_dir, tmp_path, capsys):
+    from inference_support import factory, run_cli
+
+    cxr = factory.make_dicom(tmp_path / "cxr.dcm")
+    ot = factory.make_dicom(tmp_path / "ot.dcm", modality="OT", body_part=None, view=None)
+    assert run_cli(["predict", "--model", str(bundle_dir), str(cxr), str(ot), "--out", str(tmp_path / "p.csv"),
+                    "--no-progress", "--report", "short"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("PRELIMINARY REPORT (short form)") == 2 and out.count(rp.DISCLAIMER) == 2
+    ot_part = out[out.index("ot.dcm"):]
+    assert "INPUT QUALITY: not a projection radiograph (DICOM modality OT); low resolution (64x64 px)" in ot_part
+    assert "zone" in out  # the Grad-CAM peak location is in the text
