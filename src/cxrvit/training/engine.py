@@ -280,7 +280,7 @@ class Trainer:
             if self.ema:
                 self.ema.copy_to(self.eval_model)
             result = predict(self.eval_model, self.val_loader, self.prep, self.cfg.model.img_size, self.device,
-                             self.amp, self.cfg.eval.tta)
+                             self.cfg.eval.tta)
             metrics = result.metrics(self.labels, self.scored)
             score = selection_score(metrics, self.cfg.eval.select)
             improved = score > p.best_score
@@ -306,7 +306,7 @@ class Trainer:
         if self.ctx.is_main:
             self.eval_model.load_state_dict(load_file(str(self.out / BEST), device=str(self.device)))
             result = predict(self.eval_model, self.val_loader, self.prep, self.cfg.model.img_size, self.device,
-                             self.amp, self.cfg.eval.tta)
+                             self.cfg.eval.tta)
             thresholds = tune_thresholds(result.targets, result.probs)
             metrics = result.metrics(self.labels, self.scored)
             names = [str(n) for n in self.cache.index["image"].to_numpy()[self.val_rows]]
