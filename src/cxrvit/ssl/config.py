@@ -55,7 +55,7 @@ class ProbeConfig:
 
 @dataclass
 class SSLEngineConfig:
-    precision: str = "auto"          # auto (bf16 where supported) | bf16 | fp32
+    precision: str = "auto"          # auto (bf16 where native: cxrvit.runtime) | bf16 | fp32
     checkpoint_every: int = 200      # steps between mid-epoch checkpoints; epoch ends always checkpoint
     seed: int = 0
     device: str = "auto"
