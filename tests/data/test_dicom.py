@@ -148,12 +148,24 @@ def test_real_jpeg_baseline_cr():
 
 
 @needs_shared
-def test_real_monochrome1_twin_is_the_exact_negative():
-    # The twin stores byte-identical pixel data with PhotometricInterpretation MONOCHROME1, so a
-    # correct reader must return the negative of the original: 255 - original, pixel for pixel.
+def test_real_mislabelled_monochrome1_is_the_exact_negative():
+    # The mislabelled file stores the original's byte-identical (MONOCHROME2) pixel data tagged
+    # MONOCHROME1, so a correct reader returns the negative: 255 - original, pixel for pixel.
     original = images.read_grey(SHARED / "siim-cr-chest-pa-jpeg-baseline.dcm").astype(np.int32)
-    twin = images.read_grey(SHARED / "siim-cr-chest-pa-monochrome1.dcm").astype(np.int32)
-    np.testing.assert_array_equal(twin, 255 - original)
+    mislabelled = images.read_grey(SHARED / "siim-cr-chest-pa-monochrome1.dcm").astype(np.int32)
+    np.testing.assert_array_equal(mislabelled, 255 - original)
+
+
+@needs_shared
+def test_real_true_monochrome1_decodes_to_the_original():
+    # The true twin stores 255 - v, uncompressed, tagged MONOCHROME1: the display chain's inversion
+    # must give back exactly the JPEG-baseline original's decoded pixels.
+    original = images.read_grey(SHARED / "siim-cr-chest-pa-jpeg-baseline.dcm")
+    true_m1 = images.read_grey(SHARED / "siim-cr-chest-pa-true-monochrome1.dcm")
+    h = read_header(SHARED / "siim-cr-chest-pa-true-monochrome1.dcm")
+    assert (h.photometric, h.transfer_syntax) == ("MONOCHROME1", "Explicit VR Little Endian")
+    assert true_m1.dtype == original.dtype == np.uint8
+    np.testing.assert_array_equal(true_m1, original)
 
 
 @needs_shared

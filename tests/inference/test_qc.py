@@ -24,7 +24,10 @@ def test_pixel_flags():
     real = factory.real_pixels()
     assert qc.pixel_flags((1024, 1024), real) == []
     assert qc.pixel_flags((2000, 1000), real) == ["unusual_aspect:1000x2000"]
-    assert qc.pixel_flags((100, 120), real) == ["low_resolution:120x100"]
+    # low resolution is relative to the model's input side (here the 64-px square): only upscaled images
+    assert qc.pixel_flags((60, 50), real) == ["low_resolution:50x60<64"]
+    assert qc.pixel_flags((64, 40), real) == []  # long side fills the input: downscaled or kept, not upscaled
+    assert qc.pixel_flags((100, 120), real) == []
     assert qc.pixel_flags((1024, 1024), np.full((64, 64), 90, np.uint8)) == ["blank_image"]
     assert qc.inversion_score(real) > 1.0
     assert qc.pixel_flags((1024, 1024), 255 - real) == ["possibly_inverted"]

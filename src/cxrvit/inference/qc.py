@@ -25,8 +25,6 @@ CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "LUNGS", "TORAX", "THOR
 LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL", "LLD", "RLD", "LEFT LATERAL", "RIGHT LATERAL"})
 FRONTAL_VIEWS = frozenset({"PA", "AP", "AP SUPINE", "APS", "PAS"})
 
-#: Smallest side, in pixels, below which detail the model needs is gone.
-MIN_SIDE = 256
 #: Long side / short side above which the image is unlikely to be a whole chest film.
 MAX_ASPECT = 1.6
 #: Threshold on :func:`inversion_score`. On the real data in ../shared the score of correctly
@@ -84,11 +82,18 @@ def inversion_score(square: np.ndarray) -> float:
 
 
 def pixel_flags(original_shape: tuple[int, int], square: np.ndarray) -> list[str]:
-    """Flags from the decoded image (``original_shape``) and its model-size square version."""
+    """Flags from the decoded image (``original_shape``) and its model-size square version.
+
+    ``low_resolution`` is relative to the model, not to an absolute number: the image is padded to a
+    square and resized so its long side becomes the model's input side (``square.shape[0]``). Only
+    when the long side is shorter than that is the picture *upscaled*, i.e. holds less detail than
+    the model was trained to see. A fixed minimum (it was 256 px) flagged every image of a model run
+    at 128 px on 160-px inputs -- a flag on every row that users learn to ignore.
+    """
     flags = []
     h, w = original_shape
-    if min(h, w) < MIN_SIDE:
-        flags.append(f"low_resolution:{w}x{h}")
+    if max(h, w) < square.shape[0]:
+        flags.append(f"low_resolution:{w}x{h}<{square.shape[0]}")
     if max(h, w) / max(1, min(h, w)) > MAX_ASPECT:
         flags.append(f"unusual_aspect:{w}x{h}")
     if float(square.std()) < 4.0:  # out of 255: practically one grey level
