@@ -18,6 +18,9 @@ def test_header_flags():
     assert qc.header_flags(qc.HeaderFacts("DX", "CHEST", "LL")) == ["lateral_view"]
     assert qc.header_flags(qc.HeaderFacts("CR", "CHEST", None, "CHEST LAT")) == ["lateral_view"]
     assert qc.header_flags(qc.HeaderFacts(None, "CHEST", "PA")) == ["no_modality"]
+    assert qc.header_flags(qc.HeaderFacts("DX", "CHEST", "PA", frames=3)) == ["multi_frame:3"]
+    assert qc.header_flags(qc.HeaderFacts("DX", "CHEST", "PA", photometric="RGB")) == ["colour_converted:RGB"]
+    assert qc.header_flags(qc.HeaderFacts("DX", "CHEST", "PA", photometric="MONOCHROME1")) == []
 
 
 def test_pixel_flags():
@@ -53,8 +56,12 @@ def test_dicom_info(tmp_path, capsys):
 def test_dicom_info_prints_the_header_of_undecodable_objects(capsys):
     from pydicom.data import get_testdata_file
 
-    rgb = get_testdata_file("SC_rgb_rle.dcm")  # real colour object: header yes, pixels refused
-    assert main(["dicom-info", rgb, "--json"]) == 1
+    palette = get_testdata_file("examples_palette.dcm")  # real pseudo-colour object: header yes, pixels refused
+    assert main(["dicom-info", palette, "--json"]) == 1
     info = json.loads(capsys.readouterr().out)
-    assert info["photometric"] == "RGB" and info["qc"] == ["not_radiograph:OT"]
+    assert info["photometric"] == "PALETTE COLOR"
     assert info["decode_error"].startswith("colour DICOM refused")
+    rgb = get_testdata_file("SC_rgb_rle.dcm")  # a colour secondary capture: read as grey, flagged
+    assert main(["dicom-info", rgb, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["qc"][:2] == ["not_radiograph:OT", "colour_converted:RGB"]

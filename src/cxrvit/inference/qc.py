@@ -5,7 +5,8 @@ probabilities for an abdominal film, a CT secondary capture or a lateral view, a
 mean nothing; so ``cxrvit predict`` scores every readable image but attaches *flags* that say
 why its output should not be trusted. Flags come from two places:
 
-- the DICOM header, when there is one: Modality, BodyPartExamined, ViewPosition;
+- the DICOM header, when there is one: Modality, BodyPartExamined, ViewPosition, and what the reader
+  had to do to get one grey image (first of several frames, colour converted to grey);
 - the decoded pixels: size, aspect ratio, an (almost) blank image, and a contrast test for
   a picture that looks inverted (MONOCHROME1 data mislabelled as MONOCHROME2, or the reverse).
 
@@ -42,6 +43,13 @@ class HeaderFacts:
     body_part: str | None = None
     view_position: str | None = None
     series_description: str | None = None
+    frames: int = 1
+    photometric: str | None = None
+
+    @classmethod
+    def from_header(cls, h) -> "HeaderFacts":
+        """From a :class:`cxrvit.data.dicom.DicomHeader`."""
+        return cls(h.modality, h.body_part, h.view_position, h.series_description, h.frames, h.photometric)
 
 
 def header_flags(facts: HeaderFacts) -> list[str]:
@@ -60,6 +68,11 @@ def header_flags(facts: HeaderFacts) -> list[str]:
         flags.append("lateral_view")
     elif view and view not in FRONTAL_VIEWS:
         flags.append(f"unusual_view:{view}")
+    if facts.frames > 1:
+        flags.append(f"multi_frame:{facts.frames}")  # the reader scored the first frame only
+    photometric = (facts.photometric or "").strip().upper()
+    if photometric and not photometric.startswith("MONOCHROME"):
+        flags.append(f"colour_converted:{photometric}")  # a colour object read as grey luma
     return flags
 
 
