@@ -15,7 +15,7 @@ import yaml
 from cxrvit.ssl.dino import DinoConfig
 from cxrvit.ssl.ijepa import IJepaConfig
 from cxrvit.ssl.mae import MaeConfig
-from cxrvit.training.config import build_dataclass, apply_overrides
+from cxrvit.training.config import apply_overrides, build_dataclass, check_all
 
 METHODS = ("dino", "mae", "ijepa")
 
@@ -90,9 +90,7 @@ class PretrainConfig:
              f"must be multiples of model.patch_size={p}"),
             ("mae.mask_ratio", 0 < self.mae.mask_ratio < 1, "must be in (0, 1)"),
         ]
-        for key, ok, why in checks:
-            if not ok:
-                raise ValueError(f"pretrain config {key}: {why}")
+        check_all(self, checks, "pretrain config")
         return self
 
     @property
