@@ -4,18 +4,39 @@ bf16 autocast is only a speed-up where the hardware has bf16 matrix instructions
 without ``avx512_bf16``/``amx_bf16`` oneDNN emulates bf16 and a ViT-S train step runs several times
 *slower* than fp32 (measured: 2-core Xeon with AVX-512 but no avx512_bf16, bf16 matmul 18 GFLOP/s vs
 fp32 89 GFLOP/s), so ``auto`` picks bf16 only where it pays.
+
+``auto`` is a *training* choice. Scoring (the validation pass that tunes thresholds, ``eval``,
+``predict``) always runs in fp32: under bf16 autocast oneDNN picks kernels by batch shape, so
+one image's probability moved by up to 1e-3 with the batch it was scored in (measured on an AMD EPYC
+with avx512_bf16), and a threshold tuned on one pass no longer matched the scores of another. See
+:func:`inference_precision`.
+
+``CXRVIT_FORCE_BF16=1`` makes this machine report native bf16 (``0`` reports none), so the bf16
+code paths can be exercised on a CPU without it: ``CXRVIT_FORCE_BF16=1 pytest`` (slow: emulated).
 """
 from __future__ import annotations
 
 import functools
+import os
 import platform
 
 import torch
 
 
-@functools.lru_cache(maxsize=1)
+FORCE_BF16_ENV = "CXRVIT_FORCE_BF16"
+
+
 def cpu_has_fast_bf16() -> bool:
-    """True when the CPU advertises native bf16 matrix instructions (AVX512-BF16 or AMX-BF16)."""
+    """True when the CPU has native bf16 matrix instructions, or ``CXRVIT_FORCE_BF16`` says to act so."""
+    forced = os.environ.get(FORCE_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    return _cpu_advertises_bf16()
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_advertises_bf16() -> bool:
+    """True when /proc/cpuinfo lists native bf16 matrix instructions (AVX512-BF16 or AMX-BF16)."""
     if platform.machine().lower() in ("arm64", "aarch64"):
         try:
             with open("/proc/cpuinfo") as fh:
@@ -47,6 +68,19 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "fp32"
 
 
+def inference_precision(device: torch.device) -> str:
+    """The precision of every scoring pass (validation/threshold tuning, ``eval``, ``predict``): fp32.
+
+    One image must get one probability whichever batch, command or machine scores it (1e-5, asserted
+    by tests/inference/test_one_answer.py). fp32 kernels meet that; bf16 ones move a probability by up
+    to 1e-3 with the batch around it, and a GPU-tuned threshold would not match a CPU ``predict``.
+    Scoring is a small share of the work (one forward pass, no backward), so the price is small
+    (docs/benchmarks.md, "Inference precision"); training keeps ``auto``.
+    """
+    del device  # the same answer on every device is the point
+    return "fp32"
+
+
 def autocast(device: torch.device, precision: str):
     """The autocast context for a resolved precision (a no-op context for fp32)."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -66,7 +100,5 @@ def machine_description() -> str:
                     break
     except OSError:
         pass
-    import os
-
     bf16 = "native bf16" if cpu_has_fast_bf16() else "no native bf16"
     return f"{os.cpu_count()}-core {cpu} ({bf16}), torch {torch.__version__}"

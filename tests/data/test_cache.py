@@ -248,6 +248,7 @@ def test_real_hannover_non_square_folder(shared_data: Path, tmp_path: Path):
 def test_dicom_files_go_through_read_grey(shared_data: Path, tmp_path: Path):
     pytest.importorskip("cxrvit.data.dicom")
     cache = _prep(shared_data / "dicom", tmp_path / "d")
-    assert len(cache) == 4 and cache.meta["bad_images"] == []
+    n = len(list((shared_data / "dicom").glob("*.dcm")))
+    assert n >= 5 and len(cache) == n and cache.meta["bad_images"] == []
     assert all(name.endswith(".dcm") for name in cache.index["image"])
-    assert cache.pixels.reshape(4, -1).std(1).min() > 10  # real pictures, not blank rows
+    assert cache.pixels.reshape(n, -1).std(1).min() > 10  # real pictures, not blank rows

@@ -99,17 +99,36 @@ def test_monochrome1_is_inverted(tmp_path):
 
 # -- refusals --------------------------------------------------------------------------------------
 
-def test_multiframe_is_refused(tmp_path):
-    path = make_dicom(tmp_path / "x.dcm", frames=2)
-    with pytest.raises(ImageReadError, match="multi-frame.*2 frames") as err:
-        images.read_grey(path)
-    assert str(path) in str(err.value)
+def test_multiframe_reads_the_first_frame(tmp_path):
+    pixels = real_pixels()
+    path = make_dicom(tmp_path / "x.dcm", pixels=np.stack([pixels, 255 - pixels]), frames=2)
+    np.testing.assert_array_equal(images.read_grey(path), pixels)
+    assert read_header(path).frames == 2  # QC flags multi_frame:2 from the header
 
 
-def test_colour_is_refused(tmp_path):
+def test_rgb_and_ybr_become_grey_luma_palette_is_refused():
     from pydicom.data import get_testdata_file
-    with pytest.raises(ImageReadError, match="colour DICOM refused.*RGB"):
-        decode_dicom(get_testdata_file("SC_rgb_rle.dcm"))
+
+    rgb = pydicom.dcmread(get_testdata_file("SC_rgb_rle.dcm")).pixel_array.astype(np.float32)
+    grey = decode_dicom(get_testdata_file("SC_rgb_rle.dcm"))
+    assert grey.shape == rgb.shape[:2] and grey.dtype == np.uint8
+    np.testing.assert_array_equal(grey, np.rint(rgb @ np.float32([0.299, 0.587, 0.114])).astype(np.uint8))
+    # the same picture stored as YBR_FULL (lossy JPEG, dcmtk) decodes to the same grey up to JPEG's
+    # ringing at the colour bars' edges
+    diff = np.abs(decode_dicom(get_testdata_file("SC_rgb_dcmtk_+eb+cy+n1.dcm")).astype(int) - grey.astype(int))
+    assert diff.mean() < 0.5 and diff.max() <= 10
+    with pytest.raises(ImageReadError, match="colour DICOM refused.*PALETTE COLOR.*rendering"):
+        decode_dicom(get_testdata_file("examples_palette.dcm"))
+
+
+def test_big_endian_dataset_without_file_meta_is_sniffed():
+    from pydicom.data import get_testdata_file
+
+    from cxrvit.data.dicom import is_dicom_file
+
+    assert is_dicom_file(get_testdata_file("ExplVR_BigEndNoMeta.dcm"))
+    with pytest.raises(ImageReadError, match="no pixel data"):  # an RT plan: recognised, then refused
+        images.read_grey(get_testdata_file("ExplVR_BigEndNoMeta.dcm"))
 
 
 def test_truncated_file_names_the_file(tmp_path):
@@ -148,12 +167,24 @@ def test_real_jpeg_baseline_cr():
 
 
 @needs_shared
-def test_real_monochrome1_twin_is_the_exact_negative():
-    # The twin stores byte-identical pixel data with PhotometricInterpretation MONOCHROME1, so a
-    # correct reader must return the negative of the original: 255 - original, pixel for pixel.
+def test_real_mislabelled_monochrome1_is_the_exact_negative():
+    # The mislabelled file stores the original's byte-identical (MONOCHROME2) pixel data tagged
+    # MONOCHROME1, so a correct reader returns the negative: 255 - original, pixel for pixel.
     original = images.read_grey(SHARED / "siim-cr-chest-pa-jpeg-baseline.dcm").astype(np.int32)
-    twin = images.read_grey(SHARED / "siim-cr-chest-pa-monochrome1.dcm").astype(np.int32)
-    np.testing.assert_array_equal(twin, 255 - original)
+    mislabelled = images.read_grey(SHARED / "siim-cr-chest-pa-monochrome1.dcm").astype(np.int32)
+    np.testing.assert_array_equal(mislabelled, 255 - original)
+
+
+@needs_shared
+def test_real_true_monochrome1_decodes_to_the_original():
+    # The true twin stores 255 - v, uncompressed, tagged MONOCHROME1: the display chain's inversion
+    # must give back exactly the JPEG-baseline original's decoded pixels.
+    original = images.read_grey(SHARED / "siim-cr-chest-pa-jpeg-baseline.dcm")
+    true_m1 = images.read_grey(SHARED / "siim-cr-chest-pa-true-monochrome1.dcm")
+    h = read_header(SHARED / "siim-cr-chest-pa-true-monochrome1.dcm")
+    assert (h.photometric, h.transfer_syntax) == ("MONOCHROME1", "Explicit VR Little Endian")
+    assert true_m1.dtype == original.dtype == np.uint8
+    np.testing.assert_array_equal(true_m1, original)
 
 
 @needs_shared

@@ -58,8 +58,8 @@ def test_every_file_gets_a_row_and_bad_ones_an_error(bundle, folder, tmp_path):
         r = status[good]
         assert r.status == "ok" and set(r.probs) == set(bundle.labels)
         assert r.findings == [k for k in bundle.labels if r.probs[k] >= THRESHOLDS[k]]
-    assert status["ot_object"].qc_flags == ["not_radiograph:OT", "low_resolution:64x64"]
-    assert status["a.png"].qc_flags == ["low_resolution:64x64"]
+    assert status["ot_object"].qc_flags == ["not_radiograph:OT"]
+    assert status["a.png"].qc_flags == []  # 64 px for a 32-px model: nothing to flag
 
 
 def test_probabilities_match_the_bundle_directly(bundle, folder):
@@ -138,9 +138,8 @@ def test_mislabelled_negative_is_flagged_and_reinverted(bundle, tmp_path):
     plain = factory.make_dicom(tmp_path / "plain.dcm")
     relabelled = factory.make_dicom(tmp_path / "relabelled.dcm", photometric="MONOCHROME1")  # same stored pixels
     a, b = predict_files(bundle, [plain, relabelled], progress=False)
-    assert b.qc_flags == ["low_resolution:64x64", "possibly_inverted", "auto_inverted"]
+    assert b.qc_flags == ["possibly_inverted", "auto_inverted"]
     assert b.probs == pytest.approx(a.probs, abs=1e-6)  # re-inverted: exactly the original picture
-    # (approx only because batch composition changes the CPU kernels' rounding)
     (kept,) = predict_files(bundle, [relabelled], progress=False, fix_inverted=False)
     assert "auto_inverted" not in kept.qc_flags and kept.probs != a.probs
 
@@ -151,12 +150,22 @@ def test_real_dicoms(bundle):
     rows = {r.path.rsplit("/", 1)[-1]: r for r in predict_files(bundle, collect_inputs([d]), progress=False)}
     assert all(r.status == "ok" for r in rows.values())
     assert "not_radiograph:OT" in rows["not-a-cxr-ot.dcm"].qc_flags
-    # The twin stores the original's pixels relabelled MONOCHROME1: decoded correctly it is the
-    # negative, which QC points out and predict turns back, so it scores exactly like the original.
-    original, twin = rows["siim-cr-chest-pa-jpeg-baseline.dcm"], rows["siim-cr-chest-pa-monochrome1.dcm"]
-    assert twin.qc_flags == ["possibly_inverted", "auto_inverted"] and original.qc_flags == []
-    assert twin.probs == pytest.approx(original.probs, abs=1e-6) and twin.findings == original.findings
+    # The mislabelled file stores the original's (MONOCHROME2) pixels tagged MONOCHROME1: decoded as
+    # tagged it is the negative, which QC points out and predict turns back, so it scores like the original.
+    original, mislabelled = rows["siim-cr-chest-pa-jpeg-baseline.dcm"], rows["siim-cr-chest-pa-monochrome1.dcm"]
+    assert mislabelled.qc_flags == ["possibly_inverted", "auto_inverted"] and original.qc_flags == []
+    assert mislabelled.probs == pytest.approx(original.probs, abs=1e-6) and mislabelled.findings == original.findings
     assert rows["nih-dx-implicit-vr.dcm"].qc_flags == []
+
+
+@pytest.mark.skipif(not (SHARED / "dicom").is_dir(), reason="../shared/data/dicom (real DICOM files) absent")
+def test_true_monochrome1_scores_exactly_like_its_original(bundle):
+    """255 - v stored and tagged MONOCHROME1: the reader's inversion gives back the original, no flag."""
+    d = SHARED / "dicom"
+    original, true_m1 = predict_files(
+        bundle, [d / "siim-cr-chest-pa-jpeg-baseline.dcm", d / "siim-cr-chest-pa-true-monochrome1.dcm"], progress=False)
+    assert true_m1.status == "ok" and true_m1.qc_flags == [] == original.qc_flags
+    assert true_m1.probs == original.probs and true_m1.findings == original.findings  # identical, not close
 
 
 def test_display_copy_for_overlays_matches_the_model_input(folder):

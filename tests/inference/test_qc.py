@@ -18,13 +18,19 @@ def test_header_flags():
     assert qc.header_flags(qc.HeaderFacts("DX", "CHEST", "LL")) == ["lateral_view"]
     assert qc.header_flags(qc.HeaderFacts("CR", "CHEST", None, "CHEST LAT")) == ["lateral_view"]
     assert qc.header_flags(qc.HeaderFacts(None, "CHEST", "PA")) == ["no_modality"]
+    assert qc.header_flags(qc.HeaderFacts("DX", "CHEST", "PA", frames=3)) == ["multi_frame:3"]
+    assert qc.header_flags(qc.HeaderFacts("DX", "CHEST", "PA", photometric="RGB")) == ["colour_converted:RGB"]
+    assert qc.header_flags(qc.HeaderFacts("DX", "CHEST", "PA", photometric="MONOCHROME1")) == []
 
 
 def test_pixel_flags():
     real = factory.real_pixels()
     assert qc.pixel_flags((1024, 1024), real) == []
     assert qc.pixel_flags((2000, 1000), real) == ["unusual_aspect:1000x2000"]
-    assert qc.pixel_flags((100, 120), real) == ["low_resolution:120x100"]
+    # low resolution is relative to the model's input side (here the 64-px square): only upscaled images
+    assert qc.pixel_flags((60, 50), real) == ["low_resolution:50x60<64"]
+    assert qc.pixel_flags((64, 40), real) == []  # long side fills the input: downscaled or kept, not upscaled
+    assert qc.pixel_flags((100, 120), real) == []
     assert qc.pixel_flags((1024, 1024), np.full((64, 64), 90, np.uint8)) == ["blank_image"]
     assert qc.inversion_score(real) > 1.0
     assert qc.pixel_flags((1024, 1024), 255 - real) == ["possibly_inverted"]
@@ -50,8 +56,12 @@ def test_dicom_info(tmp_path, capsys):
 def test_dicom_info_prints_the_header_of_undecodable_objects(capsys):
     from pydicom.data import get_testdata_file
 
-    rgb = get_testdata_file("SC_rgb_rle.dcm")  # real colour object: header yes, pixels refused
-    assert main(["dicom-info", rgb, "--json"]) == 1
+    palette = get_testdata_file("examples_palette.dcm")  # real pseudo-colour object: header yes, pixels refused
+    assert main(["dicom-info", palette, "--json"]) == 1
     info = json.loads(capsys.readouterr().out)
-    assert info["photometric"] == "RGB" and info["qc"] == ["not_radiograph:OT"]
+    assert info["photometric"] == "PALETTE COLOR"
     assert info["decode_error"].startswith("colour DICOM refused")
+    rgb = get_testdata_file("SC_rgb_rle.dcm")  # a colour secondary capture: read as grey, flagged
+    assert main(["dicom-info", rgb, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["qc"][:2] == ["not_radiograph:OT", "colour_converted:RGB"]

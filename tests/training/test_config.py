@@ -57,3 +57,23 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     again = config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
     assert config_to_dict(again) == config_to_dict(cfg)
     assert isinstance(again, TrainConfig)
+
+
+def test_both_config_kinds_report_the_failing_key_and_its_value():
+    import pytest
+
+    from cxrvit.ssl.config import PretrainConfig
+    from cxrvit.training.config import TrainConfig
+
+    bad = TrainConfig()
+    bad.ema.decay = 1.5
+    with pytest.raises(ValueError, match=r"^config ema.decay=1.5: must be in \[0, 1\)"):
+        bad.validate()
+    ssl = PretrainConfig()
+    ssl.mae.mask_ratio = 1.5
+    with pytest.raises(ValueError, match=r"^pretrain config mae.mask_ratio=1.5: must be in \(0, 1\)"):
+        ssl.validate()
+    ssl = PretrainConfig()
+    ssl.dino.local_size = 100  # a check over several fields: named in words, no single value
+    with pytest.raises(ValueError, match=r"^pretrain config dino view sizes: must be multiples"):
+        ssl.validate()

@@ -69,6 +69,10 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tiny_cac
     assert done.returncode == 0, done.stderr[-3000:]
     ref, got = torch.load(reference / "last.pt", weights_only=True), torch.load(out / "last.pt", weights_only=True)
     assert got["progress"]["step"] == ref["progress"]["step"] == 8
+    # every rank's generators are in the checkpoint (they differ: drop-path masks are drawn per rank)
+    ranks = got["rng_ranks"]
+    assert len(ranks) == 2 and torch.equal(ranks[0]["torch"], got["rng"]["torch"])
+    assert not torch.equal(ranks[0]["torch"], ranks[1]["torch"])
     # gradients are averaged over two half-batches instead of one full batch: equal up to float
     # rounding, which Adam's normalisation can amplify to a fraction of one lr-sized update
     _assert_same_state(ref["model"], got["model"], atol=5e-4)

@@ -60,3 +60,21 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         assert "last.pt" in str(exc) and "not a readable" in str(exc)
     else:
         raise AssertionError("expected ValueError")
+
+
+def test_each_rank_gets_its_own_rng_back():
+    states = []
+    for rank in range(2):
+        ckpt.seed_everything(100 + rank)
+        states.append(ckpt.capture_rng())
+    saved = {"rng": states[0], "rng_ranks": states}
+    for rank in range(2):
+        ckpt.restore_rng(states[rank])
+        expected = torch.rand(3)
+        ckpt.seed_everything(0)  # clobber the generators, as a fresh process has its own
+        ckpt.restore_rng(ckpt.rng_for_rank(saved, rank, world_size=2))
+        assert torch.equal(torch.rand(3), expected)
+    assert not torch.equal(states[0]["torch"], states[1]["torch"])
+    # an older checkpoint, or one written by another number of processes: rank 0's, as before
+    assert ckpt.rng_for_rank({"rng": states[0]}, 1, 2) is states[0]
+    assert ckpt.rng_for_rank(saved, 1, world_size=4) is states[0]

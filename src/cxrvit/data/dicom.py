@@ -12,9 +12,15 @@ The pipeline follows the DICOM grey-scale display chain, in its order:
    ``MONOCHROME2`` (bright = bone).
 
 The result is a 2-D array (uint8/uint16 when no LUT changed the values, float32 otherwise);
-:func:`cxrvit.data.images.to_uint8` maps it to 8 bits. Colour and multi-frame objects are
-refused with a clear :class:`~cxrvit.data.images.ImageReadError`: there is no single right way to
-make one chest radiograph out of them.
+:func:`cxrvit.data.images.to_uint8` maps it to 8 bits.
+
+Two kinds of object are not one grey radiograph, and QC says so (``cxrvit.inference.qc``):
+- RGB/YBR colour (``SamplesPerPixel`` 3): films digitised on a colour scanner and saved as secondary
+  captures are grey pictures in three equal channels, so they are turned into grey with ITU-R 601 luma
+  -- what the PNG loader already does for NIH's RGBA PNGs -- and flagged ``colour_converted``. PALETTE
+  COLOR is refused: a pseudo-colour map is a rendering, not a radiograph's intensities.
+- multi-frame grey objects: the first frame is read and the row flagged ``multi_frame:N``; which frame
+  a user meant cannot be known, and refusing would hide a usable first image.
 
 Importing this module registers the decoder with :mod:`cxrvit.data.images`, so ``read_grey``,
 ``cxrvit prepare`` and ``cxrvit predict`` accept DICOM files wherever they accept PNGs.
@@ -36,6 +42,8 @@ from cxrvit.data import images
 from cxrvit.data.images import ImageReadError
 
 GREY_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
+#: Three-sample colour models pydicom converts to RGB; the reader turns them into grey.
+COLOUR_PHOTOMETRIC = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420")
 
 # VRs an explicit-VR file without a preamble can start with (its first element is group 0002/0008).
 _EXPLICIT_VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"OB",
@@ -54,11 +62,11 @@ def sniff_dicom(head: bytes) -> bool:
         return True
     if len(head) < 8:
         return False
+    if head[4:6] in _EXPLICIT_VRS:  # explicit VR, little or big endian (old archives hold both)
+        return any(struct.unpack(order + "H", head[:2])[0] in (0x0002, 0x0008) for order in "<>")
     group, element = struct.unpack("<HH", head[:4])
     if group not in (0x0002, 0x0008) or element > 0x1FFF:
         return False
-    if head[4:6] in _EXPLICIT_VRS:
-        return True
     (length,) = struct.unpack("<I", head[4:8])  # implicit VR: a 4-byte length
     return length < 1024 or length == 0xFFFFFFFF
 
@@ -81,20 +89,19 @@ def _read_dataset(path: Path, stop_before_pixels: bool = False) -> pydicom.Datas
 
 
 def _check_single_grey_frame(path: Path, ds: pydicom.Dataset) -> None:
-    """Refuse what cannot be one grey radiograph, before spending time on decoding it."""
+    """Refuse what cannot be made one grey radiograph, before spending time on decoding it."""
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         sop = ds.get("SOPClassUID")
         kind = sop.name if sop is not None and hasattr(sop, "name") else "unknown SOP class"
         raise ImageReadError(path, f"DICOM object has no pixel data ({kind})")
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    if samples != 1 or (photometric and photometric not in GREY_PHOTOMETRIC):
+    colour = samples == 3 and photometric in COLOUR_PHOTOMETRIC
+    if not colour and (samples != 1 or (photometric and photometric not in GREY_PHOTOMETRIC)):
         raise ImageReadError(
             path, f"colour DICOM refused (PhotometricInterpretation={photometric or '?'}, "
-                  f"SamplesPerPixel={samples}); a chest radiograph is MONOCHROME1/2")
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames != 1:
-        raise ImageReadError(path, f"multi-frame DICOM refused ({frames} frames); expected one radiograph")
+                  f"SamplesPerPixel={samples}); a chest radiograph is MONOCHROME1/2, and RGB/YBR are "
+                  "converted to grey, but a palette or other colour model is a rendering, not intensities")
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if rows <= 0 or cols <= 0:
         raise ImageReadError(path, f"DICOM has no image size (Rows={rows}, Columns={cols})")
@@ -103,12 +110,21 @@ def _check_single_grey_frame(path: Path, ds: pydicom.Dataset) -> None:
 
 
 def _stored_values(path: Path, ds: pydicom.Dataset) -> np.ndarray:
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        ds.pixel_array_options(index=0)  # the first frame only (QC flags multi_frame:N)
     try:
         arr = ds.pixel_array
     except Exception as exc:  # pydicom raises many types for truncated or undecodable data
         ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
         name = getattr(ts, "name", ts) or "unknown transfer syntax"
         raise ImageReadError(path, f"cannot decode DICOM pixel data ({name}): {exc}") from exc
+    if arr.ndim == 3 and arr.shape[-1] == 3 and int(ds.get("SamplesPerPixel", 1) or 1) == 3:
+        # pydicom returns RGB (YBR converted); ITU-R 601 luma, as PIL's convert("L") does for PNGs.
+        luma = arr.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+        if arr.dtype.kind in "ui":  # keep the integer type, so 8-bit stays 8-bit as for grey files
+            info = np.iinfo(arr.dtype)
+            return np.clip(np.rint(luma), info.min, info.max).astype(arr.dtype)
+        return luma.astype(np.float32)
     if arr.ndim != 2:
         raise ImageReadError(path, f"DICOM pixel data has shape {arr.shape}, expected one 2-D grey frame")
     bits_stored = int(ds.get("BitsStored", arr.dtype.itemsize * 8) or arr.dtype.itemsize * 8)

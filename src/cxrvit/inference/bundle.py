@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from cxrvit.data.preprocess import Preprocessing
 from cxrvit.model.vit import VisionTransformer, build_model
-from cxrvit.runtime import autocast, resolve_precision
+from cxrvit.runtime import autocast, inference_precision
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "bundle.json"
@@ -49,6 +49,8 @@ class Bundle:
         Exactly the validation pass that tuned the thresholds (``training.validation.predict``): the whole
         image resized to the bundle size, and with ``tta`` (default: as the bundle was tuned) the logits
         averaged with a 90 % centre zoom. No mirror view: the recipes do not train on flipped films.
+        fp32 (:func:`cxrvit.runtime.inference_precision`): an image's probability does not depend on
+        ``batch_size``, on what else is in the batch, or on the machine's bf16 support.
         """
         from cxrvit.training.augment import eval_transform, to_float
         from cxrvit.training.validation import center_zoom
@@ -63,7 +65,7 @@ class Bundle:
             views = [eval_transform(chunk, size)] + ([center_zoom(to_float(chunk), size, 0.9)] if tta else [])
             logits = 0.0
             for view in views:
-                with autocast(device, resolve_precision("auto", device)):
+                with autocast(device, inference_precision(device)):
                     logits = logits + self.model(self.preprocessing.normalize(view)).float()
             out.append(torch.sigmoid(logits / len(views)).cpu())
         return torch.cat(out) if out else torch.zeros(0, len(self.labels))

@@ -150,7 +150,7 @@ def dicom_summary(path: Path, decode: bool = True) -> dict:
     from cxrvit.inference import qc
 
     h = read_header(path)
-    flags = qc.header_flags(qc.HeaderFacts(h.modality, h.body_part, h.view_position, h.series_description))
+    flags = qc.header_flags(qc.HeaderFacts.from_header(h))
     decode_error = None
     if decode:
         try:

@@ -103,7 +103,7 @@ def dicom_header_flags(path: Path) -> list[str]:
     if not is_dicom_file(path):
         return []
     h = read_header(path)
-    return qc.header_flags(qc.HeaderFacts(h.modality, h.body_part, h.view_position, h.series_description))
+    return qc.header_flags(qc.HeaderFacts.from_header(h))
 
 
 def check_pixel_count(path: Path, max_pixels: int) -> None:

@@ -5,7 +5,8 @@ probabilities for an abdominal film, a CT secondary capture or a lateral view, a
 mean nothing; so ``cxrvit predict`` scores every readable image but attaches *flags* that say
 why its output should not be trusted. Flags come from two places:
 
-- the DICOM header, when there is one: Modality, BodyPartExamined, ViewPosition;
+- the DICOM header, when there is one: Modality, BodyPartExamined, ViewPosition, and what the reader
+  had to do to get one grey image (first of several frames, colour converted to grey);
 - the decoded pixels: size, aspect ratio, an (almost) blank image, and a contrast test for
   a picture that looks inverted (MONOCHROME1 data mislabelled as MONOCHROME2, or the reverse).
 
@@ -25,8 +26,6 @@ CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "LUNGS", "TORAX", "THOR
 LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL", "LLD", "RLD", "LEFT LATERAL", "RIGHT LATERAL"})
 FRONTAL_VIEWS = frozenset({"PA", "AP", "AP SUPINE", "APS", "PAS"})
 
-#: Smallest side, in pixels, below which detail the model needs is gone.
-MIN_SIDE = 256
 #: Long side / short side above which the image is unlikely to be a whole chest film.
 MAX_ASPECT = 1.6
 #: Threshold on :func:`inversion_score`. On the real data in ../shared the score of correctly
@@ -44,6 +43,13 @@ class HeaderFacts:
     body_part: str | None = None
     view_position: str | None = None
     series_description: str | None = None
+    frames: int = 1
+    photometric: str | None = None
+
+    @classmethod
+    def from_header(cls, h) -> "HeaderFacts":
+        """From a :class:`cxrvit.data.dicom.DicomHeader`."""
+        return cls(h.modality, h.body_part, h.view_position, h.series_description, h.frames, h.photometric)
 
 
 def header_flags(facts: HeaderFacts) -> list[str]:
@@ -62,6 +68,11 @@ def header_flags(facts: HeaderFacts) -> list[str]:
         flags.append("lateral_view")
     elif view and view not in FRONTAL_VIEWS:
         flags.append(f"unusual_view:{view}")
+    if facts.frames > 1:
+        flags.append(f"multi_frame:{facts.frames}")  # the reader scored the first frame only
+    photometric = (facts.photometric or "").strip().upper()
+    if photometric and not photometric.startswith("MONOCHROME"):
+        flags.append(f"colour_converted:{photometric}")  # a colour object read as grey luma
     return flags
 
 
@@ -84,11 +95,18 @@ def inversion_score(square: np.ndarray) -> float:
 
 
 def pixel_flags(original_shape: tuple[int, int], square: np.ndarray) -> list[str]:
-    """Flags from the decoded image (``original_shape``) and its model-size square version."""
+    """Flags from the decoded image (``original_shape``) and its model-size square version.
+
+    ``low_resolution`` is relative to the model, not to an absolute number: the image is padded to a
+    square and resized so its long side becomes the model's input side (``square.shape[0]``). Only
+    when the long side is shorter than that is the picture *upscaled*, i.e. holds less detail than
+    the model was trained to see. A fixed minimum (it was 256 px) flagged every image of a model run
+    at 128 px on 160-px inputs -- a flag on every row that users learn to ignore.
+    """
     flags = []
     h, w = original_shape
-    if min(h, w) < MIN_SIDE:
-        flags.append(f"low_resolution:{w}x{h}")
+    if max(h, w) < square.shape[0]:
+        flags.append(f"low_resolution:{w}x{h}<{square.shape[0]}")
     if max(h, w) / max(1, min(h, w)) > MAX_ASPECT:
         flags.append(f"unusual_aspect:{w}x{h}")
     if float(square.std()) < 4.0:  # out of 255: practically one grey level

@@ -15,7 +15,7 @@ import yaml
 from cxrvit.ssl.dino import DinoConfig
 from cxrvit.ssl.ijepa import IJepaConfig
 from cxrvit.ssl.mae import MaeConfig
-from cxrvit.training.config import build_dataclass, apply_overrides
+from cxrvit.training.config import apply_overrides, build_dataclass, check_all
 
 METHODS = ("dino", "mae", "ijepa")
 
@@ -55,7 +55,7 @@ class ProbeConfig:
 
 @dataclass
 class SSLEngineConfig:
-    precision: str = "auto"          # auto (bf16 where supported) | bf16 | fp32
+    precision: str = "auto"          # auto (bf16 where native: cxrvit.runtime) | bf16 | fp32
     checkpoint_every: int = 200      # steps between mid-epoch checkpoints; epoch ends always checkpoint
     seed: int = 0
     device: str = "auto"
@@ -90,9 +90,7 @@ class PretrainConfig:
              f"must be multiples of model.patch_size={p}"),
             ("mae.mask_ratio", 0 < self.mae.mask_ratio < 1, "must be in (0, 1)"),
         ]
-        for key, ok, why in checks:
-            if not ok:
-                raise ValueError(f"pretrain config {key}: {why}")
+        check_all(self, checks, "pretrain config")
         return self
 
     @property

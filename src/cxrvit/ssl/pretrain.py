@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from cxrvit.data.preprocess import Preprocessing
+from cxrvit.runtime import inference_precision, resolve_precision
 from cxrvit.ssl.config import PretrainConfig, config_to_dict, save_config
 from cxrvit.ssl.dino import DINO
 from cxrvit.ssl.encoder import BACKBONE_FILE, build_encoder, cosine_schedule, export_backbone
@@ -106,11 +107,11 @@ def pick_device(name: str) -> torch.device:
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
-    if precision == "fp32":
-        return False
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return precision == "bf16"  # CPU: only when asked (bf16 autocast is slow without AMX/avx512_bf16)
+    """The same rule as supervised training (:mod:`cxrvit.runtime`): ``auto`` is bf16 where it is native.
+
+    An fp16-only GPU trains in fp32 here: these losses have no gradient scaler.
+    """
+    return resolve_precision(precision, device) == "bf16"
 
 
 def param_groups(modules: list[nn.Module]) -> list[dict]:
@@ -199,7 +200,8 @@ def pretrain(cfg: PretrainConfig, caches: Sequence, out_dir: os.PathLike | str, 
             return
         t = time.time()
         res = run_probes(method.export_encoder(), probe, cfg.probe.size, Preprocessing(size=cfg.probe.size),
-                         cfg.probe.k, device, cfg.probe.batch_size, bf16)
+                         cfg.probe.k, device, cfg.probe.batch_size,
+                         bf16=inference_precision(device) == "bf16")  # a scoring pass: fp32
         rec = {"step": step, "epoch": epoch, "probe_seconds": round(time.time() - t, 1), **res}
         history.append(rec)
         append_log(out / LOG_FILE, {"kind": "probe", **rec})

@@ -63,6 +63,19 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def rng_for_rank(state: dict, rank: int, world_size: int) -> dict:
+    """The generator state rank ``rank`` saved (``rng_ranks``), else rank 0's (``rng``).
+
+    Ranks draw different drop-path masks, so each must get its own state back for a resumed DDP run
+    to continue exactly. Checkpoints from before ``rng_ranks`` existed, or written by a different
+    number of processes, only have rank 0's to offer.
+    """
+    ranks = state.get("rng_ranks")
+    if ranks is not None and len(ranks) == world_size:
+        return ranks[rank]
+    return state["rng"]
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

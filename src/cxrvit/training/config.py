@@ -141,9 +141,7 @@ class TrainConfig:
             ("optim.layer_decay", 0 < self.optim.layer_decay <= 1, "must be in (0, 1]"),
             ("ema.decay", 0 <= self.ema.decay < 1, "must be in [0, 1)"),
         ]
-        for key, ok, why in checks:
-            if not ok:
-                raise ValueError(f"config {key}={_get(self, key)!r}: {why}")
+        check_all(self, checks, "config")
         return self
 
     @property
@@ -200,6 +198,18 @@ def _coerce(value: Any, hint, key: str, source: str):
     if hint is str and isinstance(value, str):
         return value
     raise ValueError(f"{source}: {key} must be {hint.__name__}, got {value!r}")
+
+
+def check_all(cfg, checks: list[tuple[str, bool, str]], what: str) -> None:
+    """The validation shape training and pre-training configs share: ``(key, ok, why)`` rows, the first
+    failing one raised as ``ValueError("<what> <key>=<value>: <why>")`` (the value when ``key`` names a field)."""
+    for key, ok, why in checks:
+        if not ok:
+            try:
+                shown = f"{key}={_get(cfg, key)!r}"
+            except AttributeError:  # a check over several fields, named in words
+                shown = key
+            raise ValueError(f"{what} {shown}: {why}")
 
 
 def _get(cfg, dotted: str):

@@ -83,3 +83,12 @@ def broadcast_flag(ctx: DistContext, flag: bool) -> bool:
     t = torch.tensor([1 if flag else 0], device=ctx.device if ctx.device.type == "cuda" else "cpu")
     dist.broadcast(t, src=0)
     return bool(t.item())
+
+
+def gather_to_main(ctx: DistContext, obj) -> list | None:
+    """Every rank's ``obj`` as a list in rank order on rank 0 (``None`` elsewhere); ``[obj]`` on one process."""
+    if not ctx.distributed:
+        return [obj]
+    out = [None] * ctx.world_size if ctx.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out

@@ -194,14 +194,15 @@ class Trainer:
         if self.ema:
             self.ema.load_state_dict(state["ema"])
         self.augment.load_state_dict(state["augment"])
-        ckpt.restore_rng(state["rng"])
+        ckpt.restore_rng(ckpt.rng_for_rank(state, self.ctx.rank, self.ctx.world_size))
         self.progress = Progress.from_dict(state["progress"])
 
     def save_checkpoint(self) -> None:
-        # Every rank is at the same step; only rank 0 writes (the states are identical under DDP,
-        # except the per-rank torch RNG of drop-path, which a resume re-seeds per rank).
+        # Every rank is at the same step; only rank 0 writes. The states are identical under DDP except
+        # the generators (drop-path masks differ per rank), so every rank's are gathered into the file.
+        rng_ranks = dist_.gather_to_main(self.ctx, ckpt.capture_rng())
         if self.ctx.is_main:
-            ckpt.atomic_torch_save(self._state(), self.out / ckpt.LAST)
+            ckpt.atomic_torch_save({**self._state(), "rng_ranks": rng_ranks}, self.out / ckpt.LAST)
         dist_.barrier(self.ctx)
 
     # -- the loop ----------------------------------------------------------------------------
@@ -280,7 +281,7 @@ class Trainer:
             if self.ema:
                 self.ema.copy_to(self.eval_model)
             result = predict(self.eval_model, self.val_loader, self.prep, self.cfg.model.img_size, self.device,
-                             self.amp, self.cfg.eval.tta)
+                             self.cfg.eval.tta)
             metrics = result.metrics(self.labels, self.scored)
             score = selection_score(metrics, self.cfg.eval.select)
             improved = score > p.best_score
@@ -306,7 +307,7 @@ class Trainer:
         if self.ctx.is_main:
             self.eval_model.load_state_dict(load_file(str(self.out / BEST), device=str(self.device)))
             result = predict(self.eval_model, self.val_loader, self.prep, self.cfg.model.img_size, self.device,
-                             self.amp, self.cfg.eval.tta)
+                             self.cfg.eval.tta)
             thresholds = tune_thresholds(result.targets, result.probs)
             metrics = result.metrics(self.labels, self.scored)
             names = [str(n) for n in self.cache.index["image"].to_numpy()[self.val_rows]]

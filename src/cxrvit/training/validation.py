@@ -11,6 +11,7 @@ from torch import nn
 
 from cxrvit.data.preprocess import Preprocessing
 from cxrvit.evaluation.metrics import auroc, f1_at, tune_thresholds
+from cxrvit.runtime import autocast, inference_precision
 from cxrvit.training.augment import eval_transform, resize_batch, to_float
 
 
@@ -47,8 +48,13 @@ def selection_score(metrics: dict, select: str) -> float:
 
 @torch.no_grad()
 def predict(model: nn.Module, loader, prep: Preprocessing, size: int, device: torch.device,
-            autocast_dtype: torch.dtype | None, tta: bool = False) -> ValResult:
-    """Probabilities for every batch of ``loader`` (in loader order) with the model in eval mode."""
+            tta: bool = False) -> ValResult:
+    """Probabilities for every batch of ``loader`` (in loader order) with the model in eval mode.
+
+    In the scoring precision (:func:`cxrvit.runtime.inference_precision`), not the training one, so the
+    probabilities the thresholds are tuned on are the ones ``eval`` and ``predict`` give later.
+    """
+    precision = inference_precision(device)
     was_training = model.training
     model.eval()
     probs, targets, loss_sum, n = [], [], 0.0, 0
@@ -59,7 +65,7 @@ def predict(model: nn.Module, loader, prep: Preprocessing, size: int, device: to
             views.append(center_zoom(to_float(images), size, 0.9))
         logits = None
         for view in views:
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            with autocast(device, precision):
                 out = model(prep.normalize(view)).float()
             logits = out if logits is None else logits + out
         logits = logits / len(views)
