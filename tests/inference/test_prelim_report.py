@@ -108,5 +108,6 @@ def test_cli_predict_report_prints_the_same_template(bundle_dir, tmp_path, capsy
     out = capsys.readouterr().out
     assert out.count("PRELIMINARY REPORT (short form)") == 2 and out.count(rp.DISCLAIMER) == 2
     ot_part = out[out.index("ot.dcm"):]
-    assert "INPUT QUALITY: not a projection radiograph (DICOM modality OT); low resolution (64x64 px)" in ot_part
+    # A 64-px image is not upscaled for this small test model, so only the modality is a QC finding.
+    assert "INPUT QUALITY: not a projection radiograph (DICOM modality OT)." in ot_part
     assert "zone" in out  # the Grad-CAM peak location is in the text
