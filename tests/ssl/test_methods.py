@@ -54,3 +54,18 @@ def test_mae_encoder_sees_only_visible_tokens(tiny_cache):
     x = torch.rand(2, 1, 32, 32)
     m(*m.make_inputs(x, torch.Generator().manual_seed(0)))
     assert seen == [1 + 4]   # CLS + 25% of the 16 patches
+
+
+@pytest.mark.parametrize("method", ["dino", "mae", "ijepa"])
+def test_model_attention_setting_reaches_every_block(method):
+    """``--set model.attention=...`` covers the encoder and the decoder / predictor / teacher blocks."""
+    from cxrvit.model.vit import Attention
+    from cxrvit.ssl.config import apply_overrides, config_from_dict, config_to_dict
+
+    cfg = config_from_dict(apply_overrides(config_to_dict(tiny_config(method)), ["model.attention=explicit"]))
+    m = build_method(cfg)
+    paths = {mod.attention for mod in m.modules() if isinstance(mod, Attention)}
+    assert paths == {"explicit"}
+    cfg.model.attention = "flash"
+    with pytest.raises(ValueError, match="model.attention"):
+        cfg.validate()

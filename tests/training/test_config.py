@@ -25,6 +25,8 @@ def test_overrides_are_typed():
     assert cfg.optim.lr == 3e-4 and isinstance(cfg.optim.lr, float)
     assert cfg.schedule.epochs == 2 and cfg.augment.scale == [0.6, 1.0] and cfg.ema.enabled
     assert cfg.scored_labels == ["Effusion", "Mass/Nodule"]
+    assert load_recipe("baseline").model.attention == "auto"
+    assert load_recipe("baseline", ["model.attention=explicit"]).model.attention == "explicit"
 
 
 @pytest.mark.parametrize("override, message", [
@@ -34,6 +36,7 @@ def test_overrides_are_typed():
     ("ema.enabled=1", "ema.enabled must be true or false"),
     ("loss.kind=hinge", "loss.kind"),
     ("model.img_size=100", "multiple of 16"),
+    ("model.attention=flash", "model.attention"),
     ("data.labels=[Atelectasis, Cancer]", "unknown label 'Cancer'"),
     ("optim.lr", "not of the form key=value"),
 ])

@@ -25,6 +25,7 @@ class SSLModelConfig:
     arch: str = "vit_small"
     depth: int = 12                  # fewer blocks only for tests; the exported backbone is DINO layout either way
     patch_size: int = 16
+    attention: str = "auto"          # auto | sdpa | explicit, for encoder and decoder/predictor blocks alike
 
 
 @dataclass
@@ -84,6 +85,7 @@ class PretrainConfig:
             ("method", self.method in METHODS, f"must be one of {', '.join(METHODS)}"),
             ("engine.precision", self.engine.precision in ("auto", "bf16", "fp32"), "must be auto, bf16 or fp32"),
             ("model.depth", self.model.depth >= 1, "must be >= 1"),
+            ("model.attention", self.model.attention in ("auto", "sdpa", "explicit"), "must be auto, sdpa or explicit"),
             ("schedule.batch_size", self.schedule.batch_size >= 2, "must be >= 2"),
             ("schedule.epochs", self.schedule.epochs >= 1, "must be >= 1"),
             (f"{self.method} view sizes", all(s % p == 0 for s in sizes.get(self.method, [p])),

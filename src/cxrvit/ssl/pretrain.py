@@ -29,6 +29,7 @@ from cxrvit.data.preprocess import Preprocessing
 from cxrvit.runtime import inference_precision, resolve_precision
 from cxrvit.ssl.config import PretrainConfig, config_to_dict, save_config
 from cxrvit.ssl.dino import DINO
+from cxrvit.model.vit import set_attention
 from cxrvit.ssl.encoder import BACKBONE_FILE, build_encoder, cosine_schedule, export_backbone
 from cxrvit.ssl.ijepa import IJEPA
 from cxrvit.ssl.mae import MAE
@@ -45,10 +46,13 @@ def build_method(cfg: PretrainConfig) -> nn.Module:
     drop_path = cfg.dino.drop_path if cfg.method == "dino" else 0.0
     encoder = build_encoder(cfg.model.arch, cfg.model.depth, cfg.model.patch_size, drop_path)
     if cfg.method == "dino":
-        return DINO(encoder, cfg.dino, pre)
-    if cfg.method == "mae":
-        return MAE(encoder, cfg.mae, pre)
-    return IJEPA(encoder, cfg.ijepa, pre)
+        method = DINO(encoder, cfg.dino, pre)
+    elif cfg.method == "mae":
+        method = MAE(encoder, cfg.mae, pre)
+    else:
+        method = IJEPA(encoder, cfg.ijepa, pre)
+    # after construction, so the decoder's / predictor's / teacher's blocks follow the same setting
+    return set_attention(method, cfg.model.attention)
 
 
 # -- data: several caches, labels ignored ----------------------------------------------------------

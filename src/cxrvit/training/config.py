@@ -24,6 +24,7 @@ class ModelConfig:
     arch: str = "vit_small"          # a name from cxrvit.model.vit.ARCHITECTURES
     img_size: int = 224              # training/inference resolution (multiple of the patch size)
     drop_path: float = 0.0           # stochastic depth rate of the last block (linear in depth)
+    attention: str = "auto"          # auto | sdpa | explicit (auto: per device and dtype, cxrvit.runtime)
 
 
 @dataclass
@@ -131,6 +132,8 @@ class TrainConfig:
              "must be one of mean_auroc_scored, mean_auroc, neg_val_loss"),
             ("model.img_size", self.model.img_size > 0 and self.model.img_size % 16 == 0,
              "must be a positive multiple of 16"),
+            ("model.attention", self.model.attention in ("auto", "sdpa", "explicit"),
+             "must be one of auto, sdpa, explicit"),
             ("schedule.epochs", self.schedule.epochs >= 1, "must be >= 1"),
             ("schedule.grad_accum", self.schedule.grad_accum >= 1, "must be >= 1"),
             ("schedule.batch_size", self.schedule.batch_size % self.schedule.grad_accum == 0,

@@ -137,7 +137,8 @@ class Trainer:
         self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
 
         # -- model, optimizer, loss -----------------------------------------------------------
-        model = build_model(cfg.model.arch, num_classes=len(self.labels), drop_path_rate=cfg.model.drop_path)
+        model = build_model(cfg.model.arch, num_classes=len(self.labels), drop_path_rate=cfg.model.drop_path,
+                            attention=cfg.model.attention)
         self.init_report = None
         if init is not None and state is None:
             from cxrvit.model.checkpoints import load_backbone
