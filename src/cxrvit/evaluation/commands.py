@@ -130,25 +130,20 @@ def cmd_compare(args) -> int:
 def cmd_bench_recipes(args) -> int:
     from cxrvit.evaluation.crossval import run_recipes
 
-    command = "cxrvit " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""
+    command = _command_line()
     try:
         result = run_recipes(args.data, args.out, recipes=args.recipes, folds=args.folds, overrides=args.overrides,
                              protocol=args.protocol, seed=args.seed, n_resamples=args.bootstrap, device=args.device,
                              progress=not args.quiet, command=command, init=args.init)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         return _fail(exc)
-    text = result.markdown()
-    print(text)
-    if args.append_to:
-        with open(args.append_to, "a") as f:
-            f.write("\n" + text)
-    return 0
+    return _print_table(result.markdown(), args.append_to)
 
 
 def cmd_bench_arms(args) -> int:
     from cxrvit.evaluation.arms import load_plan, run_arms, with_default_init
 
-    command = "cxrvit " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""
+    command = _command_line()
     try:
         plan = with_default_init(load_plan(args.plan), args.init)
         result = run_arms(plan, args.data, args.out, only=args.only, device=args.device, progress=not args.quiet,
@@ -158,9 +153,16 @@ def cmd_bench_arms(args) -> int:
         return _fail(exc)
     if result is None:
         return 0
-    text = result.markdown()
+    return _print_table(result.markdown(), args.append_to)
+
+
+def _command_line() -> str:
+    return "cxrvit " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""
+
+
+def _print_table(text: str, append_to: str | None) -> int:
     print(text)
-    if args.append_to:
-        with open(args.append_to, "a") as f:
+    if append_to:
+        with open(append_to, "a") as f:
             f.write("\n" + text)
     return 0
