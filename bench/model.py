@@ -12,6 +12,11 @@ One run measures
 
     .venv/bin/python bench/model.py                   # default: a few minutes on 2 cores
     .venv/bin/python bench/model.py --write docs/benchmarks.md
+    .venv/bin/python bench/model.py --device cuda --sizes 224 --batch 64 --repeats 20 --json F  # bench/gpu.sh
+
+On CUDA every timed call ends with ``torch.cuda.synchronize()``, the CPU-time columns are left out
+(they measure the launching thread, not the GPU), and the ceiling table gains a large square bf16
+``torch.mm`` (8192^3), the practical peak of the GPU, as a second MFU denominator.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 import argparse  # noqa: E402
+import json
 import platform
 import re
 import statistics
@@ -35,6 +41,12 @@ from torch import nn
 from cxrvit.model.vit import vit_small
 
 GFLOP_FWD_224 = 9.2  # 4.6 GMAC (DINO's count for ViT-S/16 at 224 px)
+DEVICE = torch.device("cpu")  # set by --device; every tensor of a measurement lives here
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def gflop_per_image(size: int, train: bool) -> float:
@@ -109,12 +121,14 @@ def timeit(fn, repeats: int, warmup: int = 1) -> Timing:
     CPU time counts only the time our threads were on a core, so throughput per CPU-second is the
     steadier figure (it still includes cache interference and any spin-waiting).
     """
-    for _ in range(warmup):
+    for _ in range(warmup if DEVICE.type == "cpu" else max(warmup, 3)):
         fn()
+    _sync()
     wall, cpu = [], []
     for _ in range(repeats):
         t, c = time.perf_counter(), time.process_time()
         fn()
+        _sync()
         wall.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
     return Timing(statistics.median(wall), statistics.median(cpu))
@@ -140,12 +154,13 @@ def ceiling(batch: int, size: int, dtype: torch.dtype, repeats: int) -> tuple[Ti
     for name, kind, shape, count in layer_shapes(batch, size):
         if kind == "mm":
             m, k, n = shape
-            a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+            a, b = torch.randn(m, k, dtype=dtype, device=DEVICE), torch.randn(k, n, dtype=dtype, device=DEVICE)
             t = timeit(lambda: torch.mm(a, b), repeats)
             flop = 2 * m * k * n
         else:
             bb, m, k, n = shape
-            a, b = torch.randn(bb, m, k, dtype=dtype), torch.randn(bb, k, n, dtype=dtype)
+            a, b = (torch.randn(bb, m, k, dtype=dtype, device=DEVICE),
+                    torch.randn(bb, k, n, dtype=dtype, device=DEVICE))
             t = timeit(lambda: torch.bmm(a, b), repeats)
             flop = 2 * bb * m * k * n
         per[name] = flop / t.wall / 1e9
@@ -155,16 +170,22 @@ def ceiling(batch: int, size: int, dtype: torch.dtype, repeats: int) -> tuple[Ti
     return Timing(total_flop / wall / 1e9, total_flop / cpu / 1e9), per
 
 
+def square_peak(dtype: torch.dtype, repeats: int, n: int = 8192) -> float:
+    """GFLOP per wall-second of one large square ``torch.mm``: the practical peak of a GPU."""
+    a, b = torch.randn(n, n, dtype=dtype, device=DEVICE), torch.randn(n, n, dtype=dtype, device=DEVICE)
+    return 2 * n ** 3 / timeit(lambda: torch.mm(a, b), repeats).wall / 1e9
+
+
 def measure(model: nn.Module, size: int, batch: int, bf16: bool, train: bool, repeats: int) -> Timing:
     """Seconds per call (wall, CPU) of one forward or one train step on ``batch`` images."""
-    x = torch.randn(batch, 3, size, size)
-    y = torch.randint(0, 2, (batch, model.head.out_features)).float()
+    x = torch.randn(batch, 3, size, size, device=DEVICE)
+    y = torch.randint(0, 2, (batch, model.head.out_features), device=DEVICE).float()
     if train:
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
         def step():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = nn.functional.binary_cross_entropy_with_logits(model(x).float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -174,7 +195,7 @@ def measure(model: nn.Module, size: int, batch: int, bf16: bool, train: bool, re
 
     @torch.no_grad()
     def fwd():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
             model(x)
     return timeit(fwd, repeats)
 
@@ -187,7 +208,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="timed calls per measurement (median)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--write", metavar="MD", help="replace the benchmark section of this markdown file")
+    ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    ap.add_argument("--json", metavar="F", help="also write the ceilings and rows as JSON (bench/gpu.sh reads it)")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: torch.cuda.is_available() is False (torch {torch.__version__})")
+    gpu = DEVICE.type == "cuda"
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -198,18 +226,30 @@ def main() -> None:
         probe = torch.randn(2, 3, 224, 224)
         diff = (cx.eval()(probe) - plain.eval()(probe)).abs().max().item()
     print(f"cxrvit vs plain, same weights: max |logit diff| = {diff:.1e}", flush=True)
+    cx, plain = cx.to(DEVICE), plain.to(DEVICE)
+    record = {"device": str(DEVICE), "machine": describe_machine(args.threads), "batch": args.batch,
+              "gflop_fwd_224": GFLOP_FWD_224, "ceiling_gflops": {}, "rows": []}
+    peak = None
+    if gpu:
+        peak = square_peak(torch.bfloat16, max(5, args.repeats))
+        record["peak_bf16_gflops"] = peak
+        print(f"bf16 square 8192^3 torch.mm: {peak / 1e3:.0f} TFLOP/s", flush=True)
 
     names = [n for n, *_ in layer_shapes(1, 224)]
     ceil_lines = ["| matmul ceiling | size | batch | " + " | ".join(names) + " | aggregate GFLOP/s | per CPU-s |",
                   "|---|---|---|" + "---|" * (len(names) + 2)]
     rows = ["| model | size | dtype | mode | batch | img/s | GFLOP/s | MFU (wall) vs same dtype | vs bf16 "
             "| GFLOP/CPU-s | MFU (CPU time) vs same dtype | vs bf16 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    if gpu:  # CPU time of the launching thread says nothing about a GPU; the square-mm peak does
+        rows = ["| model | size | dtype | mode | batch | img/s | GFLOP/s | MFU vs same dtype (model shapes) "
+                "| vs bf16 (model shapes) | vs bf16 peak (8192^3 mm) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for size in args.sizes:
         batch = args.batch if size >= 224 else args.batch * 3
         # the ceiling is measured next to the model rows it normalises: contention drifts over minutes
         ceil = {}
         for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
             ceil[name], per = ceiling(batch, size, dtype, max(3, args.repeats))
+            record["ceiling_gflops"][f"{name}@{size}"] = ceil[name].wall
             ceil_lines.append(f"| {name} | {size} | {batch} | " + " | ".join(f"{v:.0f}" for v in per.values())
                               + f" | **{ceil[name].wall:.0f}** | {ceil[name].cpu:.0f} |")
             print(ceil_lines[-1], flush=True)
@@ -219,9 +259,18 @@ def main() -> None:
                     t = measure(model, size, batch, dtype == "bf16", mode == "train", args.repeats)
                     flop = batch * gflop_per_image(size, mode == "train")
                     gw, gc = flop / t.wall, flop / t.cpu
-                    rows.append(f"| {impl} | {size} | {dtype} | {mode} | {batch} | {batch / t.wall:.2f} | {gw:.0f} | "
-                                f"{100 * gw / ceil[dtype].wall:.0f}% | {100 * gw / ceil['bf16'].wall:.0f}% | {gc:.0f} | "
-                                f"{100 * gc / ceil[dtype].cpu:.0f}% | {100 * gc / ceil['bf16'].cpu:.0f}% |")
+                    record["rows"].append({"impl": impl, "size": size, "dtype": dtype, "mode": mode, "batch": batch,
+                                           "img_s": batch / t.wall, "gflops": gw,
+                                           "mfu_bf16": gw / ceil["bf16"].wall,
+                                           "mfu_peak": gw / peak if peak else None})
+                    if gpu:
+                        rows.append(f"| {impl} | {size} | {dtype} | {mode} | {batch} | {batch / t.wall:.1f} | "
+                                    f"{gw:.0f} | {100 * gw / ceil[dtype].wall:.1f}% | "
+                                    f"{100 * gw / ceil['bf16'].wall:.1f}% | {100 * gw / peak:.1f}% |")
+                    else:
+                        rows.append(f"| {impl} | {size} | {dtype} | {mode} | {batch} | {batch / t.wall:.2f} | {gw:.0f} | "
+                                    f"{100 * gw / ceil[dtype].wall:.0f}% | {100 * gw / ceil['bf16'].wall:.0f}% | {gc:.0f} | "
+                                    f"{100 * gc / ceil[dtype].cpu:.0f}% | {100 * gc / ceil['bf16'].cpu:.0f}% |")
                     print(rows[-1], flush=True)
 
     section = "\n".join([
@@ -229,10 +278,12 @@ def main() -> None:
         f"Machine: {describe_machine(args.threads)}.",
         f"Command: `.venv/bin/python bench/model.py --batch {args.batch} --repeats {args.repeats}"
         f"{' --sizes ' + ' '.join(map(str, args.sizes)) if args.sizes != [224, 128] else ''}"
-        f"{f' --threads {args.threads}' if args.threads != os.cpu_count() else ''}` "
+        f"{f' --threads {args.threads}' if args.threads != os.cpu_count() else ''}"
+        f"{f' --device {args.device}' if gpu else ''}` "
         f"(torch {torch.__version__}, {args.threads} threads).",
         "",
         *ceil_lines,
+        *(["", f"bf16 square 8192^3 `torch.mm` (practical peak): **{peak:.0f}** GFLOP/s."] if gpu else []),
         "",
         "Per-product columns: GFLOP per wall-second of `torch.mm` / `torch.bmm` on that layer's shape (median). "
         "Aggregate: total FLOP / total time over one forward's products; per CPU-s: the same per CPU-second.",
@@ -247,9 +298,18 @@ def main() -> None:
     if args.write:
         write_section(args.write, section)
         print(f"wrote {args.write}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=2)
+        print(f"wrote {args.json}")
 
 
 def describe_machine(threads: int) -> str:
+    if DEVICE.type == "cuda":
+        p = torch.cuda.get_device_properties(DEVICE)
+        return (f"{p.name} ({p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs, "
+                f"compute capability {p.major}.{p.minor}), CUDA {torch.version.cuda}, torch {torch.__version__}, "
+                f"{os.cpu_count()} CPU cores")
     flags = ""
     try:
         with open("/proc/cpuinfo") as f:
