@@ -69,3 +69,20 @@ def test_model_attention_setting_reaches_every_block(method):
     cfg.model.attention = "flash"
     with pytest.raises(ValueError, match="model.attention"):
         cfg.validate()
+
+
+def test_foreach_ema_update_is_bit_identical_to_the_per_parameter_loop():
+    import copy
+
+    from cxrvit.ssl.encoder import ema_update
+
+    torch.manual_seed(0)
+    student = build_method(tiny_config("dino")).student
+    teacher = copy.deepcopy(student)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p))
+    expected = {n: p.detach().clone().mul_(0.996).add_(dict(student.named_parameters())[n].detach(), alpha=0.004)
+                for n, p in teacher.named_parameters()}
+    ema_update(teacher, student, 0.996)
+    assert all(torch.equal(p, expected[n]) for n, p in teacher.named_parameters())

@@ -1,0 +1,139 @@
+"""Train-step speed in one table: attention paths, MFU, MAE vs supervised (issue 13).
+
+At one size and batch the script times, interleaved round by round so that load from other jobs
+hits every variant alike (median of ``--repeats`` rounds, wall and process-CPU time):
+- the supervised ViT-S/16 train step (forward + BCE + backward + fused AdamW, as the engine runs it)
+  with ``model.attention`` forced to ``sdpa`` and to ``explicit``, in fp32 and under bf16 autocast
+  (on a CPU without native bf16 the bf16 rows measure emulation: correctness, not speed);
+- the MAE pre-training step (``make_inputs`` crop + masking, encoder on the visible tokens, decoder,
+  norm-pix loss, backward, AdamW) with the fused AdamW ``cxrvit pretrain`` now uses and with the
+  per-parameter AdamW it used before, and its img/s ratio to the supervised fp32 step;
+- optionally (``--compile``) the supervised fp32 step through ``torch.compile``, with its compile time.
+MFU is the model FLOP rate over the matmul ceiling measured on the model's own layer shapes
+(``bench/model.py``'s ``ceiling``), by wall time and by CPU time.
+
+    .venv/bin/python bench/train_step.py                       # 128 px, batch 16: a few minutes on 2 cores
+    .venv/bin/python bench/train_step.py --size 224 --batch 8 --no-bf16
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+# Keep bench/ itself off sys.path: a script here must never shadow a module of the same name.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
+import argparse  # noqa: E402
+import importlib.util
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from cxrvit.model.vit import set_attention, vit_small
+from cxrvit.ssl.config import load_pretrain_recipe
+from cxrvit.ssl.pretrain import build_method, param_groups
+
+
+def _bench_model():
+    """bench/model.py as a module (for its matmul ceiling and FLOP count), without putting bench/ on the path."""
+    spec = importlib.util.spec_from_file_location("bench_model", os.path.join(_HERE, "model.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up while the class is built
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def supervised_step(size: int, batch: int, attention: str, bf16: bool, compiled: bool = False):
+    torch.manual_seed(0)
+    model = set_attention(vit_small(num_classes=15), attention).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 2, (batch, 15)).float()
+    net = torch.compile(model) if compiled else model
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.binary_cross_entropy_with_logits(net(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def mae_step(size: int, batch: int, mask: float, fused: bool):
+    torch.manual_seed(0)
+    cfg = load_pretrain_recipe("mae", [f"mae.size={size}", f"mae.mask_ratio={mask}"])
+    method = build_method(cfg).train()
+    opt = torch.optim.AdamW(param_groups(method.trainable_modules()), lr=1e-5, fused=fused)
+    x = torch.rand(batch, 1, size, size)  # grey images in [0, 1], as the pre-training loader yields them
+
+    def step():
+        inputs = method.make_inputs(x, torch.Generator().manual_seed(0))
+        loss, _ = method(*inputs)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds (median)")
+    ap.add_argument("--mask", type=float, default=0.75)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--no-bf16", action="store_true", help="skip the bf16-autocast rows (slow where bf16 is emulated)")
+    ap.add_argument("--compile", action="store_true", help="add torch.compile'd supervised fp32 rows")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    bm = _bench_model()
+    s, b = args.size, args.batch
+
+    variants = {}
+    for dtype in ("fp32",) if args.no_bf16 else ("fp32", "bf16"):
+        for attn in ("sdpa", "explicit"):
+            variants[f"supervised {dtype} {attn}"] = supervised_step(s, b, attn, dtype == "bf16")
+    variants["mae fp32 fused AdamW (now)"] = mae_step(s, b, args.mask, fused=True)
+    variants["mae fp32 per-param AdamW (before)"] = mae_step(s, b, args.mask, fused=False)
+    if args.compile:
+        step = supervised_step(s, b, "sdpa", False, compiled=True)
+        t = time.perf_counter()
+        step()  # first call traces and compiles
+        print(f"torch.compile: first step (compile + run) {time.perf_counter() - t:.1f} s", flush=True)
+        variants["supervised fp32 sdpa compiled"] = step
+
+    for step in variants.values():  # warm-up: allocator, oneDNN primitive caches
+        step()
+    wall = {k: [] for k in variants}
+    cpu = {k: [] for k in variants}
+    for r in range(args.repeats):
+        for k, step in variants.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            step()
+            wall[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
+        print(f"round {r + 1}/{args.repeats} done", flush=True)
+
+    ceil = {name: bm.ceiling(b, s, dt, 3)[0] for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    flop = b * bm.gflop_per_image(s, train=True)
+    ref = "supervised fp32 sdpa"
+    med_w = {k: statistics.median(v) for k, v in wall.items()}
+    med_c = {k: statistics.median(v) for k, v in cpu.items()}
+    print(f"\n{bm.describe_machine(args.threads)}; torch {torch.__version__}, {args.threads} threads")
+    print(f"{s} px, batch {b}, mask {args.mask}; matmul ceiling GFLOP/s (wall / per CPU-s): "
+          f"fp32 {ceil['fp32'].wall:.0f} / {ceil['fp32'].cpu:.0f}, bf16 {ceil['bf16'].wall:.0f} / {ceil['bf16'].cpu:.0f}\n")
+    print("| train step | img/s (wall) | img per CPU-s | vs supervised fp32 sdpa (wall / CPU) | MFU vs same-dtype ceiling (wall / CPU) |")
+    print("|---|---:|---:|---:|---:|")
+    for k in variants:
+        dtype = "bf16" if " bf16 " in k else "fp32"
+        mfu = "" if k.startswith("mae") else (f"{100 * flop / med_w[k] / ceil[dtype].wall:.0f}% / "
+                                              f"{100 * flop / med_c[k] / ceil[dtype].cpu:.0f}%")
+        print(f"| {k} | {b / med_w[k]:.2f} | {b / med_c[k]:.2f} | {med_w[ref] / med_w[k]:.2f}x / "
+              f"{med_c[ref] / med_c[k]:.2f}x | {mfu} |")
+
+
+if __name__ == "__main__":
+    main()
