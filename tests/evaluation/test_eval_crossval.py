@@ -125,3 +125,21 @@ def test_real_training_two_folds(tmp_path, nih_tiny_cache):
             held = set(nih_tiny_cache.index["image"].to_numpy()[res.folds[f][1]])
             assert tuned_on and not tuned_on & held
     assert np.isfinite(res.comparison.diff_f1["mean"].value)
+
+
+def test_config_hash_survives_keys_added_at_their_defaults():
+    """Held-out predictions hashed before a config key existed still match while the key is at its default."""
+    import hashlib
+    import json
+
+    from cxrvit.evaluation.crossval import LATER_KEYS, config_hash
+    from cxrvit.training.config import config_to_dict, load_recipe
+
+    cfg = load_recipe("baseline", ["model.img_size=128"])
+    legacy = config_to_dict(cfg)          # the dict as it was before the later keys were added
+    del legacy["model"]["attention"], legacy["strategy"], legacy["probe"]
+    assert set(LATER_KEYS) == {"model.attention", "strategy", "probe"}
+    assert config_hash(cfg) == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:16]
+    # Used, a later key changes the hash like any other.
+    for override in ("strategy=linear_probe", "model.attention=explicit", "probe.views=2"):
+        assert config_hash(load_recipe("baseline", ["model.img_size=128", override])) != config_hash(cfg)

@@ -99,6 +99,9 @@ def run_train(args: argparse.Namespace) -> int:
     train_rows, val_rows, how = choose_rows(cache, cfg.data.val_fraction, cfg.data.split_seed)
     main_rank = int(os.environ.get("RANK", "0")) == 0
     if main_rank:
+        if cfg.strategy == "linear_probe":
+            how += (f"; linear probe: frozen backbone, head and thresholds cross-fitted over all "
+                    f"{len(train_rows) + len(val_rows)} training images ({cfg.probe.cv_folds} patient folds)")
         print(f"cxrvit train [{cfg.name}]: {how}; {len(train_rows)} train / {len(val_rows)} val images; "
               f"{len(cfg.data.labels)} labels; out {out}", flush=True)
         out.mkdir(parents=True, exist_ok=True)
@@ -117,6 +120,13 @@ def run_train(args: argparse.Namespace) -> int:
         return 2
     if main_rank:
         meta = json.loads((bundle / "bundle.json").read_text())
+        if meta["training"].get("strategy") == "linear_probe":
+            t = meta["training"]
+            au = ", ".join(f"{k} {v:.3f}" for k, v in next(r["auroc"] for r in t["c_search"] if r["C"] == t["C"]).items()
+                           if k in cfg.scored_labels and v is not None)
+            print(f"bundle written to {bundle} (linear probe, C={t['C']:g}, {t['images']} images, "
+                  f"{t['seconds']:.0f} s); out-of-fold AUROC: {au}; thresholds cross-fitted on the same images")
+            return 0
         m = meta["training"]["val_metrics"]
         au = ", ".join(f"{k} {v:.3f}" for k, v in m["auroc"].items() if k in m["f1"] and v is not None)
         f1 = ", ".join(f"{k} {v:.3f}" for k, v in m["f1"].items() if v is not None)

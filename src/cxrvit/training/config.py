@@ -108,8 +108,19 @@ class EngineConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """``strategy: linear_probe`` only (cxrvit.training.linear_probe)."""
+    c_grid: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])   # inverse L2 strengths tried
+    cv_folds: int = 5                # patient folds for choosing C and cross-fitting the thresholds
+    views: int = 1                   # feature views per training image: 1 plain + (views - 1) augmented
+
+
+@dataclass
 class TrainConfig:
     name: str = "custom"
+    # finetune: the supervised loop (engine.py). linear_probe: frozen backbone + cross-fitted logistic
+    # head (linear_probe.py); it reads model, data, probe, augment (views > 1) and engine.seed only.
+    strategy: str = "finetune"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -119,11 +130,17 @@ class TrainConfig:
     ema: EmaConfig = field(default_factory=EmaConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     def validate(self) -> "TrainConfig":
         """Raise ``ValueError`` naming the offending key; return self for chaining."""
         self.data.labels = list(validate_label_names(self.data.labels))
         checks = [
+            ("strategy", self.strategy in ("finetune", "linear_probe"), "must be finetune or linear_probe"),
+            ("probe.c_grid", len(self.probe.c_grid) > 0 and all(c > 0 for c in self.probe.c_grid),
+             "must be a non-empty list of positive numbers"),
+            ("probe.cv_folds", self.probe.cv_folds >= 2, "must be >= 2"),
+            ("probe.views", self.probe.views >= 1, "must be >= 1"),
             ("loss.kind", self.loss.kind in ("bce", "weighted_bce", "focal", "asl"),
              "must be one of bce, weighted_bce, focal, asl"),
             ("engine.precision", self.engine.precision in ("auto", "bf16", "fp16", "fp32"),

@@ -83,6 +83,10 @@ def train(cfg: TrainConfig, cache, train_rows, val_rows, out_dir, init=None, dev
           resume: bool = False, progress: bool = True) -> Path:
     """Train, validate every epoch, keep the best-on-validation weights, write the bundle to ``out_dir``."""
     cfg.validate()
+    if cfg.strategy == "linear_probe":
+        from cxrvit.training.linear_probe import fit_linear_probe
+        return fit_linear_probe(cfg, cache, train_rows, val_rows, out_dir, init=init, device=device,
+                                resume=resume, progress=progress)
     ctx = dist_.setup(device or cfg.engine.device)
     try:
         return Trainer(cfg, cache, np.asarray(train_rows), np.asarray(val_rows), Path(out_dir), init, ctx,

@@ -1,0 +1,119 @@
+"""strategy: linear_probe -- frozen backbone, cross-fitted logistic head, an ordinary bundle."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cxrvit.training.config import load_recipe
+
+PROBE = ["model.arch=vit_tiny", "model.img_size=32", "strategy=linear_probe", "probe.c_grid=[0.1,1.0]",
+         "probe.cv_folds=3"]
+
+
+def _rows(cache):
+    from cxrvit.training.commands import choose_rows
+
+    return choose_rows(cache, 0.15, 0)[:2]
+
+
+def test_folded_head_equals_standardised_logistic_regression():
+    from sklearn.linear_model import LogisticRegression
+
+    from cxrvit.training.linear_probe import fit_head
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, [0.5, 2.0, 10.0, 1.0], size=(200, 4))
+    y = np.stack([(x[:, 0] + rng.normal(0, 0.3, 200) > 3).astype(float),
+                  (x[:, 2] + rng.normal(0, 5, 200) > 5).astype(float)], 1)
+    w, b = fit_head(x, y, c=0.5)
+    z = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    for j in range(2):
+        ref = LogisticRegression(C=0.5, max_iter=5000).fit(z, y[:, j]).decision_function(z)
+        np.testing.assert_allclose(x @ w[j] + b[j], ref, rtol=1e-6, atol=1e-6)
+
+
+def test_one_class_label_gets_a_finite_prior_bias():
+    from cxrvit.training.linear_probe import fit_head
+
+    x = np.random.default_rng(1).normal(size=(50, 3))
+    w, b = fit_head(x, np.zeros((50, 1)), c=1.0)
+    assert np.all(w == 0) and np.isfinite(b[0]) and b[0] < -3
+
+
+def test_probe_bundle_scores_as_fitted_and_thresholds_are_cross_fitted(tiny_cache, tmp_path, one_thread):
+    from cxrvit.data.preprocess import Preprocessing
+    from cxrvit.evaluation.evaluate import predict_rows
+    from cxrvit.inference.bundle import load_bundle
+    from cxrvit.training.engine import train
+    from cxrvit.training.linear_probe import cls_features
+
+    cfg = load_recipe("baseline", PROBE)
+    tr, va = _rows(tiny_cache)
+    out = train(cfg, tiny_cache, tr, va, tmp_path / "run", progress=False)
+    meta = json.loads((out / "bundle.json").read_text())
+    rows = np.sort(np.concatenate([tr, va]))
+    names = set(tiny_cache.index["image"].to_numpy()[rows].astype(str))
+    # Every training image (train and validation rows) tuned the thresholds; none of the test split did.
+    assert meta["threshold_source"]["split"] == "cross-fitted"
+    assert set(meta["threshold_source"]["images"]) == names
+    assert meta["training"]["C"] in (0.1, 1.0) and len(meta["training"]["c_search"]) == 2
+    assert [json.loads(line)["C"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0.1, 1.0]
+
+    # The bundle is an ordinary DINO-layout ViT whose head maps the frozen CLS features exactly as fitted.
+    bundle = load_bundle(out)
+    test = np.setdiff1d(np.arange(len(tiny_cache)), rows)
+    probs = predict_rows(bundle, tiny_cache, test)
+    feats = cls_features(bundle.model, tiny_cache, test, 32, Preprocessing(size=32))
+    w = bundle.model.head.weight.detach().double().numpy()
+    b = bundle.model.head.bias.detach().double().numpy()
+    np.testing.assert_allclose(probs, 1 / (1 + np.exp(-(feats @ w.T + b))), atol=1e-5)
+    # The backbone is the seed's random initialisation, untouched.
+    from cxrvit.model.vit import build_model
+    torch.manual_seed(cfg.engine.seed)
+    fresh = build_model("vit_tiny", num_classes=len(cfg.data.labels))
+    assert torch.equal(fresh.blocks[0].attn.qkv.weight, bundle.model.blocks[0].attn.qkv.weight.cpu())
+
+
+def test_resume_reuses_features_and_refits_a_new_grid(tiny_cache, tmp_path, one_thread, monkeypatch):
+    from cxrvit.training import linear_probe
+    from cxrvit.training.engine import train
+
+    tr, va = _rows(tiny_cache)
+    train(load_recipe("baseline", PROBE), tiny_cache, tr, va, tmp_path / "run", progress=False)
+    monkeypatch.setattr(linear_probe, "_extract", lambda *a, **k: pytest.fail("features were extracted again"))
+    cfg = load_recipe("baseline", PROBE[:-2] + ["probe.c_grid=[0.05]", "probe.cv_folds=3"])
+    out = train(cfg, tiny_cache, tr, va, tmp_path / "run", resume=True, progress=False)
+    assert json.loads((out / "bundle.json").read_text())["training"]["C"] == 0.05
+    # A different image size is different features: they are extracted again, not reused.
+    with pytest.raises(pytest.fail.Exception, match="extracted again"):
+        train(load_recipe("baseline", PROBE + ["model.img_size=48"]), tiny_cache, tr, va, tmp_path / "run",
+              resume=True, progress=False)
+
+
+def test_probe_finds_a_signal_the_features_carry(tiny_cache, tmp_path, one_thread):
+    """Labels that follow image brightness: frozen random features carry it, the probe must find it."""
+    from cxrvit.training.linear_probe import fit_linear_probe
+
+    class Relabelled:
+        def __init__(self, cache):
+            self.pixels, self.index, self.patient_ids = cache.pixels, cache.index, cache.patient_ids
+            bright = np.asarray(cache.pixels, dtype=np.float64).mean((1, 2))
+            self.y = (bright > np.median(bright)).astype(np.float32)
+
+        def labels(self, names):
+            return np.repeat(self.y[:, None], len(names), 1)
+
+    cache = Relabelled(tiny_cache)
+    tr, va = _rows(tiny_cache)
+    out = fit_linear_probe(load_recipe("baseline", PROBE), cache, tr, va, tmp_path / "run", progress=False)
+    assert json.loads((out / "bundle.json").read_text())["training"]["oof_mean_auroc_scored"] > 0.8
+
+
+@pytest.mark.parametrize("override, key", [("strategy=lora", "strategy"), ("probe.cv_folds=1", "probe.cv_folds"),
+                                           ("probe.c_grid=[]", "probe.c_grid"), ("probe.views=0", "probe.views")])
+def test_bad_probe_settings_name_the_key(override, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        load_recipe("baseline", [override]).validate()
