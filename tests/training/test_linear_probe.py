@@ -117,3 +117,22 @@ def test_probe_finds_a_signal_the_features_carry(tiny_cache, tmp_path, one_threa
 def test_bad_probe_settings_name_the_key(override, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         load_recipe("baseline", [override]).validate()
+
+
+def test_lp_ft_fine_tunes_from_the_probe_fitted_on_training_rows_only(tiny_cache, tmp_path, one_thread):
+    from safetensors.torch import load_file
+
+    from cxrvit.training.engine import train
+    from trainhelp import TINY
+
+    # lr 0: fine-tuning cannot move the weights, so the final model must be the probe's exactly.
+    cfg = load_recipe("baseline", TINY + ["strategy=lp_ft", "schedule.epochs=1", "optim.lr=0", "optim.min_lr=0",
+                                          "probe.cv_folds=3", "probe.c_grid=[0.1]"])
+    tr, va = _rows(tiny_cache)
+    out = train(cfg, tiny_cache, tr, va, tmp_path / "run", progress=False)
+    probe_meta = json.loads((out / "probe" / "bundle.json").read_text())
+    names = tiny_cache.index["image"].to_numpy().astype(str)
+    assert set(probe_meta["threshold_source"]["images"]) == set(names[tr])    # validation rows kept out
+    assert json.loads((out / "bundle.json").read_text())["threshold_source"]["split"] == "val"
+    final, probe = load_file(str(out / "model.safetensors")), load_file(str(out / "probe" / "model.safetensors"))
+    assert final.keys() == probe.keys() and all(torch.equal(final[k], probe[k]) for k in final)

@@ -120,6 +120,7 @@ class TrainConfig:
     name: str = "custom"
     # finetune: the supervised loop (engine.py). linear_probe: frozen backbone + cross-fitted logistic
     # head (linear_probe.py); it reads model, data, probe, augment (views > 1) and engine.seed only.
+    # lp_ft: a linear probe on the training rows, then the supervised loop from its weights.
     strategy: str = "finetune"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -136,7 +137,8 @@ class TrainConfig:
         """Raise ``ValueError`` naming the offending key; return self for chaining."""
         self.data.labels = list(validate_label_names(self.data.labels))
         checks = [
-            ("strategy", self.strategy in ("finetune", "linear_probe"), "must be finetune or linear_probe"),
+            ("strategy", self.strategy in ("finetune", "linear_probe", "lp_ft"),
+             "must be one of finetune, linear_probe, lp_ft"),
             ("probe.c_grid", len(self.probe.c_grid) > 0 and all(c > 0 for c in self.probe.c_grid),
              "must be a non-empty list of positive numbers"),
             ("probe.cv_folds", self.probe.cv_folds >= 2, "must be >= 2"),

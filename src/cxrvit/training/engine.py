@@ -83,21 +83,29 @@ def train(cfg: TrainConfig, cache, train_rows, val_rows, out_dir, init=None, dev
           resume: bool = False, progress: bool = True) -> Path:
     """Train, validate every epoch, keep the best-on-validation weights, write the bundle to ``out_dir``."""
     cfg.validate()
-    if cfg.strategy == "linear_probe":
+    start_from = None
+    if cfg.strategy in ("linear_probe", "lp_ft"):
         from cxrvit.training.linear_probe import fit_linear_probe
-        return fit_linear_probe(cfg, cache, train_rows, val_rows, out_dir, init=init, device=device,
-                                resume=resume, progress=progress)
+        if cfg.strategy == "linear_probe":
+            return fit_linear_probe(cfg, cache, train_rows, val_rows, out_dir, init=init, device=device,
+                                    resume=resume, progress=progress)
+        # LP-FT (Kumar et al., ICLR 2022): fit the head on frozen features first, so fine-tuning starts
+        # from a head that already ranks the findings instead of one whose random gradients distort the
+        # backbone. The probe sees the training rows only: validation still selects and sets thresholds.
+        probe = fit_linear_probe(cfg, cache, train_rows, np.zeros(0, dtype=np.int64), Path(out_dir) / "probe",
+                                 init=init, device=device, resume=True, progress=progress)
+        start_from = probe / "model.safetensors"
     ctx = dist_.setup(device or cfg.engine.device)
     try:
         return Trainer(cfg, cache, np.asarray(train_rows), np.asarray(val_rows), Path(out_dir), init, ctx,
-                       resume, progress).run()
+                       resume, progress, start_from=start_from).run()
     finally:
         dist_.cleanup(ctx)
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, cache, train_rows: np.ndarray, val_rows: np.ndarray, out: Path,
-                 init, ctx: dist_.DistContext, resume: bool, progress: bool):
+                 init, ctx: dist_.DistContext, resume: bool, progress: bool, start_from: Path | None = None):
         self.cfg, self.cache, self.out, self.ctx, self.show_progress = cfg, cache, out, ctx, progress
         self.device = ctx.device
         if len(train_rows) == 0 or len(val_rows) == 0:
@@ -147,6 +155,8 @@ class Trainer:
         if init is not None and state is None:
             from cxrvit.model.checkpoints import load_backbone
             _, self.init_report = load_backbone(init, model)
+        if start_from is not None and state is None:
+            model.load_state_dict(load_file(str(start_from)))   # the probe: same backbone, fitted head
         self.model = model.to(self.device)
         self.prep = Preprocessing(size=cfg.model.img_size)
         self.amp = autocast_dtype(cfg.engine.precision, self.device)
