@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the embedded real sample, end to end: prepare -> train (improved) -> evaluate on NIH's
-# official test images -> predict with heat-maps. Roughly 10-20 minutes on 2 CPU cores (README).
+# official test images -> predict with heat-maps. About 10 minutes on 2 CPU cores (README).
 #
 #   bash scripts/run_sample.sh [DATA_DIR] [OUT_DIR] [extra `cxrvit train --set` overrides...]
 #
@@ -11,7 +11,6 @@ DATA=${1:-sample/nih-sample}
 OUT=${2:-runs/sample}
 shift $(( $# > 2 ? 2 : $# ))
 CXRVIT=${CXRVIT:-.venv/bin/cxrvit}
-EPOCHS=${EPOCHS:-8}
 
 echo "== 1/4 prepare: decode $DATA once into a 160-px cache"
 "$CXRVIT" prepare --data "$DATA" --out "$OUT/cache" --size 160
@@ -19,13 +18,12 @@ echo "== 1/4 prepare: decode $DATA once into a 160-px cache"
 
 if [ -f "$OUT/run/bundle.json" ]; then
   echo "== 2/4 train: $OUT/run is finished (delete it to train again)"
-elif [ -f "$OUT/run/last.pt" ]; then
-  echo "== 2/4 train: resuming the killed run in $OUT/run with its saved config"
+elif [ -f "$OUT/run/config.yaml" ]; then
+  echo "== 2/4 train: resuming the interrupted run in $OUT/run with its saved config"
   "$CXRVIT" train --resume "$OUT/run"
 else
-  echo "== 2/4 train: the improved recipe at 128 px for $EPOCHS epochs (official train_val -> train/val by patient)"
-  "$CXRVIT" train --recipe improved --data "$OUT/cache" --out "$OUT/run" \
-    --set model.img_size=128 --set schedule.epochs="$EPOCHS" "$@"
+  echo "== 2/4 train: the improved recipe (frozen ViT-S/16 + cross-fitted linear head, 224 px) on NIH's train_val images"
+  "$CXRVIT" train --recipe improved --data "$OUT/cache" --out "$OUT/run" "$@"
 fi
 
 echo "== 3/4 evaluate on NIH's official test images (never used for training or thresholds)"

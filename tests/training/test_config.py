@@ -11,10 +11,13 @@ def test_shipped_recipes_load_and_differ_where_documented():
     for cfg in (base, imp):
         assert cfg.data.labels == list(DEFAULT_LABELS) and cfg.scored_labels == list(SCORED_TARGETS)
         assert cfg.model.arch == "vit_small"
+    # baseline fine-tunes; improved is the frozen-backbone linear probe at 224 px (issue 10's winner)
+    assert base.strategy == "finetune" and imp.strategy == "linear_probe" and imp.model.img_size == 224
+    assert imp.probe.views > 1 and imp.probe.cv_folds >= 5
     # the baseline is the documented plain recipe
     assert (base.loss.kind, base.ema.enabled, base.optim.layer_decay, base.model.drop_path) == ("bce", False, 1.0, 0.0)
     assert base.augment.hflip == 0.5 and base.augment.scale == [0.08, 1.0]
-    # improved switches the pieces on
+    # improved's fine-tuning sections (strategy=finetune / lp_ft) switch the pieces on
     assert imp.loss.kind != "bce" and imp.ema.enabled and imp.optim.layer_decay < 1 and imp.optim.clip_grad > 0
     assert imp.augment.scale[0] >= 0.5 and imp.augment.hflip == 0.0
 

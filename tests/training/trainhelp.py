@@ -8,7 +8,7 @@ from pathlib import Path
 #: augmentation all on; vit_tiny at 32 px; 4 optimizer steps per epoch, 2 epochs. Drop-path is off
 #: because the DDP test compares against this run and drop-path masks are drawn per rank; fp32
 #: because bf16 rounds a gradient summed over 16 images differently from two sums over 8.
-TINY = ["model.arch=vit_tiny", "model.img_size=32", "model.drop_path=0", "schedule.epochs=2",
+TINY = ["strategy=finetune", "model.arch=vit_tiny", "model.img_size=32", "model.drop_path=0", "schedule.epochs=2",
         "schedule.batch_size=16", "engine.checkpoint_every=3", "eval.batch_size=64", "engine.log_every=1",
         "optim.warmup_epochs=0.5", "engine.precision=fp32"]
 
