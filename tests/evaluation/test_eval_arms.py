@@ -207,3 +207,23 @@ def test_run_folds_scores_a_patient_wise_hold_out_and_reuses_it_later(tmp_path):
     with pytest.raises(ValueError, match="run_folds"):
         run_arms(load_plan(write_plan(tmp_path / "a.yaml", seeds=[0], arms=arms, run_folds=[2])), "C",
                  tmp_path / "b", cache=cache, train_fn=fake, **QUIET)
+
+
+def test_learning_summary_reads_epochs_of_fine_tuning_and_the_c_search_of_a_probe(tmp_path):
+    import json
+
+    from cxrvit.evaluation.arms_table import learning_summary
+
+    def run(name, records):
+        (tmp_path / name / "run").mkdir(parents=True)
+        (tmp_path / name / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        return tmp_path / name
+
+    ft = [run(f"ft{i}", [{"kind": "train", "step": 1, "loss": 1.0}] +
+              [{"kind": "val", "epoch": e, "score": s} for e, s in enumerate(scores)])
+          for i, scores in enumerate([[0.5, 0.7, 0.6], [0.5, 0.5, 0.6]])]
+    s = learning_summary(ft)
+    assert (s["epochs"], s["best_epoch"], round(s["best"], 3), round(s["last"], 3)) == (3, 2, 0.6, 0.6)
+    probes = [run(f"p{i}", [{"kind": "val", "C": c, "score": v} for c, v in grid])
+              for i, grid in enumerate([[(0.1, 0.55), (1.0, 0.60)], [(0.1, 0.58), (1.0, 0.52)]])]
+    assert learning_summary(probes) == {"probe_oof": pytest.approx(0.59), "C": [1.0, 0.1]}

@@ -62,16 +62,21 @@ class ArmsResult:
             d_au = c.diff_auroc["mean"].fmt(signed=True) if c else "—"
             per = " | ".join(f"{s.targets[t]['f1']:.3f} / {_f(s.targets[t]['auroc'])}" for t in targets)
             lr = self.learning.get(arm, {})
-            learn = (f"{lr['best']:.3f}@{lr['best_epoch']} ({lr['last']:.3f})" if lr else "n/a")
+            if "probe_oof" in lr:
+                learn = f"probe OOF {lr['probe_oof']:.3f} (C {'/'.join(f'{c:g}' for c in lr['C'])})"
+            else:
+                learn = f"{lr['best']:.3f}@{lr['best_epoch']} ({lr['last']:.3f})" if lr else "n/a"
             cost = self.cost_minutes[arm]
             lines.append(f"| {arm} | {h['mean_f1_scored'].fmt()} | {d_f1} | {h['mean_auroc_scored'].fmt()} | {d_au} | "
                          f"{per} | {learn} | {cost['pretrain']:.0f} + {cost['train']:.0f} |")
         triv = self.scores[ref].headline["mean_trivial_f1_scored"].value
         lines += ["", f"Trivial all-positive mean F1: {triv:.3f} ("
                   + ", ".join(f"{t} {self.scores[ref].targets[t]['trivial_f1']:.3f}" for t in targets) + "). "
-                  "F1 at each fold's validation-tuned thresholds; CIs are patient-bootstrap percentiles "
+                  "F1 at each fold's own thresholds (validation-tuned when fine-tuned, cross-fitted over the "
+                  "fold's training images for linear probes); CIs are patient-bootstrap percentiles "
                   f"({self.scores[ref].bootstrap['resamples']} resamples); Δ = arm − {ref}, paired on the same "
-                  "patients. Validation AUROC: mean over folds/seeds of the scored-target mean per epoch."]
+                  "patients. Validation AUROC: mean over folds/seeds of the scored-target mean per epoch; for a "
+                  "probe, its best out-of-fold mean AUROC over the C grid and the C chosen per fold/seed."]
         return "\n".join(lines) + "\n"
 
     def to_json(self) -> dict:
@@ -93,17 +98,24 @@ def stack_seeds(per_seed: dict[int, list[FoldPredictions]], labels: list[str]):
 
 
 def learning_summary(run_dirs: list[Path]) -> dict:
-    """Mean-over-runs validation score per epoch: where it peaked and where it ended."""
-    curves = []
+    """Fine-tuning: the mean-over-runs validation score per epoch, where it peaked and where it ended.
+    Linear probe: the mean best out-of-fold score of its C search, and the C each run chose."""
+    curves, probes = [], []
     for d in run_dirs:
         path = d / "run" / METRICS
         if not path.is_file():
             continue
-        val = [r for r in read_metrics(path) if r.get("kind") == "val" and "score" in r]
-        if val:
-            curves.append([float(r["score"]) for r in val])
+        val = [r for r in read_metrics(path) if r.get("kind") == "val" and r.get("score") is not None]
+        epochs = [float(r["score"]) for r in val if "C" not in r]
+        grid = [r for r in val if "C" in r]
+        if epochs:
+            curves.append(epochs)
+        elif grid:
+            probes.append(max(grid, key=lambda r: float(r["score"])))
     if not curves:
-        return {}
+        if not probes:
+            return {}
+        return {"probe_oof": float(np.mean([float(r["score"]) for r in probes])), "C": [r["C"] for r in probes]}
     n = min(len(c) for c in curves)
     mean = np.mean([c[:n] for c in curves], axis=0)
     best = int(np.argmax(mean))
