@@ -146,8 +146,8 @@ def fit_linear_probe(cfg: TrainConfig, cache, train_rows, val_rows, out_dir, ini
     if len(rows) == 0:
         raise ValueError("linear probe: no training rows")
     labels, scored, p = list(cfg.data.labels), cfg.scored_labels, cfg.probe
-    dev = torch.device("cpu" if device in (None, "auto") and not torch.cuda.is_available()
-                       else ("cuda" if device in (None, "auto") else device))
+    from cxrvit.evaluation.evaluate import resolve_device
+    dev = resolve_device(device or cfg.engine.device)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     torch.manual_seed(cfg.engine.seed)
