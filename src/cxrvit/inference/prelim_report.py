@@ -2,7 +2,7 @@
 
 The commercial readers this project is compared with (KARA-CXR, Lunit INSIGHT CXR) hand the reader
 a short and a full text. Ours is filled in from numbers only, so every sentence can be traced to a
-probability, the bundle's validation-tuned threshold and the peak of a Grad-CAM map:
+probability, the bundle's tuned threshold (validation or cross-fitted) and the peak of a Grad-CAM map:
 
 - a label is *called* when its probability is at or over its threshold (as ``cxrvit predict``);
 - a call close to its threshold is *hedged* ("possible ...") and a near miss is said not to be

@@ -43,7 +43,8 @@ def model_info(bundle, source: str) -> dict:
         "threshold_source": src,
         "tuned_with_tta": bundle.tuned_with_tta,
         "preprocessing": bundle.preprocessing.to_dict(),
-        "training": {k: training.get(k) for k in ("best_epoch", "steps", "val_metrics", "tta") if k in training},
+        "training": {k: training.get(k) for k in ("strategy", "best_epoch", "steps", "val_metrics", "tta", "C",
+                                                  "oof_mean_auroc_scored", "views") if k in training},
         "recipe": cfg.get("recipe") or cfg.get("name"),
         "cxrvit_version": __version__,
     }
