@@ -87,6 +87,9 @@ def test_resume_reuses_features_and_refits_a_new_grid(tiny_cache, tmp_path, one_
     cfg = load_recipe("baseline", PROBE[:-2] + ["probe.c_grid=[0.05]", "probe.cv_folds=3"])
     out = train(cfg, tiny_cache, tr, va, tmp_path / "run", resume=True, progress=False)
     assert json.loads((out / "bundle.json").read_text())["training"]["C"] == 0.05
+    # Without resume a finished probe is never overwritten.
+    with pytest.raises(FileExistsError, match="resume"):
+        train(cfg, tiny_cache, tr, va, tmp_path / "run", progress=False)
     # A different image size is different features: they are extracted again, not reused.
     with pytest.raises(pytest.fail.Exception, match="extracted again"):
         train(load_recipe("baseline", PROBE + ["model.img_size=48"]), tiny_cache, tr, va, tmp_path / "run",

@@ -148,6 +148,9 @@ def fit_linear_probe(cfg: TrainConfig, cache, train_rows, val_rows, out_dir, ini
     labels, scored, p = list(cfg.data.labels), cfg.scored_labels, cfg.probe
     from cxrvit.evaluation.evaluate import resolve_device
     dev = resolve_device(device or cfg.engine.device)
+    if not resume and any((out / f).exists() for f in (FEATURES, "bundle.json")):
+        raise FileExistsError(f"{out} already holds a linear probe ({FEATURES} or bundle.json); pass resume=True "
+                              f"(--resume) to reuse its features, or choose a new output folder")
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     torch.manual_seed(cfg.engine.seed)
@@ -177,7 +180,7 @@ def fit_linear_probe(cfg: TrainConfig, cache, train_rows, val_rows, out_dir, ini
         oof = cross_fit(feats, view_rows, y_views, rows, plain, y_rows, cache.patient_ids, c, k, cfg.data.split_seed)
         au = auroc(y_rows, oof)
         score = float(np.nanmean(au[scored_idx])) if not np.all(np.isnan(au[scored_idx])) else float("nan")
-        search.append({"kind": "val", "C": c, "score": score,
+        search.append({"kind": "val", "C": c, "score": _finite(score),
                        "auroc": {name: _finite(au[i]) for i, name in enumerate(labels)}})
         if progress:
             print(f"linear probe: C={c:g}  out-of-fold mean AUROC (scored) {score:.3f}")
