@@ -139,3 +139,14 @@ def test_lp_ft_fine_tunes_from_the_probe_fitted_on_training_rows_only(tiny_cache
     assert json.loads((out / "bundle.json").read_text())["threshold_source"]["split"] == "val"
     final, probe = load_file(str(out / "model.safetensors")), load_file(str(out / "probe" / "model.safetensors"))
     assert final.keys() == probe.keys() and all(torch.equal(final[k], probe[k]) for k in final)
+
+
+def test_probe_strategies_refuse_torchrun(tiny_cache, tmp_path, monkeypatch):
+    from cxrvit.training.engine import train
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for strategy in ("linear_probe", "lp_ft"):
+        with pytest.raises(ValueError, match="without torchrun"):
+            train(load_recipe("baseline", PROBE[:2] + [f"strategy={strategy}"]), tiny_cache, *_rows(tiny_cache),
+                  tmp_path / strategy, progress=False)
+    assert not (tmp_path / "linear_probe").exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +87,9 @@ def train(cfg: TrainConfig, cache, train_rows, val_rows, out_dir, init=None, dev
     start_from = None
     if cfg.strategy in ("linear_probe", "lp_ft"):
         from cxrvit.training.linear_probe import fit_linear_probe
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Every rank would fit (and write) the same probe: one process does it in seconds anyway.
+            raise ValueError(f"strategy={cfg.strategy} fits its probe in one process; run it without torchrun")
         if cfg.strategy == "linear_probe":
             return fit_linear_probe(cfg, cache, train_rows, val_rows, out_dir, init=init, device=device,
                                     resume=resume, progress=progress)
