@@ -137,9 +137,9 @@ def test_config_hash_survives_keys_added_at_their_defaults():
 
     cfg = load_recipe("baseline", ["model.img_size=128"])
     legacy = config_to_dict(cfg)          # the dict as it was before the later keys were added
-    del legacy["model"]["attention"], legacy["strategy"], legacy["probe"]
-    assert set(LATER_KEYS) == {"model.attention", "strategy", "probe"}
+    del legacy["model"]["attention"], legacy["model"]["pos_embed"], legacy["strategy"], legacy["probe"]
+    assert set(LATER_KEYS) == {"model.attention", "model.pos_embed", "strategy", "probe"}
     assert config_hash(cfg) == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:16]
     # Used, a later key changes the hash like any other.
-    for override in ("strategy=linear_probe", "model.attention=explicit", "probe.views=2"):
+    for override in ("strategy=linear_probe", "model.attention=explicit", "probe.views=2", "model.pos_embed=sincos"):
         assert config_hash(load_recipe("baseline", ["model.img_size=128", override])) != config_hash(cfg)

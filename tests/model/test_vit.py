@@ -6,7 +6,7 @@ import torch
 
 from cxrvit.data.preprocess import Preprocessing
 from cxrvit.model.vit import (VisionTransformer, drop_path, fold_patch_embed_to_grey, resample_pos_embed,
-                              vit_small)
+                              sincos_pos_embed, vit_small)
 from dino_reference import dino_vit_small
 
 
@@ -162,6 +162,49 @@ def test_dino_initialisation(vits):
     assert abs(w.std().item() - 0.02) < 0.001 and abs(w.mean().item()) < 0.001
     assert model.blocks[0].mlp.fc1.bias.abs().max() == 0 and torch.all(model.norm.weight == 1)
     assert abs(model.pos_embed.std().item() - 0.02) < 0.002
+
+
+def test_sincos_pos_embed_init_keeps_the_state_dict():
+    random_start, sincos_start = vit_small(num_classes=3), vit_small(num_classes=3, pos_embed="sincos")
+    assert [(k, v.shape) for k, v in sincos_start.state_dict().items()] == MANIFEST
+    table = sincos_start.pos_embed.detach()
+    torch.testing.assert_close(table, sincos_pos_embed(384, 14))
+    assert torch.all(table[0, 0] == 0)                         # the CLS position carries no position
+    assert table[0, 1:].abs().max() <= 1 and table[0, 1:].std() > 0.5     # as loud as the patch tokens
+    assert sincos_start.pos_embed.requires_grad                # a starting value, not a frozen table
+    assert abs(random_start.pos_embed.std().item() - 0.02) < 0.002
+    with pytest.raises(ValueError, match="pos_embed"):
+        vit_small(pos_embed="learned")
+
+
+def test_sincos_positions_let_a_frozen_random_vit_say_where():
+    """A bright square on the left vs the right half, identical pixels otherwise: with DINO's random
+    positions (std 0.02) an untrained ViT is a bag of patches and a linear probe on its CLS is at chance;
+    with the sin-cos table the same untrained ViT tells the sides apart (why `improved` starts from it)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import cross_val_predict
+
+    g = torch.Generator().manual_seed(0)
+    n = 200
+    x = torch.rand(n, 1, 64, 64, generator=g) * 0.2
+    side = torch.arange(n) % 2
+    for i in range(n):                                          # square on the patch grid: same patch contents
+        r = int(torch.randint(0, 4, (1,), generator=g)) * 16
+        c = int(torch.randint(0, 2, (1,), generator=g)) * 16 + 32 * int(side[i])
+        x[i, :, r:r + 16, c:c + 16] += 0.8
+
+    def probe_auroc(pos_embed: str) -> float:
+        torch.manual_seed(0)
+        model = VisionTransformer(img_size=64, embed_dim=48, depth=2, num_heads=3, pos_embed=pos_embed).eval()
+        with torch.no_grad():
+            f = model.forward_features(x)[:, 0].numpy()
+        f = (f - f.mean(0)) / (f.std(0) + 1e-6)
+        p = cross_val_predict(LogisticRegression(max_iter=2000), f, side.numpy(), cv=5, method="predict_proba")
+        return roc_auc_score(side.numpy(), p[:, 1])
+
+    assert probe_auroc("sincos") > 0.9
+    assert probe_auroc("random") < 0.7
 
 
 def test_grey_fold_is_exact():

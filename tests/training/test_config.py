@@ -14,6 +14,8 @@ def test_shipped_recipes_load_and_differ_where_documented():
     # baseline fine-tunes; improved is the frozen-backbone linear probe at 224 px (issue 10's winner)
     assert base.strategy == "finetune" and imp.strategy == "linear_probe" and imp.model.img_size == 224
     assert imp.probe.views > 1 and imp.probe.cv_folds >= 5
+    # round 3: improved's frozen random backbone starts from sin-cos positions; baseline stays DINO's init
+    assert imp.model.pos_embed == "sincos" and base.model.pos_embed == "random"
     # the baseline is the documented plain recipe
     assert (base.loss.kind, base.ema.enabled, base.optim.layer_decay, base.model.drop_path) == ("bce", False, 1.0, 0.0)
     assert base.augment.hflip == 0.5 and base.augment.scale == [0.08, 1.0]
@@ -40,6 +42,7 @@ def test_overrides_are_typed():
     ("loss.kind=hinge", "loss.kind"),
     ("model.img_size=100", "multiple of 16"),
     ("model.attention=flash", "model.attention"),
+    ("model.pos_embed=learned", "model.pos_embed"),
     ("data.labels=[Atelectasis, Cancer]", "unknown label 'Cancer'"),
     ("optim.lr", "not of the form key=value"),
 ])

@@ -94,6 +94,10 @@ def test_resume_reuses_features_and_refits_a_new_grid(tiny_cache, tmp_path, one_
     with pytest.raises(pytest.fail.Exception, match="extracted again"):
         train(load_recipe("baseline", PROBE + ["model.img_size=48"]), tiny_cache, tr, va, tmp_path / "run",
               resume=True, progress=False)
+    # So is another starting backbone (sin-cos instead of random positions).
+    with pytest.raises(pytest.fail.Exception, match="extracted again"):
+        train(load_recipe("baseline", PROBE + ["model.pos_embed=sincos"]), tiny_cache, tr, va, tmp_path / "run",
+              resume=True, progress=False)
 
 
 def test_probe_finds_a_signal_the_features_carry(tiny_cache, tmp_path, one_thread):

@@ -12,7 +12,9 @@ Additions over DINO, none of which changes the state_dict:
 - timm's model API: ``forward_features`` / ``forward_head``, ``no_weight_decay``, and
   ``param_groups_layer_decay`` for layer-wise learning-rate decay;
 - grey inputs: a ``[B, 1, H, W]`` image is repeated to 3 channels (see ``fold_patch_embed_to_grey``
-  for why that is exact and for the one-channel equivalent).
+  for why that is exact and for the one-channel equivalent);
+- ``pos_embed="sincos"`` starts the position embedding from MAE's fixed 2-D sine-cosine table instead of
+  DINO's trunc-normal(0.02) noise: only the initial values differ, the parameter is the same.
 """
 from __future__ import annotations
 
@@ -108,6 +110,26 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
+POS_EMBED_INITS = ("random", "sincos")
+
+
+def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> torch.Tensor:
+    """MAE's fixed 2-D sine-cosine table ``[1, (1 +) grid*grid, dim]`` (CLS position = zeros)."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs a dim divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4.0))
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                            indexing="ij")
+    parts = []
+    for coord in (ys.flatten(), xs.flatten()):  # first half encodes the row, second the column
+        out = coord[:, None] * omega[None]
+        parts += [torch.sin(out), torch.cos(out)]
+    table = torch.cat(parts, dim=1).float()
+    if cls_token:
+        table = torch.cat((torch.zeros(1, dim), table), dim=0)
+    return table.unsqueeze(0)
+
+
 class PatchEmbed(nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 384):
         super().__init__()
@@ -126,8 +148,11 @@ class VisionTransformer(nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 0,
                  embed_dim: int = 384, depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, eps: float = 1e-6, attention: str = "auto"):
+                 drop_path_rate: float = 0.0, eps: float = 1e-6, attention: str = "auto",
+                 pos_embed: str = "random"):
         super().__init__()
+        if pos_embed not in POS_EMBED_INITS:
+            raise ValueError(f"unknown pos_embed init {pos_embed!r}; choose from {POS_EMBED_INITS}")
         self.num_features = self.embed_dim = embed_dim
         self.num_classes = num_classes
         self.patch_size = patch_size
@@ -142,7 +167,14 @@ class VisionTransformer(nn.Module):
         )
         self.norm = nn.LayerNorm(embed_dim, eps=eps)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if pos_embed == "sincos":
+            # Random positions at std 0.02 are ~30x smaller than the patch tokens (std ~0.7), so an untrained
+            # ViT is a bag of patches: its features cannot say *where* an opacity is. The sin-cos table
+            # (amplitude 1) makes position as loud as content from the first step (docs/training.md).
+            with torch.no_grad():
+                self.pos_embed.copy_(sincos_pos_embed(embed_dim, int(math.isqrt(self.patch_embed.num_patches))))
+        else:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(self._init_weights)
         set_attention(self, attention)

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from cxrvit.model.vit import VisionTransformer
+from cxrvit.model.vit import VisionTransformer, sincos_pos_embed  # noqa: F401  (re-exported for mae/ijepa)
 
 #: (embed_dim, heads) of the architectures ``cxrvit.model.vit`` ships; depth is configurable
 #: here so tests can use a 2-block encoder with the same code path.
@@ -53,23 +53,6 @@ def encode(vit: VisionTransformer, x: torch.Tensor, keep: torch.Tensor | None = 
     for blk in vit.blocks:
         tokens = blk(tokens)
     return vit.norm(tokens)
-
-
-def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> torch.Tensor:
-    """MAE's fixed 2-D sine-cosine table ``[1, (1 +) grid*grid, dim]`` (CLS position = zeros)."""
-    if dim % 4:
-        raise ValueError(f"sin-cos position embedding needs a dim divisible by 4, got {dim}")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4.0))
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
-                            indexing="ij")
-    parts = []
-    for coord in (ys.flatten(), xs.flatten()):  # first half encodes the row, second the column
-        out = coord[:, None] * omega[None]
-        parts += [torch.sin(out), torch.cos(out)]
-    table = torch.cat(parts, dim=1).float()
-    if cls_token:
-        table = torch.cat((torch.zeros(1, dim), table), dim=0)
-    return table.unsqueeze(0)
 
 
 def init_sincos_pos_embed(vit: VisionTransformer) -> None:

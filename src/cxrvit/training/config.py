@@ -25,6 +25,7 @@ class ModelConfig:
     img_size: int = 224              # training/inference resolution (multiple of the patch size)
     drop_path: float = 0.0           # stochastic depth rate of the last block (linear in depth)
     attention: str = "auto"          # auto | sdpa | explicit (auto: per device and dtype, cxrvit.runtime)
+    pos_embed: str = "random"        # start of pos_embed: random (DINO) | sincos (MAE's table); --init overrides
 
 
 @dataclass
@@ -153,6 +154,7 @@ class TrainConfig:
              "must be a positive multiple of 16"),
             ("model.attention", self.model.attention in ("auto", "sdpa", "explicit"),
              "must be one of auto, sdpa, explicit"),
+            ("model.pos_embed", self.model.pos_embed in ("random", "sincos"), "must be one of random, sincos"),
             ("schedule.epochs", self.schedule.epochs >= 1, "must be >= 1"),
             ("schedule.grad_accum", self.schedule.grad_accum >= 1, "must be >= 1"),
             ("schedule.batch_size", self.schedule.batch_size % self.schedule.grad_accum == 0,

@@ -154,7 +154,7 @@ class Trainer:
 
         # -- model, optimizer, loss -----------------------------------------------------------
         model = build_model(cfg.model.arch, num_classes=len(self.labels), drop_path_rate=cfg.model.drop_path,
-                            attention=cfg.model.attention)
+                            attention=cfg.model.attention, pos_embed=cfg.model.pos_embed)
         self.init_report = None
         if init is not None and state is None:
             from cxrvit.model.checkpoints import load_backbone

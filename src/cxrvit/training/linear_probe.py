@@ -154,7 +154,8 @@ def fit_linear_probe(cfg: TrainConfig, cache, train_rows, val_rows, out_dir, ini
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     torch.manual_seed(cfg.engine.seed)
-    model = build_model(cfg.model.arch, num_classes=len(labels), attention=cfg.model.attention)
+    model = build_model(cfg.model.arch, num_classes=len(labels), attention=cfg.model.attention,
+                        pos_embed=cfg.model.pos_embed)
     init_report = None
     if init is not None:
         from cxrvit.model.checkpoints import load_backbone
@@ -225,8 +226,11 @@ def _extract(model, cache, rows, cfg: TrainConfig, prep, dev, progress: bool) ->
 
 def _fingerprint(cfg: TrainConfig, init) -> str:
     # What the features depend on; the head's settings (C grid, folds) are free to change on resume.
-    return json.dumps([cfg.model.arch, cfg.model.img_size, cfg.engine.seed, config_to_dict(cfg)["augment"],
-                       str(Path(init).resolve()) if init else None])
+    key = [cfg.model.arch, cfg.model.img_size, cfg.engine.seed, config_to_dict(cfg)["augment"],
+           str(Path(init).resolve()) if init else None]
+    if cfg.model.pos_embed != "random":   # appended only when set, so features cached before the key still match
+        key.append(cfg.model.pos_embed)
+    return json.dumps(key)
 
 
 def _load_features(path: Path, rows: np.ndarray, views: int, fingerprint: str) -> np.ndarray | None:
