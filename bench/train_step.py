@@ -8,12 +8,17 @@ hits every variant alike (median of ``--repeats`` rounds, wall and process-CPU t
 - the MAE pre-training step (``make_inputs`` crop + masking, encoder on the visible tokens, decoder,
   norm-pix loss, backward, AdamW) with the fused AdamW ``cxrvit pretrain`` now uses and with the
   per-parameter AdamW it used before, and its img/s ratio to the supervised fp32 step;
+- the same MAE step with the ``mae-small`` recipe's 2-block decoder;
 - optionally (``--compile``) the supervised fp32 step through ``torch.compile``, with its compile time.
 MFU is the model FLOP rate over the matmul ceiling measured on the model's own layer shapes
-(``bench/model.py``'s ``ceiling``), by wall time and by CPU time.
+(``bench/model.py``'s ``ceiling``), by wall time and by CPU time. Every row also gets its FLOP per image
+counted by ``torch.utils.flop_counter`` on one real step, so an img/s ratio can be read against the FLOP
+ratio (the speed-up the arithmetic allows). ``--profile`` adds a ``torch.profiler`` table by operator
+(self CPU time) for the supervised and the MAE step: where the time goes.
 
     .venv/bin/python bench/train_step.py                       # 128 px, batch 16: a few minutes on 2 cores
     .venv/bin/python bench/train_step.py --size 224 --batch 8 --no-bf16
+    .venv/bin/python bench/train_step.py --no-bf16 --profile
 """
 from __future__ import annotations
 
@@ -62,9 +67,9 @@ def supervised_step(size: int, batch: int, attention: str, bf16: bool, compiled:
     return step
 
 
-def mae_step(size: int, batch: int, mask: float, fused: bool, attention: str = "auto"):
+def mae_step(size: int, batch: int, mask: float, fused: bool, attention: str = "auto", recipe: str = "mae"):
     torch.manual_seed(0)
-    cfg = load_pretrain_recipe("mae", [f"mae.size={size}", f"mae.mask_ratio={mask}"])
+    cfg = load_pretrain_recipe(recipe, [f"mae.size={size}", f"mae.mask_ratio={mask}"])
     method = set_attention(build_method(cfg), attention).train()
     opt = torch.optim.AdamW(param_groups(method.trainable_modules()), lr=1e-5, fused=fused)
     x = torch.rand(batch, 1, size, size)  # grey images in [0, 1], as the pre-training loader yields them
@@ -78,6 +83,31 @@ def mae_step(size: int, batch: int, mask: float, fused: bool, attention: str = "
     return step
 
 
+def flop_per_image(step, batch: int) -> float:
+    """Floating-point operations of one real step (forward + backward; the optimizer's are negligible)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops() / batch
+
+
+def profile_table(name: str, step, rows: int = 12) -> None:
+    """Top operators of two steps by self CPU time, as a share of the step."""
+    from torch.profiler import ProfilerActivity, profile
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+        step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"\n{name}: top operators by self CPU time ({total / 2e3:.0f} ms per step)\n")
+    print("| operator | calls per step | self CPU ms per step | share |")
+    print("|---|---:|---:|---:|")
+    for e in events[:rows]:
+        print(f"| `{e.key}` | {e.count / 2:.0f} | {e.self_cpu_time_total / 2e3:.1f} | "
+              f"{100 * e.self_cpu_time_total / total:.1f}% |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=128)
@@ -87,6 +117,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16-autocast rows (slow where bf16 is emulated)")
     ap.add_argument("--compile", action="store_true", help="add torch.compile'd supervised fp32 rows")
+    ap.add_argument("--profile", action="store_true", help="add operator tables (torch.profiler) for both steps")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     bm = _bench_model()
@@ -101,6 +132,8 @@ def main() -> None:
     variants["mae fp32 fused AdamW, auto attention (now)"] = mae_step(s, b, args.mask, fused=True)
     variants["mae fp32 fused AdamW, sdpa"] = mae_step(s, b, args.mask, fused=True, attention="sdpa")
     variants["mae fp32 per-param AdamW, sdpa (before)"] = mae_step(s, b, args.mask, fused=False, attention="sdpa")
+    variants["mae-small (2-block decoder) fp32 fused AdamW, auto"] = mae_step(s, b, args.mask, fused=True,
+                                                                             recipe="mae-small")
     if args.compile:
         step = supervised_step(s, b, "sdpa", False, compiled=True)
         t = time.perf_counter()
@@ -108,7 +141,8 @@ def main() -> None:
         print(f"torch.compile: first step (compile + run) {time.perf_counter() - t:.1f} s", flush=True)
         variants["supervised fp32 sdpa compiled"] = step
 
-    for step in variants.values():  # warm-up: allocator, oneDNN primitive caches
+    flops = {k: flop_per_image(step, b) for k, step in variants.items()}  # also the warm-up:
+    for step in variants.values():  # allocator, oneDNN primitive caches
         step()
     wall = {k: [] for k in variants}
     cpu = {k: [] for k in variants}
@@ -127,18 +161,22 @@ def main() -> None:
     med_c = {k: statistics.median(v) for k, v in cpu.items()}
     print(f"\n{bm.describe_machine(args.threads)}; torch {torch.__version__}, {args.threads} threads")
     from cxrvit.runtime import attention_path
-    auto = attention_path(torch.device("cpu"), torch.float32, (s // 16) ** 2 + 1)
+    auto = attention_path(torch.device("cpu"), torch.float32)
     print(f"{s} px, batch {b}, mask {args.mask}; model.attention=auto picks {auto} for the supervised fp32 step "
           f"on CPU; matmul ceiling GFLOP/s (wall / per CPU-s): "
           f"fp32 {ceil['fp32'].wall:.0f} / {ceil['fp32'].cpu:.0f}, bf16 {ceil['bf16'].wall:.0f} / {ceil['bf16'].cpu:.0f}\n")
-    print("| train step | img/s (wall) | img per CPU-s | vs supervised fp32 sdpa (wall / CPU) | MFU vs same-dtype ceiling (wall / CPU) |")
-    print("|---|---:|---:|---:|---:|")
+    print("| train step | img/s (wall) | img per CPU-s | vs supervised fp32 sdpa (wall / CPU) | GFLOP per image "
+          "(FLOP ratio vs supervised) | MFU vs same-dtype ceiling (wall / CPU) |")
+    print("|---|---:|---:|---:|---:|---:|")
     for k in variants:
         dtype = "bf16" if " bf16 " in k else "fp32"
         mfu = "" if k.startswith("mae") else (f"{100 * flop / med_w[k] / ceil[dtype].wall:.0f}% / "
                                               f"{100 * flop / med_c[k] / ceil[dtype].cpu:.0f}%")
         print(f"| {k} | {b / med_w[k]:.2f} | {b / med_c[k]:.2f} | {med_w[ref] / med_w[k]:.2f}x / "
-              f"{med_c[ref] / med_c[k]:.2f}x | {mfu} |")
+              f"{med_c[ref] / med_c[k]:.2f}x | {flops[k] / 1e9:.1f} ({flops[ref] / flops[k]:.2f}x) | {mfu} |")
+    if args.profile:
+        profile_table("supervised fp32 (model.attention auto)", supervised_step(s, b, "auto", False))
+        profile_table("mae fp32 fused AdamW (model.attention auto)", mae_step(s, b, args.mask, fused=True))
 
 
 if __name__ == "__main__":
