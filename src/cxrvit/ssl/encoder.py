@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from cxrvit.model.vit import VisionTransformer, sincos_pos_embed  # noqa: F401  (re-exported for mae/ijepa)
+from cxrvit.model.vit import VisionTransformer, sincos_pos_embed
 
 #: (embed_dim, heads) of the architectures ``cxrvit.model.vit`` ships; depth is configurable
 #: here so tests can use a 2-block encoder with the same code path.

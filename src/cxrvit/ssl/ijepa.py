@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cxrvit.data.preprocess import Preprocessing
-from cxrvit.model.vit import Block, VisionTransformer
-from cxrvit.ssl.encoder import ema_update, encode, init_sincos_pos_embed, sincos_pos_embed
+from cxrvit.model.vit import Block, VisionTransformer, sincos_pos_embed
+from cxrvit.ssl.encoder import ema_update, encode, init_sincos_pos_embed
 from cxrvit.ssl.masking import MultiBlockMasker
 from cxrvit.ssl.views import random_resized_crop
 

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from cxrvit.data.preprocess import Preprocessing
-from cxrvit.model.vit import Block, VisionTransformer
-from cxrvit.ssl.encoder import encode, init_sincos_pos_embed, sincos_pos_embed
+from cxrvit.model.vit import Block, VisionTransformer, sincos_pos_embed
+from cxrvit.ssl.encoder import encode, init_sincos_pos_embed
 from cxrvit.ssl.masking import random_masking
 from cxrvit.ssl.views import random_resized_crop
 
