@@ -9,6 +9,10 @@ hits every variant alike (median of ``--repeats`` rounds, wall and process-CPU t
   norm-pix loss, backward, AdamW) with the fused AdamW ``cxrvit pretrain`` now uses and with the
   per-parameter AdamW it used before, and its img/s ratio to the supervised fp32 step;
 - the same MAE step with the ``mae-small`` recipe's 2-block decoder;
+- the forward pass alone (no_grad, fp32): what ``strategy: linear_probe`` (the main job) spends its time on;
+- the supervised step and the forward pass again with glibc's default allocator, which maps blocks above
+  32 MiB fresh from the kernel at every step, against the kept heap the ``cxrvit`` command now sets
+  (``cxrvit.allocator``; every other row runs on the kept heap, as the command does);
 - optionally (``--compile``) the supervised fp32 step through ``torch.compile``, with its compile time.
 MFU is the model FLOP rate over the matmul ceiling measured on the model's own layer shapes
 (``bench/model.py``'s ``ceiling``), by wall time and by CPU time. Every row also gets its FLOP per image
@@ -37,6 +41,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from cxrvit.allocator import configure_malloc
 from cxrvit.model.vit import set_attention, vit_small
 from cxrvit.ssl.config import load_pretrain_recipe
 from cxrvit.ssl.pretrain import build_method, param_groups
@@ -65,6 +70,26 @@ def supervised_step(size: int, batch: int, attention: str, bf16: bool, compiled:
         loss.backward()
         opt.step()
     return step
+
+
+def forward_pass(size: int, batch: int):
+    """The linear probe's feature extraction: fp32 forward to the final-norm CLS token, no autograd."""
+    torch.manual_seed(0)
+    model = vit_small(num_classes=0).eval()
+    x = torch.randn(batch, 3, size, size)
+
+    def step():
+        with torch.no_grad():
+            model.forward_features(x)
+    return step
+
+
+def on_heap(keep: bool, step):
+    """``step`` run with glibc's allocator set to keep freed memory, or to its own steady state."""
+    def run():
+        configure_malloc(keep)
+        step()
+    return run
 
 
 def mae_step(size: int, batch: int, mask: float, fused: bool, attention: str = "auto", recipe: str = "mae"):
@@ -134,8 +159,12 @@ def main() -> None:
     variants["mae fp32 per-param AdamW, sdpa (before)"] = mae_step(s, b, args.mask, fused=False, attention="sdpa")
     variants["mae-small (2-block decoder) fp32 fused AdamW, auto"] = mae_step(s, b, args.mask, fused=True,
                                                                              recipe="mae-small")
+    variants["supervised fp32 sdpa, glibc default malloc (before)"] = on_heap(False, supervised_step(s, b, "sdpa", False))
+    variants["forward only fp32 (probe extraction)"] = forward_pass(s, b)
+    variants["forward only fp32, glibc default malloc (before)"] = on_heap(False, forward_pass(s, b))
+    variants = {k: v if "glibc default" in k else on_heap(True, v) for k, v in variants.items()}
     if args.compile:
-        step = supervised_step(s, b, "sdpa", False, compiled=True)
+        step = on_heap(True, supervised_step(s, b, "sdpa", False, compiled=True))
         t = time.perf_counter()
         step()  # first call traces and compiles
         print(f"torch.compile: first step (compile + run) {time.perf_counter() - t:.1f} s", flush=True)
@@ -156,6 +185,7 @@ def main() -> None:
 
     ceil = {name: bm.ceiling(b, s, dt, 3)[0] for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     flop = b * bm.gflop_per_image(s, train=True)
+    flop_fwd = b * bm.gflop_per_image(s, train=False)
     ref = "supervised fp32 sdpa"
     med_w = {k: statistics.median(v) for k, v in wall.items()}
     med_c = {k: statistics.median(v) for k, v in cpu.items()}
@@ -170,13 +200,16 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for k in variants:
         dtype = "bf16" if " bf16 " in k else "fp32"
-        mfu = "" if k.startswith("mae") else (f"{100 * flop / med_w[k] / ceil[dtype].wall:.0f}% / "
-                                              f"{100 * flop / med_c[k] / ceil[dtype].cpu:.0f}%")
+        f = flop_fwd if k.startswith("forward") else flop
+        mfu = "" if k.startswith("mae") else (f"{100 * f / med_w[k] / ceil[dtype].wall:.0f}% / "
+                                              f"{100 * f / med_c[k] / ceil[dtype].cpu:.0f}%")
         print(f"| {k} | {b / med_w[k]:.2f} | {b / med_c[k]:.2f} | {med_w[ref] / med_w[k]:.2f}x / "
               f"{med_c[ref] / med_c[k]:.2f}x | {flops[k] / 1e9:.1f} ({flops[ref] / flops[k]:.2f}x) | {mfu} |")
     if args.profile:
-        profile_table("supervised fp32 (model.attention auto)", supervised_step(s, b, "auto", False))
-        profile_table("mae fp32 fused AdamW (model.attention auto)", mae_step(s, b, args.mask, fused=True))
+        profile_table("supervised fp32 (model.attention auto)", on_heap(True, supervised_step(s, b, "auto", False)))
+        profile_table("mae fp32 fused AdamW (model.attention auto)", on_heap(True, mae_step(s, b, args.mask, fused=True)))
+        profile_table("forward only fp32", on_heap(True, forward_pass(s, b)))
+        profile_table("forward only fp32, glibc default malloc", on_heap(False, forward_pass(s, b)))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import importlib
 import sys
 
 from cxrvit import __version__
+from cxrvit.allocator import keep_freed_memory
 
 COMMAND_MODULES = (
     "cxrvit.data.commands",        # prepare, data-summary
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    keep_freed_memory()  # large activations reuse freed heap instead of fresh pages (allocator.py)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
