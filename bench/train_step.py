@@ -10,11 +10,9 @@ hits every variant alike (median of ``--repeats`` rounds, wall and process-CPU t
   per-parameter AdamW it used before, and its img/s ratio to the supervised fp32 step;
 - the same MAE step with the ``mae-small`` recipe's 2-block decoder;
 - the forward pass alone (no_grad, fp32): what ``strategy: linear_probe`` (the main job) spends its time on;
-- the supervised step and the forward pass again with glibc's default allocator, which maps blocks above
-  32 MiB fresh from the kernel at every step, against the kept heap the ``cxrvit`` command now sets
-  (``cxrvit.allocator``; every other row runs on the kept heap, as the command does);
 - optionally (``--compile``) the supervised fp32 step through ``torch.compile``, with its compile time.
-MFU is the model FLOP rate over the matmul ceiling measured on the model's own layer shapes
+Every row runs on the kept heap the ``cxrvit`` command sets (``cxrvit.allocator``; ``bench/allocator.py``
+compares it with glibc's default in separate processes). MFU is the model FLOP rate over the matmul ceiling measured on the model's own layer shapes
 (``bench/model.py``'s ``ceiling``), by wall time and by CPU time. Every row also gets its FLOP per image
 counted by ``torch.utils.flop_counter`` on one real step, so an img/s ratio can be read against the FLOP
 ratio (the speed-up the arithmetic allows). ``--profile`` adds a ``torch.profiler`` table by operator
@@ -41,7 +39,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cxrvit.allocator import configure_malloc
+from cxrvit.allocator import keep_freed_memory
 from cxrvit.model.vit import set_attention, vit_small
 from cxrvit.ssl.config import load_pretrain_recipe
 from cxrvit.ssl.pretrain import build_method, param_groups
@@ -82,14 +80,6 @@ def forward_pass(size: int, batch: int):
         with torch.no_grad():
             model.forward_features(x)
     return step
-
-
-def on_heap(keep: bool, step):
-    """``step`` run with glibc's allocator set to keep freed memory, or to its own steady state."""
-    def run():
-        configure_malloc(keep)
-        step()
-    return run
 
 
 def mae_step(size: int, batch: int, mask: float, fused: bool, attention: str = "auto", recipe: str = "mae"):
@@ -145,6 +135,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="add operator tables (torch.profiler) for both steps")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the cxrvit command does
     bm = _bench_model()
     s, b = args.size, args.batch
 
@@ -159,12 +150,9 @@ def main() -> None:
     variants["mae fp32 per-param AdamW, sdpa (before)"] = mae_step(s, b, args.mask, fused=False, attention="sdpa")
     variants["mae-small (2-block decoder) fp32 fused AdamW, auto"] = mae_step(s, b, args.mask, fused=True,
                                                                              recipe="mae-small")
-    variants["supervised fp32 sdpa, glibc default malloc (before)"] = on_heap(False, supervised_step(s, b, "sdpa", False))
     variants["forward only fp32 (probe extraction)"] = forward_pass(s, b)
-    variants["forward only fp32, glibc default malloc (before)"] = on_heap(False, forward_pass(s, b))
-    variants = {k: v if "glibc default" in k else on_heap(True, v) for k, v in variants.items()}
     if args.compile:
-        step = on_heap(True, supervised_step(s, b, "sdpa", False, compiled=True))
+        step = supervised_step(s, b, "sdpa", False, compiled=True)
         t = time.perf_counter()
         step()  # first call traces and compiles
         print(f"torch.compile: first step (compile + run) {time.perf_counter() - t:.1f} s", flush=True)
@@ -206,10 +194,9 @@ def main() -> None:
         print(f"| {k} | {b / med_w[k]:.2f} | {b / med_c[k]:.2f} | {med_w[ref] / med_w[k]:.2f}x / "
               f"{med_c[ref] / med_c[k]:.2f}x | {flops[k] / 1e9:.1f} ({flops[ref] / flops[k]:.2f}x) | {mfu} |")
     if args.profile:
-        profile_table("supervised fp32 (model.attention auto)", on_heap(True, supervised_step(s, b, "auto", False)))
-        profile_table("mae fp32 fused AdamW (model.attention auto)", on_heap(True, mae_step(s, b, args.mask, fused=True)))
-        profile_table("forward only fp32", on_heap(True, forward_pass(s, b)))
-        profile_table("forward only fp32, glibc default malloc", on_heap(False, forward_pass(s, b)))
+        profile_table("supervised fp32 (model.attention auto)", supervised_step(s, b, "auto", False))
+        profile_table("mae fp32 fused AdamW (model.attention auto)", mae_step(s, b, args.mask, fused=True))
+        profile_table("forward only fp32", forward_pass(s, b))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the embedded real sample, end to end: prepare -> train (improved) -> evaluate on NIH's
-# official test images -> predict with heat-maps. About 10 minutes on 2 CPU cores (README).
+# official test images -> predict with heat-maps. About 3 minutes on 2 CPU cores (README).
 #
 #   bash scripts/run_sample.sh [DATA_DIR] [OUT_DIR] [extra `cxrvit train --set` overrides...]
 #

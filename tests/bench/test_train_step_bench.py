@@ -4,7 +4,7 @@ Its numbers are benchmarks (docs/benchmarks.md), not asserted here; what is asse
 with the package as it is (it once called a runtime helper with an argument the helper had dropped) and that
 its FLOP counts say what the arithmetic says: the MAE step costs less than the supervised step per image,
 the 2-block decoder less than the 4-block one, and a forward pass about a third of a train step (the backward
-pass is two matmuls per forward matmul); the rows on glibc's default allocator count the same FLOP.
+pass is two matmuls per forward matmul).
 """
 from __future__ import annotations
 
@@ -31,6 +31,4 @@ def test_train_step_bench_runs_and_counts_flops():
     assert rows["supervised fp32 sdpa"][1] == 1.0 and rows["supervised fp32 explicit"][1] == 1.0
     assert 1.0 < rows["mae fp32 fused AdamW, sdpa"][1] < rows["mae-small (2-block decoder) fp32 fused AdamW, auto"][1]
     assert 2.5 < rows["forward only fp32 (probe extraction)"][1] < 3.5
-    assert rows["forward only fp32, glibc default malloc (before)"] == rows["forward only fp32 (probe extraction)"]
-    assert rows["supervised fp32 sdpa, glibc default malloc (before)"][1] == 1.0
-    assert run.stdout.count("top operators by self CPU time") == 4 and "aten::" in run.stdout
+    assert run.stdout.count("top operators by self CPU time") == 3 and "aten::" in run.stdout
