@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from cxrvit.allocator import keep_freed_memory
+
 from cxrvit.data.cache import CXRCache
 from cxrvit.model.vit import build_model
 from cxrvit.training import distributed as dist_
@@ -125,6 +127,7 @@ def main() -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--write", default=None, help="append the table to this markdown file")
     args = p.parse_args()
+    keep_freed_memory()  # as the cxrvit command does (cxrvit.allocator)
     dev = dist_.resolve_device(args.device)
     device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{platform.machine()} CPU, {os.cpu_count()} cores"
     rows = measure(args)
