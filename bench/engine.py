@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 
 from cxrvit.allocator import keep_freed_memory
-
 from cxrvit.data.cache import CXRCache
 from cxrvit.model.vit import build_model
 from cxrvit.training import distributed as dist_
