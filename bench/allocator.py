@@ -43,9 +43,9 @@ def _train_step_module():
 
 def child(work: str, mode: str, size: int, batch: int, steps: int, warmup: int) -> dict:
     """Build the workload in this (fresh) process, run ``warmup`` steps, time ``steps`` steps."""
-    from cxrvit.allocator import configure_malloc
+    from cxrvit.allocator import keep_freed_memory
     if mode == "keep":
-        configure_malloc(keep=True)   # before the model's tensors exist
+        assert keep_freed_memory()   # before the model's tensors exist, as the cxrvit command does
     ts = _train_step_module()
     step = {"forward": lambda: ts.forward_pass(size, batch),
             "train": lambda: ts.supervised_step(size, batch, "auto", bf16=False),

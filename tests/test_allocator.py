@@ -10,13 +10,13 @@ import pytest
 from cxrvit import allocator, cli
 
 # Each measurement runs in a fresh interpreter: the setting is process-wide, and a heap that an earlier test's
-# in-process `cxrvit` command already grew serves later blocks whatever the setting (allocator.configure_malloc).
+# in-process `cxrvit` command already grew serves later blocks whatever the setting.
 PROBE = """
 import resource, sys, torch
-from cxrvit.allocator import configure_malloc
+from cxrvit.allocator import keep_freed_memory
 BLOCK = 96 * 2**20   # above glibc's 32 MiB mmap ceiling, like a 224-px batch-64 MLP activation (77 MiB)
 if sys.argv[1] == "keep":
-    assert configure_malloc(keep=True)
+    assert keep_freed_memory()
 def faults_of_second_block():
     torch.empty(BLOCK // 4).fill_(1.0)        # allocated, written, freed
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

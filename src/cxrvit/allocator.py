@@ -10,33 +10,7 @@ import platform
 
 #: ``CXRVIT_MALLOC=system`` leaves the C allocator as the process found it.
 MALLOC_ENV = "CXRVIT_MALLOC"
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4   # glibc <malloc.h> mallopt() parameters
-_GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20   # the ceiling of glibc's dynamic mmap threshold on 64-bit
-
-
-def configure_malloc(keep: bool) -> bool:
-    """Set glibc's allocator to keep freed memory (``keep``) or to its own steady state; True if it took.
-
-    ``keep=False`` is what a long-running glibc process converges to on its own: blocks above 32 MiB
-    come from ``mmap`` and go back to the kernel on ``free`` (the dynamic threshold has reached its
-    ceiling; the trim threshold is twice it). It does not undo a heap that ``keep`` already grew: freed
-    blocks there serve later requests whatever the setting, which is why ``bench/allocator.py`` compares
-    the two in fresh processes.
-    """
-    if platform.system() != "Linux":
-        return False
-    import ctypes
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):        # not glibc (musl has no mallopt)
-        return False
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    if keep:   # mallopt takes a C int: keep up to 2 GiB of free heap before returning any to the kernel
-        settings = ((_M_TRIM_THRESHOLD, 2**31 - 1), (_M_MMAP_MAX, 0))
-    else:
-        settings = ((_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD_MAX),
-                    (_M_TRIM_THRESHOLD, 2 * _GLIBC_MMAP_THRESHOLD_MAX), (_M_MMAP_MAX, 65536))
-    return all(mallopt(param, value) == 1 for param, value in settings)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4   # glibc <malloc.h> mallopt() parameters
 
 
 @functools.lru_cache(maxsize=1)
@@ -51,9 +25,18 @@ def keep_freed_memory() -> bool:
     threshold raised, freed blocks are reused and the resident set stays near its peak (docs/benchmarks.md,
     "Fresh pages at every step": 1.11-1.16x the img/s at 224 px / batch 64 for +1-21 % peak RSS).
 
-    Process-wide, so the ``cxrvit`` command calls it for its own process and a library user opts in.
-    ``CXRVIT_MALLOC=system`` opts out. Returns True when the setting took (glibc on Linux only).
+    Process-wide and one-way (a heap once grown serves later blocks whatever the setting, which is why
+    ``bench/allocator.py`` compares the two in fresh processes), so the ``cxrvit`` command calls it for its
+    own process and a library user opts in. ``CXRVIT_MALLOC=system`` opts out. Returns True when the
+    setting took (glibc on Linux only).
     """
-    if os.environ.get(MALLOC_ENV, "").strip().lower() == "system":
+    if os.environ.get(MALLOC_ENV, "").strip().lower() == "system" or platform.system() != "Linux":
         return False
-    return configure_malloc(keep=True)
+    import ctypes
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):        # not glibc (musl has no mallopt)
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    # mallopt takes a C int: keep up to 2 GiB of free heap before returning any to the kernel; never mmap.
+    return mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1 and mallopt(_M_MMAP_MAX, 0) == 1
