@@ -3,12 +3,13 @@
 The allocator is process-wide and a heap once grown serves later blocks whatever the setting, so the two
 cannot be compared inside one process. Each round runs one fresh child process per setting, alternating
 (``system`` = glibc as the process finds it, what ``CXRVIT_MALLOC=system`` gives; ``keep`` = what the
-``cxrvit`` command sets), and each child times its steps after one warm-up step. Per setting: median img/s over
+``cxrvit`` command sets), and each child times ``--steps`` steps after ``--warmup`` untimed ones (the kept
+heap settles over its first few steps). Per setting: median img/s over
 the rounds, minor page faults per image, and the child's peak resident set.
 
 Workloads: ``forward`` is the linear probe's feature extraction (fp32, no autograd: the main job's cost);
 ``train`` the supervised fp32 train step (forward, BCE, backward, fused AdamW; the ``baseline`` recipe's
-shape at 224 px batch 64); ``mae`` the default ``mae`` pre-training step (4-block decoder).
+shape at 224 px batch 64); ``mae`` the default ``mae`` recipe's pre-training step (4-block decoder) at mask 0.75.
 
     .venv/bin/python bench/allocator.py                                 # 224 px, batch 64: ~10 min on 2 cores
     .venv/bin/python bench/allocator.py --work forward --rounds 3
@@ -83,8 +84,12 @@ def main() -> None:
             for mode in MODES:
                 env = {k: v for k, v in os.environ.items() if k != "CXRVIT_MALLOC"}
                 out = subprocess.run([sys.executable, os.path.abspath(__file__), "--size", str(args.size),
-                                      "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                                      "--child", work, mode], capture_output=True, text=True, env=env, check=True)
+                                      "--batch", str(args.batch), "--steps", str(args.steps),
+                                      "--warmup", str(args.warmup), "--child", work, mode],
+                                     capture_output=True, text=True, env=env)
+                if out.returncode != 0:
+                    raise SystemExit(f"bench/allocator.py: the {work}/{mode} child process failed "
+                                     f"(exit {out.returncode}):\n{out.stderr[-2000:]}")
                 results[(work, mode)].append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"round {r + 1}/{args.rounds} done", flush=True)
 
