@@ -37,6 +37,9 @@ HANNOVER=${HANNOVER:-sample/other-cxr/hannover/png}
 
 if [ "$DRYRUN" = 1 ]; then
   OUT=runs/gpu-dryrun; DEVICE=cpu; CACHE_PX=64
+  # A GPU resolves `precision: auto` to bf16, so the dry run does too (emulated, slower, on a CPU
+  # without native bf16): the stages must run the precision path they will run on the GPU (issue 19).
+  export CXRVIT_FORCE_BF16=1
   CHECK_ARGS=(--arch vit_tiny --size 64 --batch 4 --loader-batch 16)
   DDP_ARGS=(--arch vit_tiny --size 64 --batch 4)
   TRAIN_SETS=(--set model.arch=vit_tiny --set model.img_size=32 --set schedule.epochs=1 --set schedule.batch_size=32)
@@ -98,7 +101,7 @@ mkdir -p "$LOGS"
 [ "$ONLY_ARMS" = 1 ] || : > "$OUT/stages.tsv"     # ONLY_ARMS keeps the earlier stages' rows
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)  commit: $(git rev-parse --short HEAD 2>/dev/null || echo n/a)$(git diff --quiet 2>/dev/null || echo +dirty)"
-  echo "mode: $([ "$DRYRUN" = 1 ] && echo 'CPU DRY RUN (tiny settings: these numbers say nothing about a GPU)' || echo GPU)"
+  echo "mode: $([ "$DRYRUN" = 1 ] && echo 'CPU DRY RUN (tiny settings, bf16 forced as on a GPU: these numbers say nothing about a GPU)' || echo GPU)"
   echo "data: $DATA (+ unlabelled $HANNOVER for pre-training), cache ${CACHE_PX} px"
   if [ "$DRYRUN" != 1 ]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version,power.limit,clocks.max.sm --format=csv,noheader

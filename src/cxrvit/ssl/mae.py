@@ -58,8 +58,11 @@ class MAEDecoder(nn.Module):
         x = self.embed(tokens)
         b, d = x.shape[0], x.shape[-1]
         # Scatter encoded tokens back to their positions; every other position gets the mask token.
-        full = self.mask_token.expand(b, num_patches, d).clone()
-        full.scatter_(1, keep.unsqueeze(-1).expand(-1, -1, d), x[:, 1:])
+        # The canvas takes the tokens' dtype: under bf16 autocast ``x`` is bf16 while the parameter is
+        # fp32, and scatter does not promote (it raised on every bf16 machine). The out-of-place
+        # scatter keeps the mask token's gradient flowing through the cast and the expand.
+        canvas = self.mask_token.to(x.dtype).expand(b, num_patches, d)
+        full = canvas.scatter(1, keep.unsqueeze(-1).expand(-1, -1, d), x[:, 1:])
         full = torch.cat((x[:, :1], full), dim=1)
         full = full + sincos_pos_embed(d, grid).to(full.device, full.dtype)
         for blk in self.blocks:

@@ -271,6 +271,7 @@ def pretrain(cfg: PretrainConfig, caches: Sequence, out_dir: os.PathLike | str, 
                         cls_token=method.cls_token_note, extra={"steps": step, "images": len(data)})
         (out / "pretrain.json").write_text(json.dumps({
             "method": cfg.method, "steps": step, "images": len(data), "backbone": BACKBONE_FILE,
+            "precision": "bf16" if bf16 else "fp32", "device": str(device),
             "cls_token": method.cls_token_note, "probes": history}, indent=2))
     if distributed:
         dist.barrier()

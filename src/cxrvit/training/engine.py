@@ -70,6 +70,10 @@ def lr_at(step: int, total: int, warmup: int, base: float, minimum: float) -> fl
     return minimum + 0.5 * (base - minimum) * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
+#: The autocast dtype (None: no autocast) by the name a bundle records for the training precision.
+PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """bf16 where the hardware has native bf16 (see cxrvit.runtime), fp16 on older GPUs, None for fp32."""
     precision = resolve_precision(precision, device)
@@ -335,7 +339,8 @@ class Trainer:
                         config=config_to_dict(self.cfg),
                         extra={"training": {"best_epoch": self.progress.best_epoch, "steps": self.progress.step,
                                             "val_metrics": _json_safe(metrics), "tta": self.cfg.eval.tta,
-                                            "weights": "ema" if self.ema else "model"}})
+                                            "weights": "ema" if self.ema else "model",
+                                            "precision": PRECISION_NAMES[self.amp]}})
             self.log.close()
             plot_learning_curves(read_metrics(self.log.path), self.out / CURVES, self.scored)
         dist_.barrier(self.ctx)

@@ -204,7 +204,8 @@ def fit_linear_probe(cfg: TrainConfig, cache, train_rows, val_rows, out_dir, ini
                                     "c_search": search, "images": n, "views": p.views,
                                     "init": str(init) if init else None,
                                     "init_report": str(init_report) if init_report else None,
-                                    "seconds": round(time.time() - start, 1), "weights": "model"}})
+                                    "seconds": round(time.time() - start, 1), "weights": "model",
+                                    "precision": "fp32"}})  # features come from a scoring pass
     return out
 
 

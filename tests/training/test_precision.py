@@ -1,0 +1,57 @@
+"""Each training strategy trains at the precision real machines use, and the bundle says which.
+
+``precision: auto`` resolves to bf16 on bf16 GPUs and native-bf16 CPUs; here bf16 is forced
+(``CXRVIT_FORCE_BF16=1``) so the default path runs on any CPU, beside explicit ``bf16`` and ``fp32``.
+A crash or a non-finite loss fails. Scoring (validation, the probe's feature pass) is fp32 by design
+(cxrvit.runtime.inference_precision), so a probe bundle records fp32 whatever was asked.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cxrvit.runtime import FORCE_BF16_ENV
+from cxrvit.training.commands import choose_rows
+from cxrvit.training.config import load_recipe
+from cxrvit.training.engine import train
+from trainhelp import TINY
+
+pytestmark = pytest.mark.precision
+
+PRECISIONS = [("auto", "bf16"), ("bf16", "bf16"), ("fp32", "fp32")]
+STRATEGIES = {
+    "finetune": TINY + ["schedule.epochs=1"],
+    "linear_probe": ["model.arch=vit_tiny", "model.img_size=32", "strategy=linear_probe", "probe.c_grid=[0.1]",
+                     "probe.cv_folds=2"],
+    "lp_ft": TINY + ["strategy=lp_ft", "schedule.epochs=1", "probe.cv_folds=2", "probe.c_grid=[0.1]"],
+}
+
+
+def _train_losses(run) -> list[float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if r.get("kind") == "train"]
+
+
+@pytest.mark.parametrize("precision,resolved", PRECISIONS, ids=[p for p, _ in PRECISIONS])
+@pytest.mark.parametrize("recipe,strategy", [("baseline", "finetune"), ("improved", "finetune"),
+                                             ("improved", "linear_probe"), ("improved", "lp_ft")])
+def test_each_strategy_trains_at_each_precision(recipe, strategy, precision, resolved, tiny_cache, tmp_path,
+                                                 monkeypatch, one_thread):
+    monkeypatch.setenv(FORCE_BF16_ENV, "1")   # this CPU acts as a bf16 one: auto -> bf16
+    cfg = load_recipe(recipe, STRATEGIES[strategy] + [f"engine.precision={precision}"])
+    tr, va, _ = choose_rows(tiny_cache, cfg.data.val_fraction, cfg.data.split_seed)
+    out = train(cfg, tiny_cache, tr, va, tmp_path / "run", progress=False)
+    meta = json.loads((out / "bundle.json").read_text())
+    assert meta["training"]["precision"] == ("fp32" if strategy == "linear_probe" else resolved)
+    if strategy != "linear_probe":
+        losses = _train_losses(out)
+        assert losses and all(math.isfinite(v) for v in losses)
+    weights = load_file(str(out / "model.safetensors"))
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights.values())
+    thresholds = np.asarray(list(meta["thresholds"].values()), dtype=float)
+    assert np.isfinite(thresholds).all()
