@@ -74,6 +74,7 @@ def test_script_stops_clearly_with_a_cpu_torch(tmp_path):
     assert "torch.cuda.is_available() is False" in r.stderr
 
 
+@pytest.mark.precision
 def test_bf16_autocast_and_loader_checks_pass_on_cpu(fixture_cache, tmp_path):
     out = tmp_path / "check.json"
     rc = cc.main(["check", "--device", "cpu", "--arch", "vit_tiny", "--size", "32", "--batch", "2",
@@ -87,6 +88,7 @@ def test_bf16_autocast_and_loader_checks_pass_on_cpu(fixture_cache, tmp_path):
     assert res["loader"]["non_blocking_copy_intact"]
 
 
+@pytest.mark.precision
 def test_autocast_check_catches_a_broken_bf16_path(monkeypatch):
     """A model whose bf16 output is garbage must fail the check (the bound is not vacuous)."""
     import cxrvit.model.vit as vit

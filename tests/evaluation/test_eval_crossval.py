@@ -113,6 +113,7 @@ def test_protocol_choice(cache):
 
 
 @pytest.mark.slow
+@pytest.mark.precision   # trains at `auto`: bf16 where the CPU has it
 def test_real_training_two_folds(tmp_path, nih_tiny_cache):
     """The real engine end to end: 2 folds x 2 recipes, vit_tiny, 32 px, 1 epoch, on real NIH images."""
     res = run_recipes("tiny", tmp_path / "b", folds=2, overrides=TINY, n_resamples=50, progress=False,

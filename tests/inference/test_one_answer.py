@@ -17,6 +17,8 @@ from cxrvit.training.validation import predict as validation_pass
 
 from inference_support import factory
 
+pytestmark = pytest.mark.precision
+
 BOUND = 1e-5
 
 
