@@ -82,7 +82,7 @@ def _step(model, x, y, bf16: bool):
 
 def check_autocast(device: torch.device, arch: str, size: int, batch: int) -> dict:
     from cxrvit.model.vit import build_model
-    from cxrvit.training.engine import autocast_dtype
+    from cxrvit.runtime import autocast_dtype
 
     torch.manual_seed(0)
     model = build_model(arch, num_classes=15).to(device).train()

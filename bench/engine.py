@@ -35,7 +35,8 @@ from cxrvit.model.vit import build_model
 from cxrvit.training import distributed as dist_
 from cxrvit.training.commands import choose_rows
 from cxrvit.training.config import load_recipe
-from cxrvit.training.engine import Trainer, autocast_dtype
+from cxrvit.runtime import autocast_dtype, resolve_device
+from cxrvit.training.engine import Trainer
 
 
 def bare_step_fn(arch: str, size: int, batch: int, k: int, amp: torch.dtype | None, device: torch.device):
@@ -74,7 +75,7 @@ def engine_step_fn(recipe: str, cache, size: int, batch: int, precision: str, de
 
 
 def measure(args) -> list[dict]:
-    device = dist_.resolve_device(args.device)
+    device = resolve_device(args.device)
     cache = CXRCache(args.data)
     rows = []
     for size in args.sizes:
@@ -127,7 +128,7 @@ def main() -> int:
     p.add_argument("--write", default=None, help="append the table to this markdown file")
     args = p.parse_args()
     keep_freed_memory()  # as the cxrvit command does (cxrvit.allocator)
-    dev = dist_.resolve_device(args.device)
+    dev = resolve_device(args.device)
     device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{platform.machine()} CPU, {os.cpu_count()} cores"
     rows = measure(args)
     text = table(rows, args, device)

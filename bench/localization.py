@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from cxrvit.data import images
+from cxrvit.data.nih import read_bbox_list
 from cxrvit.data.preprocess import Preprocessing
 from cxrvit.inference import heatmaps, localization as loc
 from cxrvit.inference.bundle import Bundle, load_bundle
@@ -39,7 +40,7 @@ def random_bundle(arch: str, size: int, seed: int) -> Bundle:
 
 
 def run(bundle: Bundle, image_dir: Path, boxes_path: Path, limit: int | None) -> list[loc.LocalizationRecord]:
-    boxes = loc.load_boxes(boxes_path)
+    boxes = read_bbox_list(boxes_path)
     present = {p.name: p for p in image_dir.iterdir()}
     boxes = boxes[boxes.image.isin(present.keys())]
     names = sorted(boxes.image.unique())[:limit]

@@ -51,8 +51,22 @@ def _cpu_advertises_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(pref: str | torch.device | None = None, local_rank: int = 0) -> torch.device:
+    """``auto``/None -> this rank's GPU if CUDA is available, else the CPU; ``cuda`` -> ``cuda:<local_rank>``.
+
+    The one device rule of training, pre-training, scoring and the benchmarks; asking for CUDA on a
+    machine without it is an error, not a silent CPU run.
+    """
+    pref = "auto" if pref is None else str(pref)
+    if pref == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(pref)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {pref!r} requested but CUDA is not available")
+        if device.index is None:
+            device = torch.device(f"cuda:{local_rank}")
+    return device
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -66,6 +80,20 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cpu":
         return "bf16" if cpu_has_fast_bf16() else "fp32"
     return "fp32"
+
+
+#: The autocast dtype (None: no autocast) by the name runs record for their training precision.
+PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device`` (None for fp32): the one precision chooser."""
+    precision = resolve_precision(precision, device)
+    if precision == "fp32":
+        return None
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("engine.precision=fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
+    return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
 def inference_precision(device: torch.device) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from cxrvit.data.nih import read_bbox_list
 from cxrvit.inference import localization as loc
 
 from inference_support import SHARED
@@ -51,12 +52,12 @@ def test_bad_box_file_is_named(tmp_path):
     bad = tmp_path / "boxes.csv"
     bad.write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="boxes.csv"):
-        loc.load_boxes(bad)
+        read_bbox_list(bad)
 
 
 @pytest.mark.skipif(not (SHARED / "nih-sample").is_dir(), reason="../shared/data/nih-sample absent")
 def test_real_nih_box_list():
-    boxes = loc.load_boxes(SHARED / "nih-sample" / "BBox_List_2017.csv.gz")
+    boxes = read_bbox_list(SHARED / "nih-sample" / "BBox_List_2017.csv.gz")
     assert len(boxes) == 984 and list(boxes.columns) == ["image", "finding", "x", "y", "w", "h"]
     assert "Infiltration" in set(boxes.finding) and "Infiltrate" not in set(boxes.finding)
     assert boxes[["x", "y"]].to_numpy().min() >= 0 and (boxes.x + boxes.w).max() <= 1024

@@ -255,7 +255,3 @@ def find_split_lists(folder: os.PathLike | str) -> dict[str, Path]:
         if hit is not None:
             found[split] = hit
     return found
-
-
-def find_bbox_list(folder: os.PathLike | str) -> Path | None:
-    return _find_one(Path(folder), BBOX_NAMES)

@@ -15,6 +15,7 @@ import numpy as np
 from cxrvit.evaluation import metrics as M
 from cxrvit.evaluation.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, Estimate, PatientBootstrap, estimates, verdict
 from cxrvit.labels import SCORED_TARGETS
+from cxrvit.runtime import resolve_device
 
 
 @dataclass
@@ -140,7 +141,7 @@ def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike, data: str |
     """Predict both bundles on the same ``split`` rows of ``data`` and compare them (B − A)."""
     from cxrvit.data.cache import CXRCache
     from cxrvit.evaluation.evaluate import (bundle_thresholds, cache_targets, check_thresholds_held_out,
-                                            predict_rows, read_bundle_meta, resolve_device,
+                                            predict_rows, read_bundle_meta,
                                             select_rows)
     from cxrvit.inference.bundle import load_bundle
 

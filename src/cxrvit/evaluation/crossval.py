@@ -32,6 +32,7 @@ from cxrvit.evaluation.bootstrap import DEFAULT_RESAMPLES
 from cxrvit.evaluation.compare import Comparison, paired_compare
 from cxrvit.evaluation.evaluate import EvalResult, check_thresholds_held_out, predict_rows, score_predictions
 from cxrvit.labels import SCORED_TARGETS
+from cxrvit.runtime import resolve_device
 
 OFFICIAL_ABOVE = 20_000  # images; above this a cache with the official split runs it by default
 PREDICTIONS = "heldout.npz"
@@ -157,7 +158,7 @@ def run_fold(cfg, cache, train_rows, heldout, fold_dir: Path, *, device=None, pr
              train_fn=None, init=None) -> FoldPredictions:
     """Train ``cfg`` on ``train_rows`` (minus its validation carve-out), predict ``heldout``."""
     from cxrvit.data import splits
-    from cxrvit.evaluation.evaluate import bundle_thresholds, resolve_device
+    from cxrvit.evaluation.evaluate import bundle_thresholds
     from cxrvit.inference.bundle import load_bundle
 
     pred_path = fold_dir / PREDICTIONS

@@ -20,6 +20,7 @@ import torch
 from cxrvit.evaluation import metrics as M
 from cxrvit.evaluation.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, Estimate, PatientBootstrap, estimates
 from cxrvit.labels import SCORED_TARGETS
+from cxrvit.runtime import resolve_device
 
 SPLITS = ("test", "val", "all")
 
@@ -95,12 +96,6 @@ def check_thresholds_held_out(threshold_source: dict, cache, rows: np.ndarray, *
 
 
 # --------------------------------------------------------------------------- predictions
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @torch.no_grad()

@@ -16,15 +16,12 @@ of the side): a method that does not beat it has not shown it localises anything
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
+
 
 import numpy as np
 import pandas as pd
 
-#: NIH box files write one finding differently from the label file.
-BOX_LABEL_ALIASES = {"Infiltrate": "Infiltration"}
 NIH_ORIGINAL_SIZE = 1024
 
 
@@ -47,24 +44,6 @@ class Box:
             cx = int(np.clip((self.x0 + self.x1) / 2, 0, w - 1))
             m[cy, cx] = True
         return m
-
-
-def load_boxes(path: os.PathLike | str) -> pd.DataFrame:
-    """Read ``BBox_List_2017.csv[.gz]`` -> columns ``image, finding, x, y, w, h`` (1024-px coordinates)."""
-    path = Path(path)
-    try:
-        raw = pd.read_csv(path)
-    except Exception as exc:
-        raise ValueError(f"{path}: cannot read the NIH box list: {exc}") from exc
-    if raw.shape[1] < 6 or raw.columns[0] != "Image Index":
-        raise ValueError(f"{path}: expected NIH's 'Image Index,Finding Label,Bbox [x,y,w,h]' columns, "
-                         f"got {list(raw.columns)[:6]}")
-    boxes = raw.iloc[:, :6].copy()
-    boxes.columns = ["image", "finding", "x", "y", "w", "h"]
-    boxes["finding"] = boxes["finding"].map(lambda f: BOX_LABEL_ALIASES.get(f, f))
-    for col in ("x", "y", "w", "h"):
-        boxes[col] = boxes[col].astype(float)
-    return boxes.reset_index(drop=True)
 
 
 def box_to_model(x: float, y: float, w: float, h: float, image_shape: tuple[int, int], size: int,

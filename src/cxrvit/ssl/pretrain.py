@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from cxrvit.data.preprocess import Preprocessing
-from cxrvit.runtime import inference_precision, resolve_precision
+from cxrvit.runtime import autocast_dtype, inference_precision, resolve_device
 from cxrvit.ssl.config import PretrainConfig, config_to_dict, save_config
 from cxrvit.ssl.dino import DINO
 from cxrvit.model.vit import set_attention
@@ -104,20 +104,6 @@ class UnlabelledImages:
 
 # -- helpers --------------------------------------------------------------------------------------
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """The same rule as supervised training (:mod:`cxrvit.runtime`): ``auto`` is bf16 where it is native.
-
-    An fp16-only GPU trains in fp32 here: these losses have no gradient scaler.
-    """
-    return resolve_precision(precision, device) == "bf16"
-
-
 def param_groups(modules: list[nn.Module]) -> list[dict]:
     """AdamW groups: no weight decay on biases, norms and 1-d parameters (DINO's rule)."""
     decay, no_decay = [], []
@@ -149,9 +135,8 @@ def pretrain(cfg: PretrainConfig, caches: Sequence, out_dir: os.PathLike | str, 
     if distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    device = pick_device(cfg.engine.device)
+    device = resolve_device(cfg.engine.device, int(os.environ.get("LOCAL_RANK", "0")))
     if distributed and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     main = rank == 0
     say = (lambda *a: None) if quiet or not main else (lambda *a: print(*a, file=sys.stderr, flush=True))
@@ -190,7 +175,9 @@ def pretrain(cfg: PretrainConfig, caches: Sequence, out_dir: os.PathLike | str, 
     if main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-    bf16 = use_bf16(cfg.engine.precision, device)
+    # The engine's rule (cxrvit.runtime): auto is bf16 where it is native. An fp16-only GPU trains in fp32
+    # here: these losses have no gradient scaler.
+    bf16 = autocast_dtype(cfg.engine.precision, device) == torch.bfloat16
     model = method
     if distributed:
         model = nn.parallel.DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None,

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from cxrvit.runtime import resolve_device
+
 
 @dataclass
 class DistContext:
@@ -27,19 +29,6 @@ class DistContext:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(pref: str | torch.device | None, local_rank: int = 0) -> torch.device:
-    pref = "auto" if pref is None else str(pref)
-    if pref == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(pref)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {pref!r} requested but CUDA is not available")
-        if device.index is None:
-            device = torch.device(f"cuda:{local_rank}")
-    return device
 
 
 def setup(device_pref: str | torch.device | None = "auto") -> DistContext:
@@ -74,15 +63,6 @@ def mean_across(ctx: DistContext, value: torch.Tensor) -> torch.Tensor:
     value = value.detach().clone()
     dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value / ctx.world_size
-
-
-def broadcast_flag(ctx: DistContext, flag: bool) -> bool:
-    """Rank 0's boolean, on every rank."""
-    if not ctx.distributed:
-        return flag
-    t = torch.tensor([1 if flag else 0], device=ctx.device if ctx.device.type == "cuda" else "cpu")
-    dist.broadcast(t, src=0)
-    return bool(t.item())
 
 
 def gather_to_main(ctx: DistContext, obj) -> list | None:

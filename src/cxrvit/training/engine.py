@@ -8,6 +8,7 @@ continues with exactly the batches, augmentations and updates of an uninterrupte
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -26,7 +27,7 @@ from cxrvit.data.preprocess import Preprocessing
 from cxrvit.evaluation.metrics import tune_thresholds
 from cxrvit.inference.bundle import save_bundle
 from cxrvit.model.vit import build_model
-from cxrvit.runtime import resolve_precision
+from cxrvit.runtime import PRECISION_NAMES, autocast_dtype
 from cxrvit.training import checkpointing as ckpt
 from cxrvit.training import distributed as dist_
 from cxrvit.training.augment import BatchAugment
@@ -68,20 +69,6 @@ def lr_at(step: int, total: int, warmup: int, base: float, minimum: float) -> fl
         return base * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
     return minimum + 0.5 * (base - minimum) * (1 + math.cos(math.pi * min(t, 1.0)))
-
-
-#: The autocast dtype (None: no autocast) by the name a bundle records for the training precision.
-PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 where the hardware has native bf16 (see cxrvit.runtime), fp16 on older GPUs, None for fp32."""
-    precision = resolve_precision(precision, device)
-    if precision == "fp32":
-        return None
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("engine.precision=fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
-    return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
 def train(cfg: TrainConfig, cache, train_rows, val_rows, out_dir, init=None, device=None,
@@ -273,7 +260,7 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for i, (xs, ys) in enumerate(zip(x.chunk(accum), y.chunk(accum))):
             sync = i == accum - 1 or not self.ctx.distributed
-            ctx = self.net.no_sync() if not sync else _nullcontext()
+            ctx = self.net.no_sync() if not sync else contextlib.nullcontext()
             with ctx:
                 with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
                     logits = self.net(xs)
@@ -366,11 +353,3 @@ def _json_safe(obj):
     if isinstance(obj, dict):
         return {k: _json_safe(v) for k, v in obj.items()}
     return obj
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

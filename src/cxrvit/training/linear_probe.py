@@ -31,6 +31,7 @@ from cxrvit.data.preprocess import Preprocessing
 from cxrvit.evaluation.metrics import auroc, tune_thresholds
 from cxrvit.inference.bundle import save_bundle
 from cxrvit.model.vit import VisionTransformer, build_model
+from cxrvit.runtime import resolve_device
 from cxrvit.training.augment import BatchAugment, eval_transform
 from cxrvit.training.config import TrainConfig, config_to_dict, save_config
 from cxrvit.training.runlog import METRICS
@@ -146,7 +147,6 @@ def fit_linear_probe(cfg: TrainConfig, cache, train_rows, val_rows, out_dir, ini
     if len(rows) == 0:
         raise ValueError("linear probe: no training rows")
     labels, scored, p = list(cfg.data.labels), cfg.scored_labels, cfg.probe
-    from cxrvit.evaluation.evaluate import resolve_device
     dev = resolve_device(device or cfg.engine.device)
     if not resume and any((out / f).exists() for f in (FEATURES, "bundle.json")):
         raise FileExistsError(f"{out} already holds a linear probe ({FEATURES} or bundle.json); pass resume=True "
