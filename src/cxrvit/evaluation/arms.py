@@ -39,6 +39,7 @@ import yaml
 
 from cxrvit.evaluation.crossval import (FoldPredictions, choose_protocol, config_hash, git_commit, load_fold,
                                         machine_description, plan_folds, pool, run_fold)
+from cxrvit.fileio import atomic_write
 
 PLAN_FILE = "plan.yaml"
 
@@ -323,6 +324,4 @@ def _check_plan_file(plan: ArmsPlan, out: Path) -> None:
         now = now | {"arms": list(merged.values()),
                      "pretrain": (before.get("pretrain") or {}) | now["pretrain"],
                      "seeds": sorted(set(before.get("seeds", [])) | set(now["seeds"]))}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(now, sort_keys=False))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(yaml.safe_dump(now, sort_keys=False)))

@@ -31,6 +31,7 @@ from cxrvit.evaluation import metrics as M
 from cxrvit.evaluation.bootstrap import DEFAULT_RESAMPLES
 from cxrvit.evaluation.compare import Comparison, paired_compare
 from cxrvit.evaluation.evaluate import EvalResult, check_thresholds_held_out, predict_rows, score_predictions
+from cxrvit.fileio import atomic_write
 from cxrvit.labels import SCORED_TARGETS
 from cxrvit.runtime import resolve_device
 
@@ -189,10 +190,8 @@ def run_fold(cfg, cache, train_rows, heldout, fold_dir: Path, *, device=None, pr
 
 
 def save_fold(path: Path, fold: FoldPredictions, chash: str) -> None:
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, rows=fold.rows, probs=fold.probs, thresholds=fold.thresholds,
-             labels=np.array(fold.labels), seconds=fold.seconds, config_hash=chash)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: np.savez(tmp, rows=fold.rows, probs=fold.probs, thresholds=fold.thresholds,
+                                            labels=np.array(fold.labels), seconds=fold.seconds, config_hash=chash))
 
 
 def load_fold(path: Path) -> tuple[FoldPredictions, str]:

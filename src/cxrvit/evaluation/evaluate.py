@@ -19,6 +19,7 @@ import torch
 
 from cxrvit.evaluation import metrics as M
 from cxrvit.evaluation.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, Estimate, PatientBootstrap, estimates
+from cxrvit.fileio import json_safe
 from cxrvit.labels import SCORED_TARGETS
 from cxrvit.runtime import resolve_device
 
@@ -151,16 +152,12 @@ class EvalResult:
             "n_images": self.n_images,
             "n_patients": self.n_patients,
             "scored_targets": self.scored,
-            "mean_f1_scored": _nan_to_none(self.mean_f1_scored),
+            "mean_f1_scored": json_safe(self.mean_f1_scored),
             "headline": {k: v.to_dict() for k, v in self.headline.items()},
             "threshold_source": self.provenance,
             "bootstrap": self.bootstrap,
             "targets": self.targets,
         }
-
-
-def _nan_to_none(x: float):
-    return None if x is None or (isinstance(x, float) and np.isnan(x)) else x
 
 
 def score_predictions(y_true: np.ndarray, y_prob: np.ndarray, thresholds: np.ndarray, patient_ids, labels,
@@ -214,13 +211,13 @@ def score_predictions(y_true: np.ndarray, y_prob: np.ndarray, thresholds: np.nda
             "f1_ci": [est["f1"][k].lo, est["f1"][k].hi],
             "f1_at_0.5": float(f1_half[k]),
             "trivial_f1": float(triv[k]),
-            "auroc": _nan_to_none(est["auroc"][k].value),
-            "auroc_ci": [_nan_to_none(est["auroc"][k].lo), _nan_to_none(est["auroc"][k].hi)],
-            "ap": _nan_to_none(est["ap"][k].value),
-            "ap_ci": [_nan_to_none(est["ap"][k].lo), _nan_to_none(est["ap"][k].hi)],
-            **{r: _nan_to_none(float(v[k])) for r, v in rates.items()},
+            "auroc": json_safe(est["auroc"][k].value),
+            "auroc_ci": [json_safe(est["auroc"][k].lo), json_safe(est["auroc"][k].hi)],
+            "ap": json_safe(est["ap"][k].value),
+            "ap_ci": [json_safe(est["ap"][k].lo), json_safe(est["ap"][k].hi)],
+            **{r: json_safe(float(v[k])) for r, v in rates.items()},
             **{n_: int(round(v[k])) for n_, v in c.items()},
-            "ece": _nan_to_none(M.expected_calibration_error(y_true[:, k], y_prob[:, k])),
+            "ece": json_safe(M.expected_calibration_error(y_true[:, k], y_prob[:, k])),
         }
     headline = {name: est[name][0] for name in ("mean_f1_scored", "mean_auroc_scored", "mean_trivial_f1_scored")}
     return EvalResult(

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cxrvit.data.preprocess import Preprocessing
+from cxrvit.fileio import atomic_write
 from cxrvit.model.vit import VisionTransformer, build_model
 from cxrvit.runtime import autocast, inference_precision
 
@@ -78,9 +79,8 @@ def save_bundle(directory: os.PathLike | str, model: VisionTransformer, labels: 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = directory / (WEIGHTS_FILE + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt", "arch": arch, "layout": "dino"})
-    os.replace(tmp, directory / WEIGHTS_FILE)
+    atomic_write(directory / WEIGHTS_FILE,
+                 lambda tmp: save_file(state, str(tmp), metadata={"format": "pt", "arch": arch, "layout": "dino"}))
     meta = {
         "format": "cxrvit-bundle/1",
         "arch": arch,
@@ -91,9 +91,7 @@ def save_bundle(directory: os.PathLike | str, model: VisionTransformer, labels: 
         "config": config or {},
         **(extra or {}),
     }
-    tmp = directory / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, directory / META_FILE)
+    atomic_write(directory / META_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
     return directory
 
 

@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from cxrvit.data.preprocess import Preprocessing
+from cxrvit.fileio import atomic_write
 from cxrvit.inference.bundle import Bundle, load_bundle
 from cxrvit.model.vit import VisionTransformer, fold_patch_embed_to_grey
 
@@ -99,13 +100,13 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike, fmt: str = "di
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "dino":
-        _atomic(out, lambda tmp: torch.save(state, tmp))
+        atomic_write(out, lambda tmp: torch.save(state, tmp))
         meta_path = out.with_suffix(".json")
-        _atomic(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+        atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
         return ExportResult(out, meta, meta_path)
     if fmt == "safetensors":
         header = {"format": "pt", "layout": "dino", "cxrvit": json.dumps(meta)}
-        _atomic(out, lambda tmp: save_file(state, tmp, metadata=header))
+        atomic_write(out, lambda tmp: save_file(state, tmp, metadata=header))
         return ExportResult(out, meta)
     # onnx: a copy of the model holding exactly the exported head
     model = copy.deepcopy(bundle.model).float().cpu()
@@ -120,15 +121,8 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike, fmt: str = "di
                     "dynamic_size": "multiples of 16" if dynamic_size else False,
                     "opset": opset, "max_abs_diff_vs_torch": diff, "checked_sizes": [list(s) for s in sizes]}
     meta_path = out.with_suffix(".json")
-    _atomic(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
     return ExportResult(out, meta, meta_path, [f"onnxruntime vs PyTorch: max |logit diff| = {diff:.2e}"])
-
-
-def _atomic(path: Path, write) -> None:
-    """Write through a temporary name and rename, so a crash never leaves a half-written export."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
-    os.replace(tmp, path)
 
 
 # -- ONNX ------------------------------------------------------------------------------------------
@@ -195,10 +189,7 @@ def export_onnx(model: VisionTransformer, out: str | os.PathLike, pre: Preproces
         program = torch.onnx.export(wrapper, (example,), dynamo=True, input_names=["grey"],
                                     output_names=["logits", "probabilities"], dynamic_shapes={"grey": shapes},
                                     opset_version=opset, external_data=False, verbose=False)
-    tmp = out.with_name(out.name + ".tmp")
-    program.save(str(tmp), external_data=False)
-    os.replace(tmp, out)
-    return out
+    return atomic_write(out, lambda tmp: program.save(str(tmp), external_data=False))
 
 
 @contextlib.contextmanager

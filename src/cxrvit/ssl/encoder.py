@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from cxrvit.fileio import atomic_write
 from cxrvit.model.vit import VisionTransformer, sincos_pos_embed
 
 #: (embed_dim, heads) of the architectures ``cxrvit.model.vit`` ships; depth is configurable
@@ -109,7 +110,4 @@ def export_backbone(vit: VisionTransformer, path: os.PathLike | str, *, arch: st
     meta = {"format": "pt", "layout": "dino", "arch": arch, "depth": str(len(vit.blocks)),
             "patch_size": str(vit.patch_size), "method": method, "cls_token": cls_token,
             **{k: str(v) for k, v in (extra or {}).items()}}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(backbone_state(vit), str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: save_file(backbone_state(vit), str(tmp), metadata=meta))

@@ -25,6 +25,7 @@ from torch import nn
 from cxrvit.data.loader import BatchLoader
 from cxrvit.data.preprocess import Preprocessing
 from cxrvit.evaluation.metrics import tune_thresholds
+from cxrvit.fileio import atomic_write, json_safe
 from cxrvit.inference.bundle import save_bundle
 from cxrvit.model.vit import build_model
 from cxrvit.runtime import PRECISION_NAMES, autocast_dtype
@@ -325,7 +326,7 @@ class Trainer:
                         self.prep, arch=self.cfg.model.arch, threshold_source={"split": "val", "images": names},
                         config=config_to_dict(self.cfg),
                         extra={"training": {"best_epoch": self.progress.best_epoch, "steps": self.progress.step,
-                                            "val_metrics": _json_safe(metrics), "tta": self.cfg.eval.tta,
+                                            "val_metrics": json_safe(metrics), "tta": self.cfg.eval.tta,
                                             "weights": "ema" if self.ema else "model",
                                             "precision": PRECISION_NAMES[self.amp]}})
             self.log.close()
@@ -342,14 +343,4 @@ class Trainer:
 
 def _atomic_save_weights(model: nn.Module, path: Path) -> None:
     state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp))
-    tmp.replace(path)
-
-
-def _json_safe(obj):
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    return obj
+    atomic_write(path, lambda tmp: save_file(state, str(tmp)))

@@ -29,6 +29,7 @@ import torch
 from cxrvit.data import splits
 from cxrvit.data.preprocess import Preprocessing
 from cxrvit.evaluation.metrics import auroc, tune_thresholds
+from cxrvit.fileio import json_safe
 from cxrvit.inference.bundle import save_bundle
 from cxrvit.model.vit import VisionTransformer, build_model
 from cxrvit.runtime import resolve_device
@@ -181,8 +182,8 @@ def fit_linear_probe(cfg: TrainConfig, cache, train_rows, val_rows, out_dir, ini
         oof = cross_fit(feats, view_rows, y_views, rows, plain, y_rows, cache.patient_ids, c, k, cfg.data.split_seed)
         au = auroc(y_rows, oof)
         score = float(np.nanmean(au[scored_idx])) if not np.all(np.isnan(au[scored_idx])) else float("nan")
-        search.append({"kind": "val", "C": c, "score": _finite(score),
-                       "auroc": {name: _finite(au[i]) for i, name in enumerate(labels)}})
+        search.append({"kind": "val", "C": c, "score": json_safe(float(score)),
+                       "auroc": {name: json_safe(float(au[i])) for i, name in enumerate(labels)}})
         if progress:
             print(f"linear probe: C={c:g}  out-of-fold mean AUROC (scored) {score:.3f}")
         if best is None or (np.isfinite(score) and (not np.isfinite(best[1]) or score > best[1])):
@@ -200,7 +201,7 @@ def fit_linear_probe(cfg: TrainConfig, cache, train_rows, val_rows, out_dir, ini
     save_bundle(out, model.cpu(), labels, dict(zip(labels, thresholds.tolist())), prep, arch=cfg.model.arch,
                 threshold_source={"split": "cross-fitted", "folds": k, "images": names},
                 config=config_to_dict(cfg),
-                extra={"training": {"strategy": "linear_probe", "C": c, "oof_mean_auroc_scored": _finite(score),
+                extra={"training": {"strategy": "linear_probe", "C": c, "oof_mean_auroc_scored": json_safe(float(score)),
                                     "c_search": search, "images": n, "views": p.views,
                                     "init": str(init) if init else None,
                                     "init_report": str(init_report) if init_report else None,
@@ -242,8 +243,3 @@ def _load_features(path: Path, rows: np.ndarray, views: int, fingerprint: str) -
                 and str(z["fingerprint"]) == fingerprint):
             return z["feats"]
     return None
-
-
-def _finite(v) -> float | None:
-    v = float(v)
-    return v if np.isfinite(v) else None

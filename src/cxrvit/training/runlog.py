@@ -9,6 +9,8 @@ import json
 import math
 from pathlib import Path
 
+from cxrvit.fileio import json_safe
+
 METRICS = "metrics.jsonl"
 CURVES = "learning_curves.png"
 
@@ -35,7 +37,7 @@ class RunLog:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(_finite(record)) + "\n")
+            f.write(json.dumps(json_safe(record)) + "\n")
         if self.tb is not None:
             for key, value in _flatten(record).items():
                 if isinstance(value, (int, float)) and key not in ("step", "epoch") and math.isfinite(value):
@@ -97,14 +99,3 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[prefix + k] = v
     return out
-
-
-def _finite(obj):
-    """JSON has no NaN: undefined metrics (AUROC of a label absent from validation) become null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj

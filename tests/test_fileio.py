@@ -1,0 +1,38 @@
+"""cxrvit.fileio: the one atomic writer and the one NaN -> null rule every saved file goes through."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from cxrvit.fileio import atomic_write, json_safe
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "bundle.json"
+    target.write_text("old")
+
+    def half_then_crash(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, half_then_crash)
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["bundle.json"]
+
+
+def test_the_temporary_keeps_the_suffix_numpy_needs(tmp_path):
+    target = tmp_path / "heldout.npz"
+    atomic_write(target, lambda tmp: np.savez(tmp, rows=np.arange(3)), fsync=True)   # savez adds .npz otherwise
+    assert np.load(target)["rows"].tolist() == [0, 1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["heldout.npz"]
+
+
+def test_json_safe_turns_every_non_finite_number_into_null():
+    record = {"auroc": float("nan"), "loss": 0.5, "ci": [float("-inf"), 1.0], "nested": {"x": np.float64("nan")},
+              "n": 3, "name": "Effusion", "none": None}
+    out = json_safe(record)
+    assert out == {"auroc": None, "loss": 0.5, "ci": [None, 1.0], "nested": {"x": None}, "n": 3, "name": "Effusion",
+                   "none": None}
+    json.dumps(out, allow_nan=False)
+    assert not math.isnan(json_safe(1.5))
