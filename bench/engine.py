@@ -9,7 +9,7 @@ alike:
 and reports images/s and the engine/bare ratio (target >= 0.9).
 
     .venv/bin/python bench/engine.py --data /tmp/cache256                    # a few minutes on 2 cores
-    .venv/bin/python bench/engine.py --data C --sizes 224 --precisions bf16 --write docs/benchmarks.md
+    .venv/bin/python bench/engine.py --data C --sizes 224 --precisions bf16 --write docs/history/benchmarks.md
 """
 from __future__ import annotations
 

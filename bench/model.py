@@ -11,7 +11,7 @@ One run measures
    step: 27.6 GFLOP), scaled by the token count at 128 px (65 / 197), divided by the ceiling.
 
     .venv/bin/python bench/model.py                   # default: a few minutes on 2 cores
-    .venv/bin/python bench/model.py --write docs/benchmarks.md
+    .venv/bin/python bench/model.py --write docs/history/benchmarks.md
     .venv/bin/python bench/model.py --device cuda --sizes 224 --batch 64 --repeats 20 --json F  # bench/gpu.sh
 
 On CUDA every timed call ends with ``torch.cuda.synchronize()``, the CPU-time columns are left out

@@ -6,7 +6,7 @@ is a call's wall time divided by its batch size; p50 / p95 are over the timed ca
 
     .venv/bin/python bench/onnx_latency.py                       # random ViT-S weights
     .venv/bin/python bench/onnx_latency.py --model RUN           # a trained bundle
-    .venv/bin/python bench/onnx_latency.py --write docs/benchmarks.md
+    .venv/bin/python bench/onnx_latency.py --write docs/history/benchmarks.md
 """
 from __future__ import annotations
 

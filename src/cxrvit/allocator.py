@@ -22,7 +22,7 @@ def keep_freed_memory() -> bool:
     hidden layer), so every pass asked the kernel for fresh zeroed pages again: ~10,000 page faults
     per image, paid inside whichever operator first touches the block (addmm's bias broadcast,
     ``copy_``, was 13 % of the 224-px forward pass in the operator profile). With mmap off and the trim
-    threshold raised, freed blocks are reused and the resident set stays near its peak (docs/benchmarks.md,
+    threshold raised, freed blocks are reused and the resident set stays near its peak (docs/history/benchmarks.md,
     "Fresh pages at every step": 1.11-1.16x the img/s at 224 px / batch 64 for +1-21 % peak RSS).
 
     Process-wide and one-way (a heap once grown serves later blocks whatever the setting, which is why

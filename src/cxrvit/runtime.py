@@ -103,7 +103,7 @@ def inference_precision(device: torch.device) -> str:
     by tests/inference/test_one_answer.py). fp32 kernels meet that; bf16 ones move a probability by up
     to 1e-3 with the batch around it, and a GPU-tuned threshold would not match a CPU ``predict``.
     Scoring is a small share of the work (one forward pass, no backward), so the price is small
-    (docs/benchmarks.md, "Inference precision"); training keeps ``auto``.
+    (docs/results.md, "Scoring precision"); training keeps ``auto``.
     """
     del device  # the same answer on every device is the point
     return "fp32"

@@ -1,6 +1,6 @@
 """bench/allocator.py end to end at a toy size: both allocator settings, each in its own fresh process.
 
-Its img/s and page-fault counts are benchmarks (docs/benchmarks.md), not asserted: at a toy size they scatter
+Its img/s and page-fault counts are benchmarks (docs/history/benchmarks.md), not asserted: at a toy size they scatter
 (a train step faulted 900-9,600 pages per image under glibc's default and 0-1,300 on the kept heap over ten
 runs). The fault claim itself is asserted where it is deterministic, on one 96 MiB block
 (tests/test_allocator.py). Asserted here: the script runs with the package as it is, measures both settings,

@@ -1,6 +1,6 @@
 """bench/train_step.py end to end at a toy size: every row, the FLOP column and the profiler tables.
 
-Its numbers are benchmarks (docs/benchmarks.md), not asserted here; what is asserted is that the script runs
+Its numbers are benchmarks (docs/history/benchmarks.md), not asserted here; what is asserted is that the script runs
 with the package as it is (it once called a runtime helper with an argument the helper had dropped) and that
 its FLOP counts say what the arithmetic says: the MAE step costs less than the supervised step per image,
 the 2-block decoder less than the 4-block one, and a forward pass about a third of a train step (the backward

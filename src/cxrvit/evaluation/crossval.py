@@ -133,7 +133,7 @@ def _get(d: dict, dotted: str):
 
 
 # Keys added to TrainConfig after held-out predictions were first hashed. At their defaults they are
-# left out of the hash, so predictions made before a key existed (docs/benchmarks.md tables) still match
+# left out of the hash, so predictions made before a key existed (docs/history/benchmarks.md tables) still match
 # a config that does not use it; set to anything else, they change the hash as every other key does.
 LATER_KEYS = ("model.attention", "model.pos_embed", "strategy", "probe")
 

@@ -155,7 +155,7 @@ def pretrain(cfg: PretrainConfig, caches: Sequence, out_dir: os.PathLike | str, 
     groups = param_groups(method.trainable_modules())
     lr_base = cfg.optim.lr * bs / 256
     # Fused AdamW: one pass over each parameter instead of ~10 element-wise kernels; the per-parameter
-    # loop took a third of an MAE step's CPU time at 128 px (profile in docs/benchmarks.md, issue 13).
+    # loop took a third of an MAE step's CPU time at 128 px (profile in docs/history/benchmarks.md, issue 13).
     opt = torch.optim.AdamW(groups, lr=lr_base, betas=tuple(cfg.optim.betas), fused=device.type in ("cpu", "cuda"))
     lr_at = cosine_schedule(lr_base, cfg.optim.min_lr, total, int(cfg.optim.warmup_epochs * spe))
     wd_at = cosine_schedule(cfg.optim.weight_decay, cfg.optim.weight_decay_end, total)

@@ -1,6 +1,6 @@
 """``strategy: linear_probe``: a frozen backbone and a logistic-regression head, cross-fitted.
 
-Why this exists (docs/benchmarks.md, "Issue 10"): on ~500-1,000 training images a ViT-S/16 trained end
+Why this exists (docs/history/benchmarks.md, "Issue 10"; today's numbers: docs/results.md): on ~500-1,000 training images a ViT-S/16 trained end
 to end from random init stays at chance AUROC within any budget two CPU cores allow, while an
 L2-regularised logistic regression on the *frozen* CLS features of the same network beats it on every
 scored target. With a pre-trained backbone (``--init``: DINO's ImageNet checkpoint, or a CXR
