@@ -64,10 +64,10 @@ def _write_bytes(pid: int) -> int:
     return 0
 
 
-def measure(cmd: list[str], interval: float = 0.25, kill_when=None, env=None, stdout=None) -> dict:
+def measure(cmd: list[str], interval: float = 0.25, kill_when=None, env=None, stdout=None, stderr=None) -> dict:
     """Run ``cmd``; ``kill_when(elapsed_s)`` returning True SIGKILLs the whole tree (a crash)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=stdout, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
     peak_anon = peak_procs = 0
     written: dict[int, int] = {}
     killed = False

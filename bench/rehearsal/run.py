@@ -72,7 +72,7 @@ def prepare_resume(res: Path) -> dict:
         killed_json.write_text(json.dumps(first, indent=2) + "\n")
     log = res / "prepare-resumed.log"
     with open(log, "w") as fh:
-        second = measure(cmd + ["--workers", str(os.cpu_count())], stdout=fh)
+        second = measure(cmd, stdout=fh, stderr=subprocess.STDOUT)   # prepare logs "resuming: ..." on stderr
     text = log.read_text()
     m = re.search(r"resuming: ([\d,]+) of", text)
     resumed_from = int(m.group(1).replace(",", "")) if m else 0
