@@ -88,6 +88,7 @@ STAGES = {
     "loader": ["loader", "--images", "6400"],
     "probe": ["probe", "--rows", "2000"],
     "probe-small": ["probe", "--rows", "500"],
+    "probe-fit-full": ["probe", "--rows", "86524", "--single-fit"],
     "eval": ["eval", "--rows", "25596"],
     "eval-small": ["eval", "--rows", "12798"],
 }
@@ -137,6 +138,12 @@ def table(res: Path) -> str:
                          f"decoded {pr['decoded_by_resume']:,} = only the rows not done; cache byte-identical to "
                          f"the uninterrupted one: **{'yes' if pr['identical'] else 'NO'}** (sha256 of "
                          + ", ".join(CACHE_FILES) + ")"))
+    if full and pr:
+        r = pr["resumed_run"]
+        rows.append(f"| e. prepare: 112,120 vs {pr['decoded_by_resume']:,} images decoded | "
+                    f"x{full['wall_s'] / r['wall_s']:.2f} time for x{112_120 / pr['decoded_by_resume']:.1f} images | | "
+                    f"x{full['peak_rss_anon_kb'] / r['peak_rss_anon_kb']:.2f} | | the two runs met different loads "
+                    "from other jobs; linear would be x2.0 |")
     sm = _load(res, "summary")
     if sm:
         m = sm["measure"]
@@ -160,6 +167,14 @@ def table(res: Path) -> str:
                          f"RssAnon {r['rss_anon_mb_after_first_batch']:.0f} -> {r['rss_anon_mb_end']:.0f} MB "
                          f"after batch 1 -> last; {r['img_per_s_first_half']:,.0f} / {r['img_per_s_second_half']:,.0f}"
                          " img/s first / second half (cold / warm page cache)"))
+    pf = _load(res, "probe-fit-full")
+    if pf and pf["result"]:
+        r, m = pf["result"], pf["measure"]
+        rows.append(_row(f"c. linear probe: one `fit_head` (C=1, {r['labels']} labels), {r['rows']:,} rows",
+                         r["wall_s"], r["rows"], m["peak_rss_anon_kb"], m["write_bytes"],
+                         f"{r['inputs']}; the C search runs {r['fits_in_search']} such fits (4/5 of the rows "
+                         f"in 15 of them): ~{r['wall_s'] * (1 + 0.8 * (r['fits_in_search'] - 1)) / 60:.0f} min "
+                         "estimated"))
     for big, small, what in (("probe", "probe-small", "c. linear probe: C search (3 C x 5 folds) + final head"),
                              ("eval", "eval-small", "d. eval scoring: F1/AUROC/AP + 1,000 patient resamples")):
         pair = [(_load(res, n) or {}).get("result") and _load(res, n) for n in (small, big)]

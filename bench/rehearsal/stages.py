@@ -129,6 +129,13 @@ def stage_probe(cache, args) -> dict:
     y = cache.labels(labels).astype(np.float64)[rows]
     feats = _features(y, args.dim, seed=0)
     k = p.cv_folds
+    if args.single_fit:   # one head on all rows at C=1: the unit the C search repeats 3 x 5 + 1 times
+        t0 = time.perf_counter()
+        fit_head(feats, y, 1.0)
+        wall = time.perf_counter() - t0
+        return {"stage": "probe-fit", "rows": int(len(rows)), "dim": args.dim, "labels": len(labels), "wall_s": wall,
+                "img_per_s": len(rows) / wall, "fits_in_search": len(p.c_grid) * k + 1,
+                "inputs": f"one fit_head at C=1; official train_val rows' real labels; random features [N, {args.dim}]"}
     t0 = time.perf_counter()
     search = []
     for c in p.c_grid:
@@ -187,6 +194,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=None)
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--single-fit", action="store_true", help="probe: time one fit_head instead of the search")
     args = ap.parse_args(argv)
     from cxrvit.data.cache import CXRCache
 
