@@ -133,10 +133,12 @@ def attention_path(device: torch.device, dtype: torch.dtype) -> str:
     return "sdpa"
 
 
-def machine_description() -> str:
-    """One line naming the machine a number came from, for benchmark tables."""
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda}), torch {torch.__version__}"
+def machine_description(device: str | torch.device | None = None) -> str:
+    """One line naming the machine a number came from, for benchmark and results tables.
+
+    The CPU always (cores, model, native bf16 or not); the GPU too when one is there and ``device`` is
+    not the CPU.
+    """
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as fh:
@@ -147,4 +149,7 @@ def machine_description() -> str:
     except OSError:
         pass
     bf16 = "native bf16" if cpu_has_fast_bf16() else "no native bf16"
-    return f"{os.cpu_count()}-core {cpu} ({bf16}), torch {torch.__version__}"
+    text = f"{os.cpu_count()}-core {cpu} ({bf16}), torch {torch.__version__}"
+    if torch.cuda.is_available() and str(device or "auto") != "cpu":
+        text += f", GPU {torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
+    return text

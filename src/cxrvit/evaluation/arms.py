@@ -38,8 +38,9 @@ import numpy as np
 import yaml
 
 from cxrvit.evaluation.crossval import (FoldPredictions, choose_protocol, config_hash, git_commit, load_fold,
-                                        machine_description, plan_folds, pool, run_fold)
+                                        plan_folds, pool, run_fold)
 from cxrvit.fileio import atomic_write
+from cxrvit.runtime import machine_description
 
 PLAN_FILE = "plan.yaml"
 

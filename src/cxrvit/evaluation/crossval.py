@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import platform
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -33,7 +31,7 @@ from cxrvit.evaluation.compare import Comparison, paired_compare
 from cxrvit.evaluation.evaluate import EvalResult, check_thresholds_held_out, predict_rows, score_predictions
 from cxrvit.fileio import atomic_write
 from cxrvit.labels import SCORED_TARGETS
-from cxrvit.runtime import resolve_device
+from cxrvit.runtime import machine_description, resolve_device
 
 OFFICIAL_ABOVE = 20_000  # images; above this a cache with the official split runs it by default
 PREDICTIONS = "heldout.npz"
@@ -292,23 +290,6 @@ def _fold_mean_f1(cache, fold: FoldPredictions, labels: list[str]) -> float:
 
 
 # --------------------------------------------------------------------------- provenance of the numbers
-
-
-def machine_description(device=None) -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    text = f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}"
-    if torch.cuda.is_available() and str(device or "auto") != "cpu":
-        text += f", GPU {torch.cuda.get_device_name(0)}"
-    return text
 
 
 def git_commit() -> str:

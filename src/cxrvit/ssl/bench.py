@@ -110,7 +110,8 @@ def run_ssl_bench(data, out, *, methods: Sequence[str] = ("dino", "mae", "ijepa"
     from cxrvit.data.cache import CXRCache
     from cxrvit.evaluation.bootstrap import DEFAULT_RESAMPLES
     from cxrvit.evaluation.compare import paired_compare
-    from cxrvit.evaluation.crossval import git_commit, load_configs, machine_description, plan_folds, pool, run_fold
+    from cxrvit.evaluation.crossval import git_commit, load_configs, plan_folds, pool, run_fold
+    from cxrvit.runtime import machine_description
     from cxrvit.evaluation.evaluate import score_predictions
     from cxrvit.ssl.config import load_pretrain_recipe
     from cxrvit.ssl.encoder import BACKBONE_FILE
