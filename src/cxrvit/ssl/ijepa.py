@@ -58,8 +58,8 @@ class Predictor(nn.Module):
         x = x + gather(torch.cat((cls_idx, ctx_idx + 1), dim=1))
         # One predictor pass per target block, batched: the context is repeated M times.
         x = x.repeat_interleave(m, dim=0)
-        # In the tokens' dtype: an fp32 parameter plus bf16 positions would promote the queries to fp32
-        # and the cat below would then run the whole predictor on a mixed-precision sequence.
+        # In the tokens' dtype: an fp32 parameter plus bf16 positions promotes the queries to fp32, and
+        # the cat below would then promote the whole sequence, so the predictor's residual stream left bf16.
         queries = self.mask_token.to(x.dtype) + gather(tgt_idx.reshape(b, m * nt) + 1).reshape(b * m, nt, d)
         x = torch.cat((x, queries), dim=1)
         for blk in self.blocks:
