@@ -28,7 +28,7 @@ def rss_anon_kb() -> int:
 
 
 def _official(cache):
-    from cxrvit.evaluation.crossval import choose_protocol, plan_folds
+    from cxrvit.experiments.crossval import choose_protocol, plan_folds
 
     protocol = choose_protocol(cache, "auto")   # what `bench arms` picks for this cache by itself
     (train_rows, test_rows), = plan_folds(cache, "official", k=1, seed=0)
@@ -40,7 +40,7 @@ def stage_split(cache, args) -> dict:
     import torch
 
     from cxrvit.data import splits
-    from cxrvit.evaluation.arms import arm_config, load_plan
+    from cxrvit.experiments.arms import arm_config, load_plan
     from cxrvit.training import distributed as dist_
     from cxrvit.training.engine import Trainer
 

@@ -128,7 +128,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_bench_recipes(args) -> int:
-    from cxrvit.evaluation.crossval import run_recipes
+    from cxrvit.experiments.crossval import run_recipes
 
     command = _command_line()
     try:
@@ -141,7 +141,7 @@ def cmd_bench_recipes(args) -> int:
 
 
 def cmd_bench_arms(args) -> int:
-    from cxrvit.evaluation.arms import load_plan, run_arms, with_default_init
+    from cxrvit.experiments.arms import load_plan, run_arms, with_default_init
 
     command = _command_line()
     try:

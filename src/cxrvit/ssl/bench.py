@@ -1,6 +1,6 @@
 """Does SSL pre-training help? SSL-initialised ``improved`` vs from-scratch ``improved`` and ``baseline``.
 
-The cross-validation benchmark of the evaluation part (:mod:`cxrvit.evaluation.crossval`), with
+The cross-validation benchmark of the evaluation part (:mod:`cxrvit.experiments.crossval`), with
 one more arm per SSL method. In each patient-wise fold:
 
 1. pre-train the method on the images of the fold's *training* patients only (plus any extra
@@ -96,7 +96,7 @@ def method_overrides(overrides: Sequence[str], method: str) -> list[str]:
 
 
 def _finetune_seconds(fold_dir: Path) -> float:
-    from cxrvit.evaluation.crossval import PREDICTIONS, load_fold
+    from cxrvit.experiments.crossval import PREDICTIONS, load_fold
 
     return load_fold(fold_dir / PREDICTIONS)[0].seconds
 
@@ -110,7 +110,7 @@ def run_ssl_bench(data, out, *, methods: Sequence[str] = ("dino", "mae", "ijepa"
     from cxrvit.data.cache import CXRCache
     from cxrvit.evaluation.bootstrap import DEFAULT_RESAMPLES
     from cxrvit.evaluation.compare import paired_compare
-    from cxrvit.evaluation.crossval import git_commit, load_configs, plan_folds, pool, run_fold
+    from cxrvit.experiments.crossval import git_commit, load_configs, plan_folds, pool, run_fold
     from cxrvit.runtime import machine_description
     from cxrvit.evaluation.evaluate import score_predictions
     from cxrvit.ssl.config import load_pretrain_recipe

@@ -12,7 +12,7 @@ import numpy as np
 
 from cxrvit.evaluation.bootstrap import DEFAULT_RESAMPLES
 from cxrvit.evaluation.compare import Comparison, paired_compare
-from cxrvit.evaluation.crossval import FoldPredictions, pool
+from cxrvit.experiments.crossval import FoldPredictions, pool
 from cxrvit.evaluation.evaluate import EvalResult, score_predictions
 from cxrvit.labels import SCORED_TARGETS
 from cxrvit.training.runlog import METRICS, read_metrics
@@ -125,7 +125,7 @@ def learning_summary(run_dirs: list[Path]) -> dict:
 
 def score_arms(plan, cache, results: dict[str, dict[int, list[FoldPredictions]]], fold_indices, out: Path, info: dict,
                n_resamples: int | None = None) -> ArmsResult:
-    from cxrvit.evaluation.arms import arm_dir
+    from cxrvit.experiments.arms import arm_dir
 
     n_resamples = n_resamples or DEFAULT_RESAMPLES
     names = [a.name for a in plan.arms]

@@ -8,7 +8,7 @@ import yaml
 
 from cxrvit.data.preprocess import Preprocessing
 from cxrvit.evaluation import metrics as M
-from cxrvit.evaluation.arms import load_plan, run_arms
+from cxrvit.experiments.arms import load_plan, run_arms
 from cxrvit.evaluation.evaluate import predict_rows
 from cxrvit.inference.bundle import Bundle, save_bundle
 from evalfakes import FakeCache, tiny_model
@@ -164,7 +164,7 @@ def test_bad_arms_files_name_the_file_and_the_problem(tmp_path, body, message):
 
 
 def test_one_flag_starts_every_plain_arm_from_a_checkpoint(tmp_path):
-    from cxrvit.evaluation.arms import with_default_init
+    from cxrvit.experiments.arms import with_default_init
 
     ckpt = tmp_path / "dino_deitsmall16_pretrain.pth"
     ckpt.write_bytes(b"x")
@@ -212,7 +212,7 @@ def test_run_folds_scores_a_patient_wise_hold_out_and_reuses_it_later(tmp_path):
 def test_learning_summary_reads_epochs_of_fine_tuning_and_the_c_search_of_a_probe(tmp_path):
     import json
 
-    from cxrvit.evaluation.arms_table import learning_summary
+    from cxrvit.experiments.arms_table import learning_summary
 
     def run(name, records):
         (tmp_path / name / "run").mkdir(parents=True)

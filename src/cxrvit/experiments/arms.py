@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from cxrvit.evaluation.crossval import (FoldPredictions, choose_protocol, config_hash, git_commit, load_fold,
+from cxrvit.experiments.crossval import (FoldPredictions, choose_protocol, config_hash, git_commit, load_fold,
                                         plan_folds, pool, run_fold)
 from cxrvit.fileio import atomic_write
 from cxrvit.runtime import machine_description
@@ -241,11 +241,11 @@ def run_arms(plan: ArmsPlan, data, out, *, only=None, device=None, progress: boo
              n_resamples: int | None = None, command: str = "", train_fn=None, log=print):
     """Run (or resume) every stage this invocation owns, then score if every arm is complete.
 
-    Returns the :class:`~cxrvit.evaluation.arms_table.ArmsResult`, or ``None`` when stages of
+    Returns the :class:`~cxrvit.experiments.arms_table.ArmsResult`, or ``None`` when stages of
     arms outside ``only`` are still missing (another worker's).
     """
     from cxrvit.data.cache import CXRCache
-    from cxrvit.evaluation.arms_table import score_arms
+    from cxrvit.experiments.arms_table import score_arms
 
     started = time.time()
     out = Path(out)

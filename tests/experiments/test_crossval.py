@@ -6,7 +6,7 @@ import pytest
 
 from cxrvit.data.preprocess import Preprocessing
 from cxrvit.evaluation import metrics as M
-from cxrvit.evaluation.crossval import choose_protocol, load_configs, pool, run_recipes
+from cxrvit.experiments.crossval import choose_protocol, load_configs, pool, run_recipes
 from cxrvit.evaluation.evaluate import predict_rows
 from cxrvit.inference.bundle import Bundle, save_bundle
 from evalfakes import FakeCache, tiny_model
@@ -80,7 +80,7 @@ def test_folds_are_patient_disjoint_and_pooling_covers_every_image_once(tmp_path
 
 
 def test_pool_rejects_overlapping_folds():
-    from cxrvit.evaluation.crossval import FoldPredictions
+    from cxrvit.experiments.crossval import FoldPredictions
 
     f = FoldPredictions(np.array([0, 1]), np.zeros((2, 1)), np.array([0.5]), ["Effusion"], 0.0)
     with pytest.raises(ValueError, match="partition"):
@@ -133,7 +133,7 @@ def test_config_hash_survives_keys_added_at_their_defaults():
     import hashlib
     import json
 
-    from cxrvit.evaluation.crossval import LATER_KEYS, config_hash
+    from cxrvit.experiments.crossval import LATER_KEYS, config_hash
     from cxrvit.training.config import config_to_dict, load_recipe
 
     cfg = load_recipe("baseline", ["model.img_size=128"])

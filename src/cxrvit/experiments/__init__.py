@@ -1,0 +1,1 @@
+"""Experiments: strategies ("arms") trained and scored side by side on the same patients (issue 21)."""
