@@ -244,7 +244,7 @@ def cmd_plan(args) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     head = f"# {'CPU dry run of' if args.tiny else 'as run from'} {args.arms}, written by bench/cuda_check.py plan\n"
     Path(args.out).write_text(head + yaml.safe_dump(plan, sort_keys=False))
-    from cxrvit.experiments.arms import load_plan
+    from cxrvit.experiments.plan import load_plan
     load_plan(args.out)        # every key known, arms and pre-training stages consistent
     print(f"wrote {args.out}")
     return 0

@@ -40,7 +40,7 @@ def stage_split(cache, args) -> dict:
     import torch
 
     from cxrvit.data import splits
-    from cxrvit.experiments.arms import arm_config, load_plan
+    from cxrvit.experiments.plan import arm_config, load_plan
     from cxrvit.training import distributed as dist_
     from cxrvit.training.engine import Trainer
 

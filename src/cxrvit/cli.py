@@ -16,9 +16,10 @@ COMMAND_MODULES = (
     "cxrvit.data.commands",        # prepare, data-summary
     "cxrvit.model.commands",       # export
     "cxrvit.training.commands",    # train
-    "cxrvit.evaluation.commands",  # eval, compare, bench
+    "cxrvit.evaluation.commands",  # eval, compare
     "cxrvit.inference.commands",   # predict, dicom-info
     "cxrvit.ssl.commands",         # pretrain
+    "cxrvit.experiments.commands", # bench (arms, recipes)
     "cxrvit.serve.commands",       # serve
 )
 

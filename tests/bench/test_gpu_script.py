@@ -122,7 +122,7 @@ def test_ddp_check_under_torchrun_one_process(tmp_path):
 
 
 def test_gpu_arms_file_is_the_cpu_comparison_at_224(tmp_path):
-    from cxrvit.experiments.arms import load_plan
+    from cxrvit.experiments.plan import load_plan
 
     gpu, cpu = load_plan(GPU_ARMS), load_plan(ROOT / "bench" / "arms" / "sample-cv2.yaml")
     assert [(a.name, a.recipe, a.pretrain) for a in gpu.arms] == [(a.name, a.recipe, a.pretrain) for a in cpu.arms]

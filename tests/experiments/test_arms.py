@@ -8,8 +8,9 @@ import yaml
 
 from cxrvit.data.preprocess import Preprocessing
 from cxrvit.evaluation import metrics as M
-from cxrvit.experiments.arms import load_plan, run_arms
 from cxrvit.evaluation.evaluate import predict_rows
+from cxrvit.experiments.arms import run_arms
+from cxrvit.experiments.plan import load_plan, with_default_init
 from cxrvit.inference.bundle import Bundle, save_bundle
 from evalfakes import FakeCache, tiny_model
 
@@ -96,7 +97,8 @@ def test_changed_shared_settings_or_arm_are_refused(tmp_path):
     fake = RecordingTrain()
     run_arms(load_plan(write_plan(tmp_path / "a.yaml", seeds=[0])), "C", tmp_path / "b", cache=cache,
              train_fn=fake, **QUIET)
-    with pytest.raises(ValueError, match="overrides"):
+    # the common overrides change what every arm trains: refused, naming an arm and the key
+    with pytest.raises(ValueError, match=r"arm 'baseline' changed since it was run \(config\.optim\.lr: "):
         run_arms(load_plan(write_plan(tmp_path / "a.yaml", seeds=[0], overrides=TINY + ["optim.lr=1e-3"])), "C",
                  tmp_path / "b", cache=cache, train_fn=fake, **QUIET)
     changed = write_plan(tmp_path / "a.yaml", seeds=[0], arms=[
@@ -164,8 +166,6 @@ def test_bad_arms_files_name_the_file_and_the_problem(tmp_path, body, message):
 
 
 def test_one_flag_starts_every_plain_arm_from_a_checkpoint(tmp_path):
-    from cxrvit.experiments.arms import with_default_init
-
     ckpt = tmp_path / "dino_deitsmall16_pretrain.pth"
     ckpt.write_bytes(b"x")
     path = write_plan(tmp_path / "arms.yaml", pretrain={"mae": {"method": "mae"}},
@@ -227,3 +227,76 @@ def test_learning_summary_reads_epochs_of_fine_tuning_and_the_c_search_of_a_prob
     probes = [run(f"p{i}", [{"kind": "val", "C": c, "score": v} for c, v in grid])
               for i, grid in enumerate([[(0.1, 0.55), (1.0, 0.60)], [(0.1, 0.58), (1.0, 0.52)]])]
     assert learning_summary(probes) == {"probe_oof": pytest.approx(0.59), "C": [1.0, 0.1]}
+
+
+def test_a_finished_arm_is_reused_while_its_resolved_config_is_unchanged(tmp_path):
+    """Identity is the resolved config, not the text: comments, key order and an override that restates
+    the recipe's value keep a finished arm; so does an OUT written before identity.yaml existed."""
+    from cxrvit.training.config import recipe_path
+
+    cache = FakeCache(n_patients=12, seed=9)
+    fake = RecordingTrain()
+    recipe = tmp_path / "mine.yaml"
+    raw = yaml.safe_load(recipe_path("baseline").read_text())
+    recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
+    arms = [{"name": "baseline", "recipe": "baseline"}, {"name": "mine", "recipe": str(recipe)}]
+    run_arms(load_plan(write_plan(tmp_path / "a.yaml", seeds=[0], arms=arms)), "C", tmp_path / "b", cache=cache,
+             train_fn=fake, **QUIET)
+    assert len(fake.calls) == 4
+
+    recipe.write_text("# the same recipe, commented and reordered\n"
+                      + yaml.safe_dump(dict(reversed(list(raw.items()))), sort_keys=True))
+    restated = [{"name": "baseline", "recipe": "baseline", "overrides": [f"optim.lr={raw['optim']['lr']}"]},
+                {"name": "mine", "recipe": str(recipe), "overrides": ["model.attention=auto"]}]   # the default
+    plan = load_plan(write_plan(tmp_path / "a.yaml", seeds=[0], arms=restated))
+    run_arms(plan, "C", tmp_path / "b", cache=cache, train_fn=fake, **QUIET)
+    assert len(fake.calls) == 4                                 # nothing retrained
+    saved = yaml.safe_load((tmp_path / "b" / "identity.yaml").read_text())
+    assert saved["arms"]["mine"]["config"]["name"] == "baseline"        # the recipe's own name, not the file's
+    assert "attention" not in saved["arms"]["mine"]["config"].get("model", {})
+
+    (tmp_path / "b" / "identity.yaml").unlink()                 # an OUT from before identities: resolved from plan.yaml
+    run_arms(plan, "C", tmp_path / "b", cache=cache, train_fn=fake, **QUIET)
+    assert len(fake.calls) == 4
+    changed = [restated[0], {**restated[1], "overrides": ["model.attention=explicit"]}]
+    with pytest.raises(ValueError, match=r"arm 'mine' changed since it was run \(config\.model\.attention: "
+                                         r"'<default>' -> 'explicit'\)"):
+        run_arms(load_plan(write_plan(tmp_path / "a.yaml", seeds=[0], arms=changed)), "C", tmp_path / "b",
+                 cache=cache, train_fn=fake, **QUIET)
+
+
+def test_pretraining_stages_read_their_own_overrides_and_show_their_probes(tmp_path, monkeypatch):
+    """Each stage carries its own overrides (what `--ssl-set METHOD:KEY=VALUE` did for bench/ssl_bench.py),
+    and the first and last frozen-feature probe of every fold's stage reach the table."""
+    import cxrvit.ssl.pretrain as pretrain_mod
+
+    cache = FakeCache(n_patients=12, seed=10)
+    configs = []
+
+    class Result:
+        def __init__(self, out, epochs):
+            self.backbone, self.steps = out / "backbone.safetensors", 3
+            self.history = [{"knn_cls_auroc": 0.5, "linear_mean_auroc": 0.5},
+                            {"knn_cls_auroc": 0.5 + epochs / 100, "linear_mean_auroc": 0.6}]
+
+    def fake_pretrain(cfg, caches, out_dir, rows=None, probe=None, resume=True, quiet=False):
+        configs.append((Path(out_dir).name, cfg.method, cfg.schedule.epochs, cfg.schedule.batch_size))
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "backbone.safetensors").write_bytes(b"weights")
+        return Result(Path(out_dir), cfg.schedule.epochs)
+
+    monkeypatch.setattr(pretrain_mod, "pretrain", fake_pretrain)
+    plan = load_plan(write_plan(
+        tmp_path / "arms.yaml", seeds=[0], folds=2,
+        pretrain={"dino": {"method": "dino", "overrides": ["schedule.batch_size=64", "schedule.epochs=2"]},
+                  "mae": {"method": "mae", "overrides": ["schedule.batch_size=64"]}},
+        arms=[{"name": "baseline", "recipe": "baseline"}, {"name": "dino+improved", "recipe": "improved",
+                                                          "pretrain": "dino"},
+              {"name": "mae+improved", "recipe": "improved", "pretrain": "mae"}]))
+    res = run_arms(plan, "C", tmp_path / "b", cache=cache, train_fn=RecordingTrain(), **QUIET)
+    dino = [c for c in configs if c[0] == "pretrain-dino"]
+    mae = [c for c in configs if c[0] == "pretrain-mae"]
+    assert len(dino) == len(mae) == 2 and all(c[2:] == (2, 64) for c in dino)
+    assert all(c[3] == 64 and c[2] != 2 for c in mae)          # mae keeps its own recipe's epochs
+    assert res.probes["dino"]["knn_cls_auroc"] == pytest.approx([0.5, 0.52])
+    assert "| dino | 0.500 -> 0.520 |" in (tmp_path / "b" / "results.md").read_text()

@@ -1,4 +1,5 @@
-"""The recipe benchmark: patient-disjoint folds, honest thresholds, pooling, resume."""
+"""The fold machinery under every arm, driven as `cxrvit bench recipes` drives it (a two-arm plan):
+patient-disjoint folds, honest thresholds, pooling, resume."""
 import json
 
 import numpy as np
@@ -6,8 +7,10 @@ import pytest
 
 from cxrvit.data.preprocess import Preprocessing
 from cxrvit.evaluation import metrics as M
-from cxrvit.experiments.crossval import choose_protocol, load_configs, pool, run_recipes
 from cxrvit.evaluation.evaluate import predict_rows
+from cxrvit.experiments.arms import run_arms
+from cxrvit.experiments.crossval import FoldPredictions, choose_protocol, pool
+from cxrvit.experiments.plan import recipes_plan
 from cxrvit.inference.bundle import Bundle, save_bundle
 from evalfakes import FakeCache, tiny_model
 
@@ -40,15 +43,30 @@ def _patients(cache, rows):
     return set(np.asarray(cache.patient_ids)[rows].astype(str))
 
 
+def run_recipes(out, cache, overrides=TINY, **kwargs):
+    """What `cxrvit bench recipes --folds 2` runs: baseline (reference) vs improved, plots included."""
+    plan = recipes_plan(["baseline", "improved"], overrides, folds=2)
+    return run_arms(plan, "C", out, cache=cache, progress=False, reports=True, log=lambda _m: None, **kwargs)
+
+
+def heldout_folds(out, cache, arm="baseline", k=2):
+    """(train rows, held-out rows) of each fold, read back from the predictions the harness saved."""
+    folds = []
+    for f in range(k):
+        held = np.load(out / f"fold{f}" / arm / "heldout.npz")["rows"]
+        folds.append((np.setdiff1d(np.arange(len(cache)), held), held))
+    return folds
+
+
 def test_folds_are_patient_disjoint_and_pooling_covers_every_image_once(tmp_path):
     cache = FakeCache(n_patients=16, seed=2)
     fake = RecordingTrain()
-    res = run_recipes("C", tmp_path / "b", folds=2, overrides=TINY, n_resamples=30, progress=False, cache=cache,
-                      train_fn=fake, log=lambda _m: None)
+    res = run_recipes(tmp_path / "b", cache, n_resamples=30, train_fn=fake)
     assert len(fake.calls) == 4  # 2 folds x 2 recipes
-    heldouts = [h for _, h in res.folds]
+    folds = heldout_folds(tmp_path / "b", cache)
+    heldouts = [h for _, h in folds]
     assert sorted(np.concatenate(heldouts).tolist()) == list(range(len(cache)))
-    for (train_rows, heldout), i in zip(res.folds, range(2)):
+    for (train_rows, heldout), i in zip(folds, range(2)):
         assert not _patients(cache, train_rows) & _patients(cache, heldout)
         for name, fit, val in fake.calls[2 * i: 2 * i + 2]:
             # the validation carve-out (thresholds, checkpoint choice) never touches the held-out fold
@@ -63,25 +81,29 @@ def test_folds_are_patient_disjoint_and_pooling_covers_every_image_once(tmp_path
     f0 = np.load(tmp_path / "b" / "fold0" / "baseline" / "heldout.npz")
     k = list(f0["labels"]).index("Effusion")
     assert np.allclose(per_image_thr[f0["rows"]], f0["thresholds"][k])
-    assert (tmp_path / "b" / "results.md").read_text().startswith("### improved vs baseline")
+    md = (tmp_path / "b" / "results.md").read_text()
+    assert "| improved |" in md and "Δ mean F1 vs baseline" in md
     assert (tmp_path / "b" / "report-improved" / "pr.png").is_file()
     out = json.loads((tmp_path / "b" / "results.json").read_text())
-    assert out["comparison"]["a"] == "baseline" and "diff_f1" in out["comparison"]["mean"]
+    vs = out["vs_reference"]["improved"]
+    assert vs["a"] == "baseline" and "diff_f1" in vs["mean"]
 
     # resume: a second run trains nothing and reproduces the numbers
-    again = run_recipes("C", tmp_path / "b", folds=2, overrides=TINY, n_resamples=30, progress=False, cache=cache,
-                        train_fn=fake, log=lambda _m: None)
+    again = run_recipes(tmp_path / "b", cache, n_resamples=30, train_fn=fake)
     assert len(fake.calls) == 4
-    assert again.comparison.diff_f1["mean"] == res.comparison.diff_f1["mean"]
-    # ... but not with another config in the same folder
+    assert again.comparisons["improved"].diff_f1["mean"] == res.comparisons["improved"].diff_f1["mean"]
+    # ... but not with another config in the same folder: refused, naming the arm and the key
+    with pytest.raises(ValueError, match=r"arm 'baseline' changed since it was run .*schedule\.epochs: 1 -> 2"):
+        run_recipes(tmp_path / "b", cache, overrides=TINY + ["schedule.epochs=2"], n_resamples=30, train_fn=fake)
+    # without the plan's records (an OUT from before identity.yaml), each fold's saved hash refuses it
+    (tmp_path / "b" / "plan.yaml").unlink()
+    (tmp_path / "b" / "identity.yaml").unlink()
     with pytest.raises(ValueError, match="different config"):
-        run_recipes("C", tmp_path / "b", folds=2, overrides=TINY + ["schedule.epochs=2"], n_resamples=30,
-                    progress=False, cache=cache, train_fn=fake, log=lambda _m: None)
+        run_recipes(tmp_path / "b", cache, overrides=TINY + ["schedule.epochs=2"], n_resamples=30, train_fn=fake)
+    assert len(fake.calls) == 4
 
 
 def test_pool_rejects_overlapping_folds():
-    from cxrvit.experiments.crossval import FoldPredictions
-
     f = FoldPredictions(np.array([0, 1]), np.zeros((2, 1)), np.array([0.5]), ["Effusion"], 0.0)
     with pytest.raises(ValueError, match="partition"):
         pool([f, f], ["Effusion"])
@@ -89,7 +111,7 @@ def test_pool_rejects_overlapping_folds():
 
 def test_recipes_must_share_epochs_and_size():
     with pytest.raises(ValueError, match="schedule.epochs"):
-        load_configs(["baseline", _yaml_with_epochs(3)], TINY[:2])
+        recipes_plan(["baseline", _yaml_with_epochs(3)], TINY[:2])
 
 
 def _yaml_with_epochs(epochs):
@@ -104,7 +126,8 @@ def _yaml_with_epochs(epochs):
     return str(path)
 
 
-def test_protocol_choice(cache):
+def test_protocol_choice():
+    cache = FakeCache()
     assert choose_protocol(cache, "auto") == "cv"  # small cache
     assert choose_protocol(cache, "official") == "official"
     cache.index["official_split"] = ""
@@ -116,31 +139,13 @@ def test_protocol_choice(cache):
 @pytest.mark.precision   # trains at `auto`: bf16 where the CPU has it
 def test_real_training_two_folds(tmp_path, nih_tiny_cache):
     """The real engine end to end: 2 folds x 2 recipes, vit_tiny, 32 px, 1 epoch, on real NIH images."""
-    res = run_recipes("tiny", tmp_path / "b", folds=2, overrides=TINY, n_resamples=50, progress=False,
-                      cache=nih_tiny_cache, log=lambda _m: None)
+    res = run_recipes(tmp_path / "b", nih_tiny_cache, n_resamples=50)
     assert res.scores["baseline"].n_images == len(nih_tiny_cache) == res.scores["improved"].n_images
+    folds = heldout_folds(tmp_path / "b", nih_tiny_cache)
     for r in ("baseline", "improved"):
         for f in range(2):
             meta = json.loads((tmp_path / "b" / f"fold{f}" / r / "run" / "bundle.json").read_text())
             tuned_on = set(meta["threshold_source"]["images"])
-            held = set(nih_tiny_cache.index["image"].to_numpy()[res.folds[f][1]])
+            held = set(nih_tiny_cache.index["image"].to_numpy()[folds[f][1]])
             assert tuned_on and not tuned_on & held
-    assert np.isfinite(res.comparison.diff_f1["mean"].value)
-
-
-def test_config_hash_survives_keys_added_at_their_defaults():
-    """Held-out predictions hashed before a config key existed still match while the key is at its default."""
-    import hashlib
-    import json
-
-    from cxrvit.experiments.crossval import LATER_KEYS, config_hash
-    from cxrvit.training.config import config_to_dict, load_recipe
-
-    cfg = load_recipe("baseline", ["model.img_size=128"])
-    legacy = config_to_dict(cfg)          # the dict as it was before the later keys were added
-    del legacy["model"]["attention"], legacy["model"]["pos_embed"], legacy["strategy"], legacy["probe"]
-    assert set(LATER_KEYS) == {"model.attention", "model.pos_embed", "strategy", "probe"}
-    assert config_hash(cfg) == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:16]
-    # Used, a later key changes the hash like any other.
-    for override in ("strategy=linear_probe", "model.attention=explicit", "probe.views=2", "model.pos_embed=sincos"):
-        assert config_hash(load_recipe("baseline", ["model.img_size=128", override])) != config_hash(cfg)
+    assert np.isfinite(res.comparisons["improved"].diff_f1["mean"].value)

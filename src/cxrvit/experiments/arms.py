@@ -14,14 +14,21 @@ prediction, and a bootstrap resample that draws a patient takes all of that pati
 numbers are therefore the expected single-model score (not an ensemble's), and the interval
 still counts patients, not predictions.
 
-Layout (compatible with ``cxrvit bench recipes``; a rerun skips whatever is finished, and a
-killed stage resumes from its checkpoint)::
+Layout (``cxrvit bench recipes`` is a two-arm plan with the same layout; a rerun skips whatever
+is finished, and a killed stage resumes from its checkpoint)::
 
-    OUT/plan.yaml                          the arms file as run (a changed plan is refused)
+    OUT/plan.yaml                          the arms file as last run (every arm ever run in OUT)
+    OUT/identity.yaml                      what each arm and pre-training stage is: its resolved
+                                           config with defaults left out (plan.py, identity.py)
     OUT/fold<f>/pretrain-<name>/           pre-training run on fold f's training images
     OUT/fold<f>/<arm>[-seed<s>]/run/       the fold model (bundle, metrics.jsonl)
     OUT/fold<f>/<arm>[-seed<s>]/heldout.npz
     OUT/results.md, OUT/results.json       the table
+    OUT/report-<arm>/                      plots of the pooled predictions (``reports=True``)
+
+A rerun reuses every arm and stage whose identity is unchanged, whatever happened to the text of
+the arms file or to the config's list of fields (a field added at its default changes nothing),
+and refuses one whose identity changed, naming it and the keys that differ.
 
 Two processes may work on one OUT at the same time on disjoint arms (``--only``); a stage that
 another live process is running is refused, never run twice.
@@ -31,103 +38,27 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-from cxrvit.experiments.crossval import (FoldPredictions, choose_protocol, config_hash, git_commit, load_fold,
-                                        plan_folds, pool, run_fold)
+from cxrvit.data import splits
+from cxrvit.data.cache import CXRCache
+from cxrvit.evaluation.report import write_report
+from cxrvit.experiments.arms_table import score_arms
+from cxrvit.experiments.crossval import FoldPredictions, choose_protocol, git_commit, load_fold, plan_folds, run_fold
+from cxrvit.experiments.identity import differing_keys, hash_matches
+from cxrvit.experiments.plan import (Arm, ArmsPlan, PretrainSpec, arm_config, arm_dir, arm_identity, pretrain_config,
+                                     pretrain_identity)
 from cxrvit.fileio import atomic_write
 from cxrvit.runtime import machine_description
+import cxrvit.ssl.pretrain as ssl_pretrain   # called through the module: tests stand in a fake engine
+from cxrvit.ssl.probe import ProbeSet
 
 PLAN_FILE = "plan.yaml"
-
-
-@dataclass
-class PretrainSpec:
-    method: str                                       # dino | mae | ijepa
-    recipe: str | None = None                         # default: the method's shipped recipe
-    overrides: list[str] = field(default_factory=list)
-    extra_data: list[str] = field(default_factory=list)   # other caches (never the scored images)
-
-
-@dataclass
-class Arm:
-    name: str
-    recipe: str
-    overrides: list[str] = field(default_factory=list)
-    init: str | None = None                           # a backbone file every fold starts from
-    pretrain: str | None = None                       # name of a PretrainSpec run per fold
-
-
-@dataclass
-class ArmsPlan:
-    arms: list[Arm]
-    reference: str = "baseline"
-    overrides: list[str] = field(default_factory=list)    # applied to every arm, before its own
-    pretrain: dict[str, PretrainSpec] = field(default_factory=dict)
-    protocol: str = "cv"
-    folds: int = 5
-    seeds: list[int] = field(default_factory=lambda: [0])
-    fold_seed: int = 0
-    # Run and score only these folds of the k-fold plan (default: all). [0] with folds: 2 is a
-    # patient-wise 50/50 hold-out; the other folds can be added later into the same OUT.
-    run_folds: list[int] | None = None
-
-    def arm(self, name: str) -> Arm:
-        for a in self.arms:
-            if a.name == name:
-                return a
-        raise ValueError(f"no arm named {name!r}; the plan has {[a.name for a in self.arms]}")
-
-
-def load_plan(path: str | os.PathLike) -> ArmsPlan:
-    """Read an arms YAML file; every mistake is named with the file."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"{path}: cannot read the arms file: {exc}") from exc
-    known = {f for f in ArmsPlan.__dataclass_fields__}
-    unknown = set(raw) - known
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
-    try:
-        arms = [Arm(**a) for a in raw.get("arms") or []]
-        pre = {k: PretrainSpec(**v) for k, v in (raw.get("pretrain") or {}).items()}
-    except TypeError as exc:
-        raise ValueError(f"{path}: {exc}") from exc
-    plan = ArmsPlan(arms=arms, pretrain=pre, **{k: v for k, v in raw.items() if k not in ("arms", "pretrain")})
-    names = [a.name for a in plan.arms]
-    if len(names) < 2 or len(set(names)) != len(names):
-        raise ValueError(f"{path}: needs at least two arms with distinct names, got {names}")
-    if plan.reference not in names:
-        raise ValueError(f"{path}: reference arm {plan.reference!r} is not among the arms {names}")
-    for a in plan.arms:
-        if a.pretrain and a.pretrain not in plan.pretrain:
-            raise ValueError(f"{path}: arm {a.name!r} names pre-training {a.pretrain!r}, which is not defined "
-                             f"under 'pretrain:' ({sorted(plan.pretrain)})")
-        if a.pretrain and a.init:
-            raise ValueError(f"{path}: arm {a.name!r} has both 'init' and 'pretrain'; choose one")
-        if a.init and not Path(a.init).exists():
-            raise ValueError(f"{path}: arm {a.name!r}: init checkpoint {a.init} does not exist")
-        if "-seed" in a.name or "/" in a.name:
-            raise ValueError(f"{path}: arm name {a.name!r} may not contain '/' or '-seed'")
-    if not plan.seeds:
-        raise ValueError(f"{path}: 'seeds' is empty")
-    return plan
-
-
-def arm_config(plan: ArmsPlan, arm: Arm, seed: int):
-    from cxrvit.training.config import load_recipe
-
-    return load_recipe(arm.recipe, overrides=list(plan.overrides) + list(arm.overrides) + [f"engine.seed={seed}"])
-
-
-def arm_dir(out: Path, fold: int, arm: Arm, seed: int) -> Path:
-    return out / f"fold{fold}" / (arm.name if seed == 0 else f"{arm.name}-seed{seed}")
+IDENTITY_FILE = "identity.yaml"
 
 
 # --------------------------------------------------------------------------- stages
@@ -171,19 +102,12 @@ def _alive(pid: int) -> bool:
 def run_pretrain_stage(plan: ArmsPlan, name: str, cache, train_rows: np.ndarray, heldout: np.ndarray,
                        folder: Path, *, device=None, quiet: bool = False, log=print) -> Path:
     """Pre-train on this fold's training images (+ extra caches); returns the backbone file."""
-    from cxrvit.data.cache import CXRCache
-    from cxrvit.ssl.config import load_pretrain_recipe
-    from cxrvit.ssl.pretrain import pretrain
-    from cxrvit.ssl.probe import ProbeSet
-    from cxrvit.data import splits
-
     backbone = folder / "backbone.safetensors"
     cost = folder / "cost.json"
     if backbone.is_file() and cost.is_file():
         return backbone
     spec = plan.pretrain[name]
-    overrides = list(spec.overrides) + ([f"engine.device={device}"] if device else [])
-    cfg = load_pretrain_recipe(spec.recipe or spec.method, overrides, method=spec.method)
+    cfg = pretrain_config(spec, device)
     extra = [CXRCache(p) for p in spec.extra_data]
     held_names = set(np.asarray(cache.index["image"])[heldout].astype(str)) if "image" in cache.index else set()
     for path, c in zip(spec.extra_data, extra):
@@ -198,10 +122,13 @@ def run_pretrain_stage(plan: ArmsPlan, name: str, cache, train_rows: np.ndarray,
     start = time.time()
     with StageLock(folder):
         prior = json.loads(cost.read_text())["seconds"] if cost.is_file() else 0.0
-        result = pretrain(cfg, [cache] + extra, folder, rows=[train_rows] + [None] * len(extra), probe=probe,
-                          resume=True, quiet=quiet)
+        result = ssl_pretrain.pretrain(cfg, [cache] + extra, folder, rows=[train_rows] + [None] * len(extra),
+                                       probe=probe, resume=True, quiet=quiet)
+        # The first and last frozen-feature probes (random init -> end) go into the arms table.
+        probes = [result.history[0], result.history[-1]] if getattr(result, "history", None) else []
         cost.write_text(json.dumps({"seconds": prior + time.time() - start, "steps": result.steps,
-                                    "images": int(len(train_rows) + sum(len(c) for c in extra))}))
+                                    "images": int(len(train_rows) + sum(len(c) for c in extra)),
+                                    "probes": probes}, default=float))
     return Path(result.backbone)
 
 
@@ -226,27 +153,14 @@ def run_arm_fold(plan: ArmsPlan, arm: Arm, seed: int, cache, fold: int, train_ro
 # --------------------------------------------------------------------------- the benchmark
 
 
-def with_default_init(plan: ArmsPlan, init: str | None) -> ArmsPlan:
-    """Every arm without its own ``init`` or ``pretrain`` starts from ``init`` (e.g. DINO's published
-    ImageNet ViT-S/16, ``dino_deitsmall16_pretrain.pth``, which cxrvit cannot download for you)."""
-    if not init:
-        return plan
-    if not Path(init).exists():
-        raise ValueError(f"--init {init}: no such file")
-    arms = [a if (a.init or a.pretrain) else Arm(**{**asdict(a), "init": str(init)}) for a in plan.arms]
-    return ArmsPlan(**{**asdict(plan), "arms": arms, "pretrain": plan.pretrain})
-
-
 def run_arms(plan: ArmsPlan, data, out, *, only=None, device=None, progress: bool = True, cache=None,
-             n_resamples: int | None = None, command: str = "", train_fn=None, log=print):
+             n_resamples: int | None = None, command: str = "", train_fn=None, reports: bool = False, log=print):
     """Run (or resume) every stage this invocation owns, then score if every arm is complete.
 
     Returns the :class:`~cxrvit.experiments.arms_table.ArmsResult`, or ``None`` when stages of
-    arms outside ``only`` are still missing (another worker's).
+    arms outside ``only`` are still missing (another worker's). ``reports`` also writes each arm's
+    ROC/PR/reliability/F1-vs-trivial plots into ``OUT/report-<arm>/``.
     """
-    from cxrvit.data.cache import CXRCache
-    from cxrvit.experiments.arms_table import score_arms
-
     started = time.time()
     out = Path(out)
     cache = cache if cache is not None else CXRCache(data)
@@ -274,7 +188,7 @@ def run_arms(plan: ArmsPlan, data, out, *, only=None, device=None, progress: boo
                     missing.append(str(path))
                     continue
                 fold, chash = load_fold(path)
-                if chash != config_hash(arm_config(plan, arm, seed)) or not np.array_equal(fold.rows, heldout):
+                if not hash_matches(chash, arm_config(plan, arm, seed)) or not np.array_equal(fold.rows, heldout):
                     raise ValueError(f"{path}: made with a different config or fold; use a new OUT folder")
                 results.setdefault(arm.name, {}).setdefault(seed, []).append(fold)
     if missing:
@@ -287,6 +201,9 @@ def run_arms(plan: ArmsPlan, data, out, *, only=None, device=None, progress: boo
             "commit": git_commit(), "command": command or "(library call)", "wall_seconds": time.time() - started,
             "pretrain_seconds": _pretrain_seconds(out, plan, indices)}
     result = score_arms(plan, cache, results, indices, out, info, n_resamples=n_resamples)
+    if reports:
+        for name, score in result.scores.items():
+            write_report(score, out / f"report-{name}", title=f"{name}: {score.split} predictions")
     (out / "results.md").write_text(result.markdown())
     (out / "results.json").write_text(json.dumps(result.to_json(), indent=2))
     return result
@@ -303,26 +220,52 @@ def _pretrain_seconds(out: Path, plan: ArmsPlan, fold_indices: list[int]) -> dic
 
 
 def _check_plan_file(plan: ArmsPlan, out: Path) -> None:
-    """Arms can be added to a finished benchmark; the shared settings cannot change under it."""
+    """Arms can be added to a finished benchmark and finished arms reused while their identity holds;
+    the folds cannot change under it."""
     out.mkdir(parents=True, exist_ok=True)
-    path = out / PLAN_FILE
+    path, ident_path = out / PLAN_FILE, out / IDENTITY_FILE
     now = asdict(plan)
+    ident = {"arms": {a.name: arm_identity(plan, a) for a in plan.arms},
+             "pretrain": {n: pretrain_identity(s) for n, s in plan.pretrain.items()}}
     if path.is_file():
         before = yaml.safe_load(path.read_text()) or {}
-        for key in ("protocol", "folds", "fold_seed", "overrides", "reference"):
+        for key in ("protocol", "folds", "fold_seed", "reference"):
             if before.get(key) != now[key]:
                 raise ValueError(f"{path}: this OUT was made with {key}={before.get(key)!r}, the plan now says "
                                  f"{now[key]!r}; use a new OUT folder")
-        for name, spec in now["pretrain"].items():
-            old = (before.get("pretrain") or {}).get(name)
-            if old is not None and old != spec:
-                raise ValueError(f"{path}: pre-training {name!r} changed since it was run; give it a new name")
-        old_arms = {a["name"]: a for a in before.get("arms", [])}
-        for a in now["arms"]:
-            if a["name"] in old_arms and old_arms[a["name"]] != a:
-                raise ValueError(f"{path}: arm {a['name']!r} changed since it was run; give it a new name")
+        ident_before = _identities_before(before, ident_path)
+        for kind, what, hint in (("pretrain", "pre-training", "give it a new name"),
+                                 ("arms", "arm", "give it a new name or use a new OUT folder")):
+            for name, new in ident[kind].items():
+                old = ident_before[kind].get(name)
+                if old is not None and old != new:
+                    raise ValueError(f"{path}: {what} {name!r} changed since it was run "
+                                     f"({'; '.join(differing_keys(old, new))}); {hint}")
         merged = {a["name"]: a for a in before.get("arms", [])} | {a["name"]: a for a in now["arms"]}
         now = now | {"arms": list(merged.values()),
                      "pretrain": (before.get("pretrain") or {}) | now["pretrain"],
                      "seeds": sorted(set(before.get("seeds", [])) | set(now["seeds"]))}
+        ident = {k: ident_before[k] | ident[k] for k in ident}
     atomic_write(path, lambda tmp: tmp.write_text(yaml.safe_dump(now, sort_keys=False)))
+    atomic_write(ident_path, lambda tmp: tmp.write_text(yaml.safe_dump(ident, sort_keys=False)))
+
+
+def _identities_before(before: dict, ident_path: Path) -> dict:
+    """The identities recorded in OUT; for an OUT written before ``identity.yaml`` existed, those of
+    its ``plan.yaml`` resolved now (an arm that no longer resolves is left to the per-fold hash check)."""
+    if ident_path.is_file():
+        saved = yaml.safe_load(ident_path.read_text()) or {}
+        return {"arms": saved.get("arms") or {}, "pretrain": saved.get("pretrain") or {}}
+    old = ArmsPlan(arms=[], overrides=list(before.get("overrides") or []))
+    found = {"arms": {}, "pretrain": {}}
+    for name, spec in (before.get("pretrain") or {}).items():
+        try:
+            found["pretrain"][name] = pretrain_identity(PretrainSpec(**spec))
+        except (TypeError, ValueError, FileNotFoundError):
+            pass
+    for a in before.get("arms") or []:
+        try:
+            found["arms"][a["name"]] = arm_identity(old, Arm(**a))
+        except (TypeError, ValueError, FileNotFoundError, KeyError):
+            pass
+    return found

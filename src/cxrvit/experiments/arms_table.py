@@ -5,6 +5,7 @@ predictions alone, without a model or a training engine.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,10 +13,13 @@ import numpy as np
 
 from cxrvit.evaluation.bootstrap import DEFAULT_RESAMPLES
 from cxrvit.evaluation.compare import Comparison, paired_compare
-from cxrvit.experiments.crossval import FoldPredictions, pool
 from cxrvit.evaluation.evaluate import EvalResult, score_predictions
+from cxrvit.experiments.crossval import FoldPredictions, pool
+from cxrvit.experiments.plan import arm_dir
 from cxrvit.labels import SCORED_TARGETS
 from cxrvit.training.runlog import METRICS, read_metrics
+
+PROBE_KEYS = ("knn_cls_auroc", "knn_mean_auroc", "linear_cls_auroc", "linear_mean_auroc")
 
 
 @dataclass
@@ -27,6 +31,7 @@ class ArmsResult:
     cost_minutes: dict[str, dict[str, float]]   # arm -> {"train": min, "pretrain": min}
     learning: dict[str, dict]                   # arm -> best/last epoch and late slope of validation AUROC
     info: dict = field(default_factory=dict)
+    probes: dict[str, dict] = field(default_factory=dict)   # pre-training -> probe key -> [first, last]
 
     def markdown(self) -> str:
         i = self.info
@@ -77,13 +82,21 @@ class ArmsResult:
                   f"({self.scores[ref].bootstrap['resamples']} resamples); Δ = arm − {ref}, paired on the same "
                   "patients. Validation AUROC: mean over folds/seeds of the scored-target mean per epoch; for a "
                   "probe, its best out-of-fold mean AUROC over the C grid and the C chosen per fold/seed."]
+        if self.probes:
+            lines += ["", "Frozen-feature probes of each pre-training stage inside its fold's training patients "
+                          "(mean AUROC of the scored targets; k-NN cosine / logistic regression; CLS token | mean "
+                          "of patch tokens), random init -> end of pre-training, mean over folds:", "",
+                      "| pre-training | k-NN CLS | k-NN mean-pool | linear CLS | linear mean-pool |",
+                      "| --- | --- | --- | --- | --- |"]
+            for name, p in self.probes.items():
+                lines.append(f"| {name} | " + " | ".join(f"{_f(p[k][0])} -> {_f(p[k][1])}" for k in PROBE_KEYS) + " |")
         return "\n".join(lines) + "\n"
 
     def to_json(self) -> dict:
         return {"info": self.info, "reference": self.reference, "arms": self.arms,
                 "scores": {a: s.to_json() for a, s in self.scores.items()},
                 "vs_reference": {a: c.to_json() for a, c in self.comparisons.items()},
-                "cost_minutes": self.cost_minutes, "learning": self.learning}
+                "cost_minutes": self.cost_minutes, "learning": self.learning, "pretrain_probes": self.probes}
 
 
 def _f(x) -> str:
@@ -123,10 +136,28 @@ def learning_summary(run_dirs: list[Path]) -> dict:
             "curve": [round(float(v), 4) for v in mean]}
 
 
+def pretrain_probes(out: Path, plan, fold_indices) -> dict[str, dict]:
+    """Each pre-training stage's first and last probe (saved in its ``cost.json``), mean over folds."""
+    found = {}
+    for name in plan.pretrain:
+        pairs = []
+        for f in fold_indices:
+            cost = out / f"fold{f}" / f"pretrain-{name}" / "cost.json"
+            probes = json.loads(cost.read_text()).get("probes") if cost.is_file() else None
+            if probes:
+                pairs.append(probes)
+        if pairs:
+            found[name] = {k: [_mean([p[i].get(k) for p in pairs]) for i in (0, 1)] for k in PROBE_KEYS}
+    return found
+
+
+def _mean(values) -> float | None:
+    kept = [float(v) for v in values if v is not None]
+    return float(np.mean(kept)) if kept else None
+
+
 def score_arms(plan, cache, results: dict[str, dict[int, list[FoldPredictions]]], fold_indices, out: Path, info: dict,
                n_resamples: int | None = None) -> ArmsResult:
-    from cxrvit.experiments.arms import arm_dir
-
     n_resamples = n_resamples or DEFAULT_RESAMPLES
     names = [a.name for a in plan.arms]
     first = results[names[0]][plan.seeds[0]][0]
@@ -157,4 +188,5 @@ def score_arms(plan, cache, results: dict[str, dict[int, list[FoldPredictions]]]
         cost[arm.name] = {"train": train_s / 60, "pretrain": pre.get(arm.pretrain, 0.0) / 60 if arm.pretrain else 0.0}
         learning[arm.name] = learning_summary([arm_dir(out, f, arm, s) for f in fold_indices
                                                for s in plan.seeds])
-    return ArmsResult(names, plan.reference, scores, comparisons, cost, learning, info)
+    return ArmsResult(names, plan.reference, scores, comparisons, cost, learning, info,
+                      probes=pretrain_probes(out, plan, fold_indices))

@@ -3,7 +3,8 @@
 - :func:`cxrvit.ssl.pretrain.pretrain` - the engine (``cxrvit pretrain``), with
   :mod:`~cxrvit.ssl.dino`, :mod:`~cxrvit.ssl.mae` and :mod:`~cxrvit.ssl.ijepa` as its objectives;
 - :mod:`~cxrvit.ssl.config` - typed recipes (``ssl/recipes/*.yaml``) and ``--set`` overrides;
-- :mod:`~cxrvit.ssl.probe` - k-NN / linear-probe AUROC on frozen features;
-- :mod:`~cxrvit.ssl.bench` - SSL-initialised vs from-scratch fine-tuning in cross-validation
-  (``bench/ssl_bench.py``).
+- :mod:`~cxrvit.ssl.probe` - k-NN / linear-probe AUROC on frozen features.
+
+SSL-initialised vs from-scratch fine-tuning in cross-validation is an arms plan of the experiments
+part (``bench/arms/ssl.yaml``, ``cxrvit bench arms``).
 """

@@ -1,0 +1,91 @@
+"""What makes two runs of an arm "the same": its resolved config with every field at its default left out.
+
+A finished fold is reused only while the arm's identity is unchanged. Identity is the *resolved*
+config (recipe + overrides, as the engine will read it), not the text that produced it: a YAML
+comment, a reordered key or an override that restates the recipe's value changes nothing. Fields
+at their dataclass default are dropped, recursively, so a field added to the config later (as
+``model.attention`` was) leaves every finished arm valid while it stays at its default; set to
+anything else, it changes the identity like any other key. The price: changing a *default* is
+invisible to identity, so a change of default behaviour needs a new OUT folder (docs/evaluation.md).
+
+``legacy_config_hash`` reproduces the hash written into ``heldout.npz`` before identities existed
+(every field, minus four later keys at their defaults), so predictions written then still load.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+from cxrvit.training.config import TrainConfig, config_to_dict
+
+
+def strip_defaults(values: dict, defaults: dict) -> dict:
+    """``values`` without the keys equal to ``defaults``; nested sections recurse and vanish when empty."""
+    out = {}
+    for key, value in values.items():
+        if key not in defaults:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(defaults[key], dict):
+            inner = strip_defaults(value, defaults[key])
+            if inner:
+                out[key] = inner
+        elif value != defaults[key]:
+            out[key] = value
+    return out
+
+
+def config_identity(cfg) -> dict:
+    """Any all-defaults config dataclass (TrainConfig, PretrainConfig) -> its non-default fields, as
+    plain JSON types (a tuple and a list of the same values are one identity)."""
+    plain = lambda c: json.loads(json.dumps(dataclasses.asdict(c)))
+    return strip_defaults(plain(cfg), plain(type(cfg)()))
+
+
+def identity_hash(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_hash(cfg) -> str:
+    """The hash saved with every fold's held-out predictions (``heldout.npz``)."""
+    return identity_hash(config_identity(cfg))
+
+
+# Keys added to TrainConfig after held-out predictions were first hashed, which the hash before
+# identities left out at their defaults (docs/history/benchmarks.md tables were made with it).
+LATER_KEYS = ("model.attention", "model.pos_embed", "strategy", "probe")
+
+
+def legacy_config_hash(cfg: TrainConfig) -> str:
+    d, default = config_to_dict(cfg), config_to_dict(TrainConfig())
+    for dotted in LATER_KEYS:
+        *parents, leaf = dotted.split(".")
+        here, there = d, default
+        for part in parents:
+            here, there = here[part], there[part]
+        if here.get(leaf) == there[leaf]:
+            del here[leaf]
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def hash_matches(saved: str, cfg) -> bool:
+    """Does a saved hash (today's or the legacy one) belong to ``cfg``?"""
+    return saved == config_hash(cfg) or (isinstance(cfg, TrainConfig) and saved == legacy_config_hash(cfg))
+
+
+_DEFAULT = "<default>"
+
+
+def differing_keys(before: dict, now: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two identities, as ``key: old -> new`` lines."""
+    lines = []
+    for key in sorted(set(before) | set(now), key=str):
+        a, b = before.get(key, _DEFAULT), now.get(key, _DEFAULT)
+        if isinstance(a, dict) or isinstance(b, dict):
+            if all(isinstance(v, dict) or v is _DEFAULT for v in (a, b)):   # a section: name its leaves
+                lines += differing_keys(a if isinstance(a, dict) else {}, b if isinstance(b, dict) else {},
+                                        f"{prefix}{key}.")
+                continue
+        if a != b:
+            lines.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return lines

@@ -1,0 +1,169 @@
+"""An arms plan: the arms file (``bench/arms/*.yaml``) read, checked and resolved.
+
+An *arm* is a training recipe, its ``--set`` overrides, and where its backbone starts: random
+init, a checkpoint file (``init``), or a self-supervised pre-training stage (``pretrain``) run per
+fold on that fold's training images. :func:`arm_identity` and :func:`pretrain_identity` say what an
+arm or a stage *is* (its resolved config, defaults left out: ``identity.py``), which decides whether
+a finished one may be reused.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from cxrvit.experiments.identity import config_identity
+from cxrvit.ssl.config import load_pretrain_recipe
+from cxrvit.training.config import config_to_dict, load_recipe
+
+
+@dataclass
+class PretrainSpec:
+    method: str                                       # dino | mae | ijepa
+    recipe: str | None = None                         # default: the method's shipped recipe
+    overrides: list[str] = field(default_factory=list)
+    extra_data: list[str] = field(default_factory=list)   # other caches (never the scored images)
+
+
+@dataclass
+class Arm:
+    name: str
+    recipe: str
+    overrides: list[str] = field(default_factory=list)
+    init: str | None = None                           # a backbone file every fold starts from
+    pretrain: str | None = None                       # name of a PretrainSpec run per fold
+
+
+@dataclass
+class ArmsPlan:
+    arms: list[Arm]
+    reference: str = "baseline"
+    overrides: list[str] = field(default_factory=list)    # applied to every arm, before its own
+    pretrain: dict[str, PretrainSpec] = field(default_factory=dict)
+    protocol: str = "cv"                                  # cv | official | auto (official above ~20k images)
+    folds: int = 5
+    seeds: list[int] = field(default_factory=lambda: [0])
+    fold_seed: int = 0
+    # Run and score only these folds of the k-fold plan (default: all). [0] with folds: 2 is a
+    # patient-wise 50/50 hold-out; the other folds can be added later into the same OUT.
+    run_folds: list[int] | None = None
+
+    def arm(self, name: str) -> Arm:
+        for a in self.arms:
+            if a.name == name:
+                return a
+        raise ValueError(f"no arm named {name!r}; the plan has {[a.name for a in self.arms]}")
+
+
+def load_plan(path: str | os.PathLike) -> ArmsPlan:
+    """Read an arms YAML file; every mistake is named with the file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path}: cannot read the arms file: {exc}") from exc
+    known = {f for f in ArmsPlan.__dataclass_fields__}
+    unknown = set(raw) - known
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
+    try:
+        arms = [Arm(**a) for a in raw.get("arms") or []]
+        pre = {k: PretrainSpec(**v) for k, v in (raw.get("pretrain") or {}).items()}
+    except TypeError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+    plan = ArmsPlan(arms=arms, pretrain=pre, **{k: v for k, v in raw.items() if k not in ("arms", "pretrain")})
+    return check_plan(plan, str(path))
+
+
+def check_plan(plan: ArmsPlan, source: str) -> ArmsPlan:
+    names = [a.name for a in plan.arms]
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise ValueError(f"{source}: needs at least two arms with distinct names, got {names}")
+    if plan.reference not in names:
+        raise ValueError(f"{source}: reference arm {plan.reference!r} is not among the arms {names}")
+    for a in plan.arms:
+        if a.pretrain and a.pretrain not in plan.pretrain:
+            raise ValueError(f"{source}: arm {a.name!r} names pre-training {a.pretrain!r}, which is not defined "
+                             f"under 'pretrain:' ({sorted(plan.pretrain)})")
+        if a.pretrain and a.init:
+            raise ValueError(f"{source}: arm {a.name!r} has both 'init' and 'pretrain'; choose one")
+        if a.init and not Path(a.init).exists():
+            raise ValueError(f"{source}: arm {a.name!r}: init checkpoint {a.init} does not exist")
+        if "-seed" in a.name or "/" in a.name:
+            raise ValueError(f"{source}: arm name {a.name!r} may not contain '/' or '-seed'")
+    if not plan.seeds:
+        raise ValueError(f"{source}: 'seeds' is empty")
+    return plan
+
+
+def arm_config(plan: ArmsPlan, arm: Arm, seed: int):
+    return load_recipe(arm.recipe, overrides=list(plan.overrides) + list(arm.overrides) + [f"engine.seed={seed}"])
+
+
+def pretrain_config(spec: PretrainSpec, device: str | None = None):
+    overrides = list(spec.overrides) + ([f"engine.device={device}"] if device else [])
+    return load_pretrain_recipe(spec.recipe or spec.method, overrides, method=spec.method)
+
+
+def arm_dir(out: Path, fold: int, arm: Arm, seed: int) -> Path:
+    return out / f"fold{fold}" / (arm.name if seed == 0 else f"{arm.name}-seed{seed}")
+
+
+def arm_identity(plan: ArmsPlan, arm: Arm) -> dict:
+    """What the arm trains, whatever the text that says it. Seed 0 stands for every seed: the seeds'
+    runs differ only in ``engine.seed``, which each fold's ``heldout.npz`` hash covers."""
+    ident = {"config": config_identity(arm_config(plan, arm, seed=0))}
+    if arm.init:
+        ident["init"] = str(arm.init)
+    if arm.pretrain:
+        ident["pretrain"] = arm.pretrain        # the stage's own identity is checked by its name
+    return ident
+
+
+def pretrain_identity(spec: PretrainSpec) -> dict:
+    ident = {"config": config_identity(pretrain_config(spec))}
+    if spec.extra_data:
+        ident["extra_data"] = [str(p) for p in spec.extra_data]
+    return ident
+
+
+def with_default_init(plan: ArmsPlan, init: str | None) -> ArmsPlan:
+    """Every arm without its own ``init`` or ``pretrain`` starts from ``init`` (e.g. DINO's published
+    ImageNet ViT-S/16, ``dino_deitsmall16_pretrain.pth``, which cxrvit cannot download for you)."""
+    if not init:
+        return plan
+    if not Path(init).exists():
+        raise ValueError(f"--init {init}: no such file")
+    arms = [a if (a.init or a.pretrain) else Arm(**{**asdict(a), "init": str(init)}) for a in plan.arms]
+    return ArmsPlan(**{**asdict(plan), "arms": arms, "pretrain": plan.pretrain})
+
+
+# A two-recipe comparison (``cxrvit bench recipes``) is only fair when these agree.
+SHARED_KEYS = ("schedule.epochs", "model.img_size", "model.arch")
+
+
+def recipes_plan(recipes, overrides=(), *, protocol: str = "auto", folds: int = 5, seed: int = 0,
+                 init: str | None = None) -> ArmsPlan:
+    """``cxrvit bench recipes A B`` as an arms plan: two arms named after the recipes, A the reference,
+    one seed; ``seed`` assigns the folds. Refuses recipes that differ in a :data:`SHARED_KEYS` value."""
+    recipes = list(recipes)
+    if len(recipes) != 2:
+        raise ValueError(f"bench recipes compares exactly two recipes (A then B, difference B − A); got {recipes}")
+    cfgs = {r: load_recipe(r, overrides=list(overrides)) for r in recipes}
+    for key in SHARED_KEYS:
+        values = {r: _get(config_to_dict(c), key) for r, c in cfgs.items()}
+        if len(set(map(str, values.values()))) > 1:
+            raise ValueError(f"recipes differ in {key} ({values}): a fair comparison needs the same value; "
+                             f"set it for both with --set {key}=...")
+    names = [Path(r).stem if str(r).endswith((".yaml", ".yml")) else str(r) for r in recipes]
+    plan = ArmsPlan(arms=[Arm(name=n, recipe=str(r)) for n, r in zip(names, recipes)], reference=names[0],
+                    overrides=list(overrides), protocol=protocol, folds=folds, seeds=[0], fold_seed=seed)
+    return with_default_init(check_plan(plan, f"--recipes {' '.join(map(str, recipes))}"), init)
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d[part]
+    return d

@@ -1,0 +1,90 @@
+"""An arm's identity: its resolved config with defaults left out, so an additive field keeps finished results."""
+import dataclasses
+import hashlib
+import json
+
+import pytest
+
+from cxrvit.experiments.identity import (LATER_KEYS, config_hash, config_identity, differing_keys, hash_matches,
+                                         legacy_config_hash, strip_defaults)
+from cxrvit.training.config import ModelConfig, TrainConfig, config_to_dict, load_recipe
+
+
+def test_a_field_added_with_its_default_keeps_the_identity():
+    cfg = load_recipe("baseline", ["model.img_size=128", "optim.lr=1e-4"])
+
+    # The config a later version would have: one more field at the top and one in a section, both at defaults.
+    @dataclasses.dataclass
+    class LaterModel(ModelConfig):
+        register_tokens: int = 0
+
+    @dataclasses.dataclass
+    class LaterTrain(TrainConfig):
+        model: LaterModel = dataclasses.field(default_factory=LaterModel)
+        curriculum: str = "none"
+
+    later = LaterTrain(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "model"},
+                       model=LaterModel(**dataclasses.asdict(cfg.model)))
+    assert config_identity(later) == config_identity(cfg)
+    assert config_hash(later) == config_hash(cfg)
+    # Used, the new field changes the identity like any other key.
+    later.model.register_tokens = 4
+    assert config_hash(later) != config_hash(cfg)
+    assert differing_keys(config_identity(cfg), config_identity(later)) == ["model.register_tokens: '<default>' -> 4"]
+
+
+def test_a_changed_value_changes_the_identity_and_names_the_key():
+    a = load_recipe("baseline", ["model.img_size=128"])
+    b = load_recipe("baseline", ["model.img_size=128", "optim.lr=1e-5"])
+    assert config_hash(a) != config_hash(b)
+    assert differing_keys(config_identity(a), config_identity(b)) == [f"optim.lr: {a.optim.lr!r} -> 1e-05"]
+    # Restating a value the recipe already has, or a default, changes nothing.
+    same = load_recipe("baseline", ["model.img_size=128", f"optim.lr={a.optim.lr}", "model.attention=auto"])
+    assert config_hash(same) == config_hash(a)
+
+
+def test_comments_and_key_order_in_the_recipe_keep_the_identity(tmp_path):
+    import yaml
+
+    from cxrvit.training.config import recipe_path
+
+    raw = yaml.safe_load(recipe_path("baseline").read_text())
+    shuffled = tmp_path / "baseline.yaml"
+    shuffled.write_text("# a comment that was not there\n" + yaml.safe_dump(dict(reversed(list(raw.items())))))
+    assert config_identity(load_recipe(str(shuffled))) == config_identity(load_recipe("baseline"))
+
+
+def test_defaults_are_left_out_recursively():
+    assert strip_defaults({"a": 1, "s": {"x": 2, "y": 3}, "t": {"z": 0}}, {"a": 1, "s": {"x": 2, "y": 0}, "t": {"z": 0}}) \
+        == {"s": {"y": 3}}
+    ident = config_identity(TrainConfig())
+    assert ident == {}
+    # a tuple and a list of the same values are one identity (YAML and JSON have only lists)
+    cfg = TrainConfig()
+    cfg.augment.scale = tuple(cfg.augment.scale)
+    assert config_identity(cfg) == {}
+
+
+def test_predictions_hashed_before_identities_still_match():
+    """Held-out predictions written with the hash of every field (minus the later keys at their defaults)
+    are read as the same config; a later key in use still changes that hash."""
+    cfg = load_recipe("baseline", ["model.img_size=128"])
+    legacy = config_to_dict(cfg)          # the dict as it was before the later keys were added
+    del legacy["model"]["attention"], legacy["model"]["pos_embed"], legacy["strategy"], legacy["probe"]
+    assert set(LATER_KEYS) == {"model.attention", "model.pos_embed", "strategy", "probe"}
+    old = hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:16]
+    assert legacy_config_hash(cfg) == old and hash_matches(old, cfg) and hash_matches(config_hash(cfg), cfg)
+    for override in ("strategy=linear_probe", "model.attention=explicit", "probe.views=2", "model.pos_embed=sincos"):
+        other = load_recipe("baseline", ["model.img_size=128", override])
+        assert legacy_config_hash(other) != old and config_hash(other) != config_hash(cfg)
+        assert not hash_matches(old, other)
+
+
+@pytest.mark.parametrize("method", ["dino", "mae"])
+def test_a_pretraining_stage_is_identified_the_same_way(method):
+    from cxrvit.ssl.config import load_pretrain_recipe
+
+    a = load_pretrain_recipe(method, ["schedule.epochs=3"], method=method)
+    assert config_identity(a)["schedule"]["epochs"] == 3
+    assert config_identity(load_pretrain_recipe(method, ["schedule.epochs=3", "engine.seed=0"], method=method)) \
+        == config_identity(a)
