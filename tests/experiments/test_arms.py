@@ -276,8 +276,8 @@ def test_pretraining_stages_read_their_own_overrides_and_show_their_probes(tmp_p
     class Result:
         def __init__(self, out, epochs):
             self.backbone, self.steps = out / "backbone.safetensors", 3
-            self.history = [{"knn_cls_auroc": 0.5, "linear_mean_auroc": 0.5},
-                            {"knn_cls_auroc": 0.5 + epochs / 100, "linear_mean_auroc": 0.6}]
+            self.history = [{"epoch": 0, "knn_cls_auroc": 0.5, "linear_mean_auroc": 0.5},
+                            {"epoch": epochs, "knn_cls_auroc": 0.5 + epochs / 100, "linear_mean_auroc": 0.6}]
 
     def fake_pretrain(cfg, caches, out_dir, rows=None, probe=None, resume=True, quiet=False):
         configs.append((Path(out_dir).name, cfg.method, cfg.schedule.epochs, cfg.schedule.batch_size))

@@ -24,11 +24,3 @@ def test_run_probes_reports_per_label_and_mean_auroc(tiny_cache):
     for kind in ("knn_cls", "knn_mean", "linear_cls", "linear_mean"):
         assert 0.0 <= out[f"{kind}_auroc"] <= 1.0
         assert f"{kind}/No Finding" in out
-
-
-def test_bench_overrides_can_target_one_method():
-    from cxrvit.ssl.bench import method_overrides
-
-    ov = ["schedule.batch_size=64", "dino:schedule.epochs=2", "ijepa:ijepa.size=96"]
-    assert method_overrides(ov, "dino") == ["schedule.batch_size=64", "schedule.epochs=2"]
-    assert method_overrides(ov, "mae") == ["schedule.batch_size=64"]

@@ -147,7 +147,7 @@ def pretrain_probes(out: Path, plan, fold_indices) -> dict[str, dict]:
             if probes:
                 pairs.append(probes)
         if pairs:
-            found[name] = {k: [_mean([p[i].get(k) for p in pairs]) for i in (0, 1)] for k in PROBE_KEYS}
+            found[name] = {k: [_mean([(p[i] or {}).get(k) for p in pairs]) for i in (0, 1)] for k in PROBE_KEYS}
     return found
 
 
