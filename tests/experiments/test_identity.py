@@ -88,3 +88,19 @@ def test_a_pretraining_stage_is_identified_the_same_way(method):
     assert config_identity(a)["schedule"]["epochs"] == 3
     assert config_identity(load_pretrain_recipe(method, ["schedule.epochs=3", "engine.seed=0"], method=method)) \
         == config_identity(a)
+
+
+def test_the_legacy_hash_survives_the_removal_of_a_field_nothing_read(monkeypatch):
+    """engine.workers (read by nothing) may leave TrainConfig; predictions hashed with it still match."""
+    import cxrvit.experiments.identity as identity
+
+    cfg = load_recipe("baseline", ["model.img_size=128"])
+    before = legacy_config_hash(cfg)
+
+    def without_workers(c):
+        d = config_to_dict(c)
+        del d["engine"]["workers"]
+        return d
+
+    monkeypatch.setattr(identity, "config_to_dict", without_workers)
+    assert identity.legacy_config_hash(cfg) == before

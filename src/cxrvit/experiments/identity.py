@@ -56,8 +56,19 @@ def config_hash(cfg) -> str:
 LATER_KEYS = ("model.attention", "model.pos_embed", "strategy", "probe")
 
 
+# Keys removed from TrainConfig since then, with their default (no shipped recipe set another):
+# put back for the legacy hash, so those predictions survive the removal of a field nothing read.
+REMOVED_KEYS = {"engine.workers": 0}
+
+
 def legacy_config_hash(cfg: TrainConfig) -> str:
     d, default = config_to_dict(cfg), config_to_dict(TrainConfig())
+    for dotted, value in REMOVED_KEYS.items():
+        *parents, leaf = dotted.split(".")
+        here = d
+        for part in parents:
+            here = here[part]
+        here.setdefault(leaf, value)
     for dotted in LATER_KEYS:
         *parents, leaf = dotted.split(".")
         here, there = d, default
