@@ -115,7 +115,7 @@ def test_pretraining_runs_per_fold_on_training_images_only(tmp_path, monkeypatch
 
     class Result:
         def __init__(self, out):
-            self.backbone, self.steps = out / "backbone.safetensors", 3
+            self.backbone, self.steps, self.history = out / "backbone.safetensors", 3, []
 
     def fake_pretrain(cfg, caches, out_dir, rows=None, probe=None, resume=True, quiet=False):
         seen.append((Path(out_dir).parent.name, np.array(rows[0]), cfg.schedule.epochs))

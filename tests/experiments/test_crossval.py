@@ -12,6 +12,7 @@ from cxrvit.experiments.arms import run_arms
 from cxrvit.experiments.crossval import FoldPredictions, choose_protocol, pool
 from cxrvit.experiments.plan import recipes_plan
 from cxrvit.inference.bundle import Bundle, save_bundle
+from cxrvit.training.config import save_config
 from evalfakes import FakeCache, tiny_model
 
 TINY = ["model.arch=vit_tiny", "model.img_size=32", "schedule.epochs=1", "schedule.batch_size=16",
@@ -34,9 +35,11 @@ class RecordingTrain:
         probs = predict_rows(bundle, cache, val_rows)
         thr = M.tune_thresholds(cache.labels(labels)[val_rows], probs)
         names = cache.index["image"].to_numpy()[val_rows].tolist()
-        return save_bundle(out_dir, model, labels, dict(zip(labels, thr.tolist())),
-                           Preprocessing(size=cfg.model.img_size), arch="vit_tiny",
-                           threshold_source={"split": "val", "images": names})
+        bundle_dir = save_bundle(out_dir, model, labels, dict(zip(labels, thr.tolist())),
+                                 Preprocessing(size=cfg.model.img_size), arch="vit_tiny",
+                                 threshold_source={"split": "val", "images": names})
+        save_config(cfg, out_dir / "config.yaml")    # as the engine saves it with every run
+        return bundle_dir
 
 
 def _patients(cache, rows):
@@ -98,7 +101,7 @@ def test_folds_are_patient_disjoint_and_pooling_covers_every_image_once(tmp_path
     # without the plan's records (an OUT from before identity.yaml), each fold's saved hash refuses it
     (tmp_path / "b" / "plan.yaml").unlink()
     (tmp_path / "b" / "identity.yaml").unlink()
-    with pytest.raises(ValueError, match="different config"):
+    with pytest.raises(ValueError, match=r"different config \(schedule\.epochs: 1 -> 2\)"):
         run_recipes(tmp_path / "b", cache, overrides=TINY + ["schedule.epochs=2"], n_resamples=30, train_fn=fake)
     assert len(fake.calls) == 4
 

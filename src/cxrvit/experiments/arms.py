@@ -125,7 +125,7 @@ def run_pretrain_stage(plan: ArmsPlan, name: str, cache, train_rows: np.ndarray,
         result = ssl_pretrain.pretrain(cfg, [cache] + extra, folder, rows=[train_rows] + [None] * len(extra),
                                        probe=probe, resume=True, quiet=quiet)
         # The random-init probe (epoch 0, when the recipe runs one) and the last go into the arms table.
-        history = getattr(result, "history", None) or []
+        history = result.history
         probes = [history[0] if history[0].get("epoch") == 0 else None, history[-1]] if history else []
         cost.write_text(json.dumps({"seconds": prior + time.time() - start, "steps": result.steps,
                                     "images": int(len(train_rows) + sum(len(c) for c in extra)),
