@@ -50,6 +50,26 @@ def test_carve_validation_is_patient_wise_seeded_and_sized(grouped):
     assert np.array_equal(splits.carve_validation(shuffled, pids, 0.2, seed=3)[1], a[1])
 
 
+def test_patient_subset_is_nested_patient_wise_and_sized(grouped):
+    pids, _ = grouped
+    rows = np.arange(len(pids))[::3]
+    n_patients = len(_patients_of(pids, rows))
+    quarter, half, whole = (splits.patient_subset(rows, pids, f, seed=5) for f in (0.25, 0.5, 1.0))
+    assert np.array_equal(whole, np.sort(rows))
+    assert set(quarter) < set(half) < set(whole)          # nested: more data only ever adds patients
+    for part, f in ((quarter, 0.25), (half, 0.5)):
+        kept = _patients_of(pids, part)
+        assert len(kept) == round(f * n_patients)
+        # whole patients: every image of a kept patient comes along
+        assert np.array_equal(part, np.sort(rows[np.isin(pids[rows].astype(str), list(kept))]))
+    assert np.array_equal(quarter, splits.patient_subset(np.random.default_rng(1).permutation(rows), pids, 0.25, 5))
+    assert not np.array_equal(quarter, splits.patient_subset(rows, pids, 0.25, seed=6))
+    assert len(_patients_of(pids, splits.patient_subset(rows, pids, 1e-6, seed=0))) == 1
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="training fraction"):
+            splits.patient_subset(rows, pids, bad)
+
+
 def test_kfold_is_patient_wise_balanced_and_seeded(grouped):
     pids, labels = grouped
     rows = np.arange(0, len(pids), 1)[::2]  # a subset of the cache, as after removing a test split

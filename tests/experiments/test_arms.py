@@ -300,3 +300,51 @@ def test_pretraining_stages_read_their_own_overrides_and_show_their_probes(tmp_p
     assert all(c[3] == 64 and c[2] != 2 for c in mae)          # mae keeps its own recipe's epochs
     assert res.probes["dino"]["knn_cls_auroc"] == pytest.approx([0.5, 0.52])
     assert "| dino | 0.500 -> 0.520 |" in (tmp_path / "b" / "results.md").read_text()
+
+
+def test_data_scaling_arms_train_on_nested_patient_shares_and_are_scored_on_the_same_patients(tmp_path):
+    cache = FakeCache(n_patients=24, seed=11)
+    fake = RecordingTrain()
+    arms = [{"name": "baseline", "recipe": "baseline"},
+            {"name": "baseline-q25", "recipe": "baseline", "train_fraction": 0.25},
+            {"name": "baseline-q50", "recipe": "baseline", "train_fraction": 0.5},
+            {"name": "improved", "recipe": "improved"}]
+    res = run_arms(load_plan(write_plan(tmp_path / "a.yaml", seeds=[0], arms=arms)), "C", tmp_path / "b",
+                   cache=cache, train_fn=fake, **QUIET)
+    seen = {}
+    for c in fake.calls:
+        fold, arm = Path(c["dir"]).parent.parent.name, Path(c["dir"]).parent.name
+        seen[(fold, arm)] = set(c["fit"]) | set(c["val"])
+    for fold in ("fold0", "fold1"):
+        quarter, half, whole = (seen[(fold, a)] for a in ("baseline-q25", "baseline-q50", "baseline"))
+        assert quarter < half < whole                        # nested shares of the fold's training images
+        assert seen[(fold, "improved")] == whole
+        held = np.load(tmp_path / "b" / fold / "baseline-q25" / "heldout.npz")["rows"]
+        assert np.array_equal(held, np.load(tmp_path / "b" / fold / "baseline" / "heldout.npz")["rows"])
+        assert not _patients(cache, sorted(quarter)) & _patients(cache, held)
+    # one curve (the three baselines, named after the full one); improved is alone, so no curve
+    assert res.scaling == {"baseline": [("baseline-q25", 0.25), ("baseline-q50", 0.5), ("baseline", 1.0)]}
+    assert res.scaling_gain["baseline"].names == ("baseline-q25", "baseline")
+    assert res.info["train_images"]["baseline-q25"] < res.info["train_images"]["baseline-q50"] \
+        < res.info["train_images"]["baseline"]
+    md = (tmp_path / "b" / "results.md").read_text()
+    assert "Data scaling" in md and "| baseline | 0.25 |" in md and "| baseline | 0.25 -> 1 |" in md
+    assert json.loads((tmp_path / "b" / "results.json").read_text())["scaling"]["baseline"][0] == ["baseline-q25", 0.25]
+    # the share is part of what an arm is
+    arms[1]["train_fraction"] = 0.3
+    with pytest.raises(ValueError, match=r"arm 'baseline-q25' changed since it was run \(train_fraction"):
+        run_arms(load_plan(write_plan(tmp_path / "a.yaml", seeds=[0], arms=arms)), "C", tmp_path / "b",
+                 cache=cache, train_fn=fake, **QUIET)
+
+
+@pytest.mark.parametrize("arm, pretrain, message", [
+    ({"train_fraction": 0.0}, {}, "train_fraction must be in"),
+    ({"train_fraction": 1.5}, {}, "train_fraction must be in"),
+    ({"train_fraction": 0.5, "pretrain": "mae"}, {"mae": {"method": "mae"}}, "same images in both stages"),
+])
+def test_bad_training_shares_are_refused_with_the_file(tmp_path, arm, pretrain, message):
+    path = write_plan(tmp_path / "bad.yaml", pretrain=pretrain,
+                      arms=[{"name": "baseline", "recipe": "baseline"}, {"name": "x", "recipe": "improved", **arm}])
+    with pytest.raises(ValueError, match=message) as exc:
+        load_plan(path)
+    assert str(path) in str(exc.value)

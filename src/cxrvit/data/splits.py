@@ -80,6 +80,25 @@ def carve_validation(rows, patient_ids, fraction: float = 0.15, seed: int = 0) -
     return np.sort(rows[~val_mask]), np.sort(rows[val_mask])
 
 
+def patient_subset(rows, patient_ids, fraction: float, seed: int = 0) -> np.ndarray:
+    """The rows of about ``fraction`` of the patients in ``rows`` (at least one), for data-scaling runs.
+
+    Patients are taken in one seeded random order, so for a given seed the subsets are nested: the
+    quarter lies inside the half, which lies inside the whole. Counting patients rather than images
+    keeps a patient's follow-ups together, as every other split here does.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"training fraction must be in (0, 1], got {fraction}")
+    rows = _rows(rows)
+    if fraction == 1.0:
+        return np.sort(rows)
+    patients, inverse = _patient_groups(rows, patient_ids)
+    order = np.random.default_rng(seed).permutation(len(patients))
+    keep = np.zeros(len(patients), dtype=bool)
+    keep[order[: max(1, int(round(fraction * len(patients))))]] = True
+    return np.sort(rows[keep[inverse]])
+
+
 def patient_kfold(rows, patient_ids, k: int = 5, seed: int = 0, labels: np.ndarray | None = None
                   ) -> list[tuple[np.ndarray, np.ndarray]]:
     """``k`` folds of ``(train, heldout)`` with each patient held out exactly once.

@@ -50,8 +50,8 @@ from cxrvit.evaluation.report import write_report
 from cxrvit.experiments.arms_table import score_arms
 from cxrvit.experiments.crossval import FoldPredictions, choose_protocol, git_commit, load_fold, plan_folds, run_fold
 from cxrvit.experiments.identity import differing_keys, hash_matches
-from cxrvit.experiments.plan import (Arm, ArmsPlan, PretrainSpec, arm_config, arm_dir, arm_identity, pretrain_config,
-                                     pretrain_identity)
+from cxrvit.experiments.plan import (Arm, ArmsPlan, PretrainSpec, arm_config, arm_dir, arm_identity, fraction_seed,
+                                     pretrain_config, pretrain_identity)
 from cxrvit.fileio import atomic_write
 from cxrvit.runtime import machine_description
 import cxrvit.ssl.pretrain as ssl_pretrain   # called through the module: tests stand in a fake engine
@@ -178,7 +178,8 @@ def run_arms(plan: ArmsPlan, data, out, *, only=None, device=None, progress: boo
     for f, (train_rows, heldout) in folds.items():
         for seed in plan.seeds:
             for arm in mine:
-                run_arm_fold(plan, arm, seed, cache, f, train_rows, heldout, out, device=device,
+                rows = splits.patient_subset(train_rows, cache.patient_ids, arm.train_fraction, fraction_seed(plan, f))
+                run_arm_fold(plan, arm, seed, cache, f, rows, heldout, out, device=device,
                              progress=progress, train_fn=train_fn, quiet=not progress, log=log)
     results, missing = {}, []
     for arm in plan.arms:
@@ -200,7 +201,11 @@ def run_arms(plan: ArmsPlan, data, out, *, only=None, device=None, progress: boo
             "data": str(data),
             "cache_size": int(cache.size), "overrides": list(plan.overrides), "machine": machine_description(device),
             "commit": git_commit(), "command": command or "(library call)", "wall_seconds": time.time() - started,
-            "pretrain_seconds": _pretrain_seconds(out, plan, indices)}
+            "pretrain_seconds": _pretrain_seconds(out, plan, indices),
+            # images each arm trained on (validation carve-out included), mean over the scored folds
+            "train_images": {a.name: float(np.mean([len(splits.patient_subset(folds[f][0], cache.patient_ids,
+                                                                               a.train_fraction, fraction_seed(plan, f)))
+                                                    for f in indices])) for a in plan.arms}}
     result = score_arms(plan, cache, results, indices, out, info, n_resamples=n_resamples)
     if reports:
         for name, score in result.scores.items():

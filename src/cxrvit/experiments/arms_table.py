@@ -15,7 +15,7 @@ from cxrvit.evaluation.bootstrap import DEFAULT_RESAMPLES
 from cxrvit.evaluation.compare import Comparison, paired_compare
 from cxrvit.evaluation.evaluate import EvalResult, score_predictions
 from cxrvit.experiments.crossval import FoldPredictions, pool
-from cxrvit.experiments.plan import arm_dir
+from cxrvit.experiments.plan import arm_dir, scaling_key
 from cxrvit.labels import SCORED_TARGETS
 from cxrvit.training.runlog import METRICS, read_metrics
 
@@ -32,6 +32,9 @@ class ArmsResult:
     learning: dict[str, dict]                   # arm -> best/last epoch and late slope of validation AUROC
     info: dict = field(default_factory=dict)
     probes: dict[str, dict] = field(default_factory=dict)   # pre-training -> probe key -> [first, last]
+    # data scaling: curve name -> [(arm, train_fraction)] by fraction, and (smallest -> largest) comparisons
+    scaling: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
+    scaling_gain: dict[str, Comparison] = field(default_factory=dict)
 
     def markdown(self) -> str:
         i = self.info
@@ -82,6 +85,8 @@ class ArmsResult:
                   f"({self.scores[ref].bootstrap['resamples']} resamples); Δ = arm − {ref}, paired on the same "
                   "patients. Validation AUROC: mean over folds/seeds of the scored-target mean per epoch; for a "
                   "probe, its best out-of-fold mean AUROC over the C grid and the C chosen per fold/seed."]
+        if self.scaling:
+            lines += ["", self.scaling_markdown()]
         if self.probes:
             lines += ["", "Frozen-feature probes of each pre-training stage inside its fold's training patients "
                           "(mean AUROC of the scored targets; k-NN cosine / logistic regression; CLS token | mean "
@@ -92,11 +97,32 @@ class ArmsResult:
                 lines.append(f"| {name} | " + " | ".join(f"{_f(p[k][0])} -> {_f(p[k][1])}" for k in PROBE_KEYS) + " |")
         return "\n".join(lines) + "\n"
 
+    def scaling_markdown(self) -> str:
+        """One row per arm of each data-scaling curve (arms alike but for ``train_fraction``), and each
+        curve's gain from its smallest to its largest share, paired on the same held-out patients."""
+        lines = ["Data scaling: the same held-out patients, each arm trained on a nested share of every fold's "
+                 "training patients (images = mean per fold, validation carve-out included):", "",
+                 "| curve | share | train images | mean AUROC [95% CI] | mean F1 [95% CI] |",
+                 "| --- | ---: | ---: | ---: | ---: |"]
+        for curve, members in self.scaling.items():
+            for arm, frac in members:
+                h = self.scores[arm].headline
+                lines.append(f"| {curve} | {frac:g} | {self.info.get('train_images', {}).get(arm, float('nan')):.0f} | "
+                             f"{h['mean_auroc_scored'].fmt()} | {h['mean_f1_scored'].fmt()} |")
+        lines += ["", "| curve | gain from the smallest to the largest share | Δ mean AUROC [paired 95% CI] | "
+                      "Δ mean F1 [paired 95% CI] |", "| --- | --- | ---: | ---: |"]
+        for curve, c in self.scaling_gain.items():
+            lo, hi = self.scaling[curve][0], self.scaling[curve][-1]
+            lines.append(f"| {curve} | {lo[1]:g} -> {hi[1]:g} | {c.diff_auroc['mean'].fmt(signed=True)} | "
+                         f"{c.diff_f1['mean'].fmt(signed=True)} |")
+        return "\n".join(lines)
+
     def to_json(self) -> dict:
         return {"info": self.info, "reference": self.reference, "arms": self.arms,
                 "scores": {a: s.to_json() for a, s in self.scores.items()},
                 "vs_reference": {a: c.to_json() for a, c in self.comparisons.items()},
-                "cost_minutes": self.cost_minutes, "learning": self.learning, "pretrain_probes": self.probes}
+                "cost_minutes": self.cost_minutes, "learning": self.learning, "pretrain_probes": self.probes,
+                "scaling": self.scaling, "scaling_gain": {k: c.to_json() for k, c in self.scaling_gain.items()}}
 
 
 def _f(x) -> str:
@@ -188,5 +214,25 @@ def score_arms(plan, cache, results: dict[str, dict[int, list[FoldPredictions]]]
         cost[arm.name] = {"train": train_s / 60, "pretrain": pre.get(arm.pretrain, 0.0) / 60 if arm.pretrain else 0.0}
         learning[arm.name] = learning_summary([arm_dir(out, f, arm, s) for f in fold_indices
                                                for s in plan.seeds])
+    scaling = scaling_curves(plan)
+    gains = {}
+    for curve, members in scaling.items():
+        (lo, _), (hi, _) = members[0], members[-1]
+        gains[curve] = paired_compare(y, stacked[lo][1], stacked[lo][2], stacked[hi][1], stacked[hi][2], pids, labels,
+                                      names=(lo, hi), n_resamples=n_resamples)
     return ArmsResult(names, plan.reference, scores, comparisons, cost, learning, info,
-                      probes=pretrain_probes(out, plan, fold_indices))
+                      probes=pretrain_probes(out, plan, fold_indices), scaling=scaling, scaling_gain=gains)
+
+
+def scaling_curves(plan) -> dict[str, list[tuple[str, float]]]:
+    """Arms that differ only in ``train_fraction``, grouped (curves of one arm are left out) and
+    named after their largest-share arm."""
+    groups: dict[str, list[tuple[str, float]]] = {}
+    for arm in plan.arms:
+        groups.setdefault(scaling_key(plan, arm), []).append((arm.name, arm.train_fraction))
+    curves = {}
+    for members in groups.values():
+        members = sorted(members, key=lambda m: m[1])
+        if len({f for _, f in members}) > 1:
+            curves[members[-1][0]] = members
+    return curves

@@ -25,6 +25,7 @@ class PretrainSpec:
     recipe: str | None = None                         # default: the method's shipped recipe
     overrides: list[str] = field(default_factory=list)
     extra_data: list[str] = field(default_factory=list)   # other caches (never the scored images)
+    train_fraction: float = 1.0                       # share of each fold's training patients it sees
 
 
 @dataclass
@@ -34,6 +35,9 @@ class Arm:
     overrides: list[str] = field(default_factory=list)
     init: str | None = None                           # a backbone file every fold starts from
     pretrain: str | None = None                       # name of a PretrainSpec run per fold
+    # Data scaling: train on this share of each fold's training patients (nested: the quarter lies
+    # inside the half), scored on the same held-out patients as every other arm.
+    train_fraction: float = 1.0
 
 
 @dataclass
@@ -91,6 +95,12 @@ def check_plan(plan: ArmsPlan, source: str) -> ArmsPlan:
             raise ValueError(f"{source}: arm {a.name!r} has both 'init' and 'pretrain'; choose one")
         if a.init and not Path(a.init).exists():
             raise ValueError(f"{source}: arm {a.name!r}: init checkpoint {a.init} does not exist")
+        if not 0.0 < a.train_fraction <= 1.0:
+            raise ValueError(f"{source}: arm {a.name!r}: train_fraction must be in (0, 1], got {a.train_fraction}")
+        if a.pretrain and plan.pretrain[a.pretrain].train_fraction != a.train_fraction:
+            raise ValueError(f"{source}: arm {a.name!r} trains on {a.train_fraction:g} of each fold's patients but "
+                             f"its pre-training {a.pretrain!r} sees {plan.pretrain[a.pretrain].train_fraction:g}; "
+                             "a data-scaling arm must see the same images in both stages")
         if "-seed" in a.name or "/" in a.name:
             raise ValueError(f"{source}: arm name {a.name!r} may not contain '/' or '-seed'")
     if not plan.seeds:
@@ -119,13 +129,32 @@ def arm_identity(plan: ArmsPlan, arm: Arm) -> dict:
         ident["init"] = str(arm.init)
     if arm.pretrain:
         ident["pretrain"] = arm.pretrain        # the stage's own identity is checked by its name
+    if arm.train_fraction != 1.0:               # left out at its default, like every config field
+        ident["train_fraction"] = arm.train_fraction
     return ident
+
+
+def scaling_key(plan: ArmsPlan, arm: Arm) -> str:
+    """What an arm is apart from how much data it saw: arms with equal keys form one data-scaling
+    curve (the pre-training stage counts by its method and config, not by its name)."""
+    ident = {k: v for k, v in arm_identity(plan, arm).items() if k not in ("train_fraction", "pretrain")}
+    if arm.pretrain:
+        ident["pretrain"] = {k: v for k, v in pretrain_identity(plan.pretrain[arm.pretrain]).items()
+                             if k != "train_fraction"}
+    return yaml.safe_dump(ident, sort_keys=True)
+
+
+def fraction_seed(plan: ArmsPlan, fold: int) -> int:
+    """One patient order per fold, shared by every arm and fraction, so subsets are nested and paired."""
+    return 1000 * plan.fold_seed + fold
 
 
 def pretrain_identity(spec: PretrainSpec) -> dict:
     ident = {"config": config_identity(pretrain_config(spec))}
     if spec.extra_data:
         ident["extra_data"] = [str(p) for p in spec.extra_data]
+    if spec.train_fraction != 1.0:
+        ident["train_fraction"] = spec.train_fraction
     return ident
 
 
