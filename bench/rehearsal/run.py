@@ -4,7 +4,7 @@ Stages write ``RESULTS/<stage>.json``; ``--table`` only reads them, so the table
 numbers) always come from one recorded set of runs. See docs/full-scale.md.
 
     python bench/rehearsal/run.py prepare-resume      # SIGKILL at ~50 %, re-run, compare with cache-full
-    python bench/rehearsal/run.py summary|split|loader|probe|eval|probe-small|eval-small|prepare-small
+    python bench/rehearsal/run.py summary|split|loader|probe|eval|probe-half|eval-small
     python bench/rehearsal/run.py --table
 """
 from __future__ import annotations
@@ -86,9 +86,8 @@ def prepare_resume(res: Path) -> dict:
 STAGES = {
     "split": ["split", "--steps", "2"],
     "loader": ["loader", "--images", "6400"],
-    "probe": ["probe", "--rows", "2000"],
-    "probe-small": ["probe", "--rows", "500"],
-    "probe-fit-full": ["probe", "--rows", "86524", "--single-fit"],
+    "probe": ["probe", "--rows", "86524"],
+    "probe-half": ["probe", "--rows", "43262"],
     "eval": ["eval", "--rows", "25596"],
     "eval-small": ["eval", "--rows", "12798"],
 }
@@ -167,22 +166,19 @@ def table(res: Path) -> str:
                          f"RssAnon {r['rss_anon_mb_after_first_batch']:.0f} -> {r['rss_anon_mb_end']:.0f} MB "
                          f"after batch 1 -> last; {r['img_per_s_first_half']:,.0f} / {r['img_per_s_second_half']:,.0f}"
                          " img/s first / second half (cold / warm page cache)"))
-    pf = _load(res, "probe-fit-full")
-    if pf and pf["result"]:
-        r, m = pf["result"], pf["measure"]
-        rows.append(_row(f"c. linear probe: one `fit_head` (C=1, {r['labels']} labels), {r['rows']:,} rows",
-                         r["wall_s"], r["rows"], m["peak_rss_anon_kb"], m["write_bytes"],
-                         f"{r['inputs']}; the C search runs {r['fits_in_search']} such fits (4/5 of the rows "
-                         f"in 15 of them): ~{r['wall_s'] * (1 + 0.8 * (r['fits_in_search'] - 1)) / 60:.0f} min "
-                         "estimated"))
-    for big, small, what in (("probe", "probe-small", "c. linear probe: C search (3 C x 5 folds) + final head"),
+    for big, small, what in (("probe", "probe-half", "c. linear probe: C search (3 C x 5 patient folds, cross-fitted) + thresholds + final head"),
                              ("eval", "eval-small", "d. eval scoring: F1/AUROC/AP + 1,000 patient resamples")):
         pair = [(_load(res, n) or {}).get("result") and _load(res, n) for n in (small, big)]
         for rec in pair:
             if rec:
                 r, m = rec["result"], rec["measure"]
+                note = r["inputs"]
+                if "search_s" in r:
+                    note += (f"; search {r['search_s']:.0f} s, thresholds {r['thresholds_s']:.1f} s, final head "
+                             f"{r['final_head_s']:.0f} s (the feature pass, {r['feature_rows']:,} rows, "
+                             f"{r['feature_pass_s']:.0f} s, is not in the wall time)")
                 rows.append(_row(f"{what}, {r['rows']:,} rows", r["wall_s"], r["rows"], m["peak_rss_anon_kb"],
-                                 m["write_bytes"], r["inputs"]))
+                                 m["write_bytes"], note))
         if all(pair):
             (a, b) = [x["result"] for x in pair]
             ma, mb = [x["measure"]["peak_rss_anon_kb"] for x in pair]
