@@ -35,6 +35,53 @@ def test_folded_head_equals_standardised_logistic_regression():
         np.testing.assert_allclose(x @ w[j] + b[j], ref, rtol=1e-5, atol=1e-5)
 
 
+def _hard_problem(n, d, seed):
+    """Correlated, offset features (as CLS features are) and labels from rare to common, a weak signal."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) * 0.1 + rng.normal(size=d) * 3
+    y = (rng.random((n, 4)) < [0.03, 0.1, 0.3, 0.5]).astype(float)
+    x[:, :4] += 0.5 * y
+    return x, y
+
+
+def test_newton_reaches_its_gradient_tolerance_on_an_ill_conditioned_fit(monkeypatch):
+    """Fewer rows than features at C = 1 (nearly separable): the conjugate-gradient steps must still reach
+    the stated optimum, and both preconditioners (the shared Gram one, a label's own Hessian) must run."""
+    from cxrvit.training import linear_probe as lp
+
+    x, y = _hard_problem(120, 160, seed=2)
+    z, mean, std = lp._standardise(x)
+    np.testing.assert_array_equal(z[:, :-1], (x - mean) / std)     # the same standardisation as before
+    assert np.all(z[:, -1] == 1.0)
+    used_exact = []
+    real = lp._newton_directions
+    monkeypatch.setattr(lp, "_newton_directions", lambda *a, **k: used_exact.append(bool(a[6])) or real(*a, **k))
+    c = 1.0
+    theta = lp._logistic_newton(z, y, c)
+    p = 1 / (1 + np.exp(-(z @ theta.T)))
+    ridge = np.r_[np.ones(x.shape[1]), 0.0]
+    grad = c * (p - y).T @ z + theta * ridge
+    assert np.abs(grad).max() < 1e-9 * max(1.0, c * len(x))
+    assert any(used_exact) and not used_exact[0]
+
+
+def test_c_path_with_warm_starts_equals_each_c_fitted_alone():
+    """cross_fit_path shares one standardisation per fold and warm-starts each C from the previous one;
+    the optimum is unique, so every C's out-of-fold probabilities are those of a cold fit at that C,
+    returned in the grid's own (unsorted) order."""
+    from cxrvit.training.linear_probe import cross_fit_path
+
+    x, y = _hard_problem(300, 24, seed=3)
+    rows = np.arange(300) * 2
+    patients = np.repeat(np.arange(150), 4)          # indexed by row: two rows per patient here
+    grid = [1.0, 0.01, 0.1]
+    path = cross_fit_path(x, rows, y, rows, x, y, patients, grid, 5, 0)
+    for c, oof in zip(grid, path):
+        alone = cross_fit_path(x, rows, y, rows, x, y, patients, [c], 5, 0)[0]
+        np.testing.assert_allclose(oof, alone, rtol=0, atol=1e-8)
+    assert not np.allclose(path[0], path[1])
+
+
 def test_one_class_label_gets_a_finite_prior_bias():
     from cxrvit.training.linear_probe import fit_head
 

@@ -11,7 +11,8 @@ What is fitted, and on what:
      carve-out), in the scoring pass's fp32 preprocessing, so the head sees exactly what ``predict``
      will feed it; ``probe.views > 1`` adds augmented views of each training image.
   2. For each C in ``probe.c_grid``: out-of-fold probabilities over ``probe.cv_folds`` patient folds
-     of those rows. The C with the best mean out-of-fold AUROC of the scored targets is kept.
+     of those rows (``cross_fit_path``: folds outside, the C grid inside, warm-started). The C with the
+     best mean out-of-fold AUROC of the scored targets is kept.
   3. Thresholds: max-F1 on those out-of-fold probabilities -- every training patient is a tuning
      patient, never a patient the model was fitted on (cross-fitting).
   4. The head: one logistic regression per label on all rows, the standardisation folded into the
