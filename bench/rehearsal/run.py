@@ -166,7 +166,8 @@ def table(res: Path) -> str:
                          f"RssAnon {r['rss_anon_mb_after_first_batch']:.0f} -> {r['rss_anon_mb_end']:.0f} MB "
                          f"after batch 1 -> last; {r['img_per_s_first_half']:,.0f} / {r['img_per_s_second_half']:,.0f}"
                          " img/s first / second half (cold / warm page cache)"))
-    for big, small, what in (("probe", "probe-half", "c. linear probe: C search (3 C x 5 patient folds, cross-fitted) + thresholds + final head"),
+    probe_what = "c. linear probe: C search (3 C x 5 patient folds, cross-fitted) + thresholds + final head"
+    for big, small, what in (("probe", "probe-half", probe_what),
                              ("eval", "eval-small", "d. eval scoring: F1/AUROC/AP + 1,000 patient resamples")):
         pair = [(_load(res, n) or {}).get("result") and _load(res, n) for n in (small, big)]
         for rec in pair:
