@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from cxrvit import runtime
+from cxrvit.data.preprocess import center_zoom, eval_transform, to_float
+from cxrvit.inference import scoring
 from cxrvit.training.validation import predict as validation_pass
 
 from inference_support import factory
@@ -62,16 +64,55 @@ def test_probability_does_not_depend_on_the_batch(bundle, bf16_mode, tta):
         assert (together - other).abs().max().item() <= BOUND
 
 
+def _validate(bundle, x: torch.Tensor, batch: int, tta: bool):
+    k = len(bundle.labels)
+    loader = [SimpleNamespace(images=x[s:s + batch], targets=torch.zeros(len(x[s:s + batch]), k))
+              for s in range(0, len(x), batch)]
+    return validation_pass(bundle.model, loader, bundle.preprocessing, bundle.preprocessing.size,
+                           torch.device("cpu"), tta=tta)
+
+
 @pytest.mark.parametrize("tta", [False, True])
 def test_tuning_pass_and_predict_agree(bundle, bf16_mode, tta):
-    """The validation pass that tunes thresholds gives ``predict_proba``'s numbers, batch sizes apart."""
+    """The validation pass that tunes thresholds gives ``predict_proba``'s numbers: bit for bit in the same
+    batches, within the bound in others."""
     x = _images()
-    k = len(bundle.labels)
-    loader = [SimpleNamespace(images=x[s:s + 5], targets=torch.zeros(len(x[s:s + 5]), k)) for s in (0, 5)]
+    same = _validate(bundle, x, 5, tta).probs
+    assert np.array_equal(same, bundle.predict_proba(x, batch_size=5, tta=tta).numpy())
+    assert np.abs(same - bundle.predict_proba(x, batch_size=2, tta=tta).numpy()).max() <= BOUND
+
+
+def test_validation_and_predict_run_one_scoring_pass(bundle, monkeypatch):
+    """Validation (threshold tuning) and ``Bundle.predict_proba`` (eval, predict, serve) both go through
+    ``scoring.score_logits``: one code path, not two copies held equal."""
+    calls = []
+    real = scoring.score_logits
+
+    def spy(model, images, prep, size, tta):
+        calls.append((len(images), size, tta))
+        return real(model, images, prep, size, tta)
+
+    monkeypatch.setattr(scoring, "score_logits", spy)
+    x = _images()
+    _validate(bundle, x, 5, tta=True)
+    assert calls == [(5, 32, True), (2, 32, True)]
+    calls.clear()
+    bundle.predict_proba(x, batch_size=4, tta=False)
+    assert calls == [(4, 32, False), (3, 32, False)]
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_scoring_pass_is_the_one_it_always_was(bundle, bf16_mode, tta):
+    """Exactly the pass validation and ``predict_proba`` each spelled out before they shared one (same
+    numbers, bit for bit): the whole image resized, plus a 90 % centre zoom with TTA; the
+    preprocessing's normalisation; an fp32 forward; logits averaged over the views; a sigmoid."""
+    x = _images()
     size = bundle.preprocessing.size
-    val = validation_pass(bundle.model, loader, bundle.preprocessing, size, torch.device("cpu"), tta=tta)
-    direct = bundle.predict_proba(x, batch_size=2, tta=tta).numpy()
-    assert np.abs(val.probs - direct).max() <= BOUND
+    views = [eval_transform(x, size)] + ([center_zoom(to_float(x), size, 0.9)] if tta else [])
+    with torch.no_grad():
+        logits = [bundle.model(bundle.preprocessing.normalize(v)).float() for v in views]
+    expected = torch.sigmoid(logits[0] if not tta else (logits[0] + logits[1]) / 2)
+    assert torch.equal(bundle.predict_proba(x, batch_size=len(x), tta=tta), expected)
 
 
 def test_forced_bf16_machine_scores_like_this_one(bundle, monkeypatch):

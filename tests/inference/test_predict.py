@@ -12,6 +12,7 @@ from PIL import Image
 
 from cxrvit.data import images
 from cxrvit.data.images import load_square
+from cxrvit.data.preprocess import center_zoom, eval_transform, to_float
 from cxrvit.inference.predict import collect_inputs, predict_files, write_predictions
 
 from inference_support import SHARED, THRESHOLDS, factory, run_cli as main
@@ -77,9 +78,6 @@ def test_decompression_bomb_guard(bundle, folder):
 
 
 def test_tta_is_the_validation_pass_that_tuned_the_thresholds(bundle, folder):
-    from cxrvit.training.augment import eval_transform, to_float
-    from cxrvit.training.validation import center_zoom
-
     grey = torch.from_numpy(load_square(folder / "a.png", bundle.preprocessing.size).copy())[None, None]
     size = bundle.preprocessing.size
     with torch.no_grad():

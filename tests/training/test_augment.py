@@ -1,6 +1,6 @@
 import torch
 
-from cxrvit.training.augment import BatchAugment, eval_transform
+from cxrvit.training.augment import BatchAugment
 from cxrvit.training.config import AugmentConfig
 
 IDENTITY = dict(scale=[1.0, 1.0], ratio=[1.0, 1.0], hflip=0.0)
@@ -67,8 +67,3 @@ def test_mixup_mixes_targets_with_the_image_weight():
     cut = AugmentConfig(**IDENTITY, cutmix=1.0, mix_prob=1.0)
     _, yc = BatchAugment(cut, 32, seed=0)(x, torch.ones(6, 2))
     assert torch.allclose(yc, torch.ones(6, 2))  # mixing two positives stays positive
-
-
-def test_eval_transform_resizes_whole_image():
-    out = eval_transform(_images(s=64), 32)
-    assert out.shape == (4, 1, 32, 32) and 0 <= out.min() and out.max() <= 1

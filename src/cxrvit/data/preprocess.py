@@ -4,12 +4,17 @@ One spec, saved in every model bundle, so that training, evaluation, prediction 
 models all feed the network the same numbers: grey in [0, 1], repeated to 3 channels, then
 normalised per channel. The default mean/std are ImageNet's, so a backbone trained elsewhere
 with DINO/timm preprocessing sees the statistics it expects.
+
+The evaluation geometry lives here too (the whole image resized to the model size, and the 90 %
+centre zoom of test-time augmentation), below every part that scores or trains: validation, the
+linear probe, ``eval``, ``predict`` and ``serve`` all take their views from this one place.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,3 +47,28 @@ class Preprocessing:
         mean = torch.tensor(self.mean, device=grey.device, dtype=grey.dtype).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=grey.device, dtype=grey.dtype).view(1, 3, 1, 1)
         return (grey.expand(-1, 3, -1, -1) - mean) / std
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 0..255 -> float32 0..1 (float input is passed through)."""
+    return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+
+
+def resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Antialiased bilinear resize of a float ``[B, C, H, W]`` batch to ``size`` x ``size``."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def eval_transform(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Validation/test input: the whole image, resized to ``size``; grey float in [0, 1]."""
+    return resize_batch(to_float(images), size)
+
+
+def center_zoom(x: torch.Tensor, size: int, fraction: float) -> torch.Tensor:
+    """The central ``fraction`` of the side, resized to ``size`` (a mild zoom-in view for TTA)."""
+    side = x.shape[-1]
+    crop = max(1, round(side * fraction))
+    off = (side - crop) // 2
+    return resize_batch(x[..., off:off + crop, off:off + crop], size)

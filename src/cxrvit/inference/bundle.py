@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from cxrvit.data.preprocess import Preprocessing
 from cxrvit.fileio import atomic_write
+from cxrvit.inference import scoring
 from cxrvit.model.vit import VisionTransformer, build_model
-from cxrvit.runtime import autocast, inference_precision
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "bundle.json"
@@ -45,31 +45,13 @@ class Bundle:
 
     @torch.no_grad()
     def predict_proba(self, grey: torch.Tensor, batch_size: int = 64, tta: bool | None = None) -> torch.Tensor:
-        """``[N, 1, S, S]`` uint8 grey images -> ``[N, K]`` probabilities.
-
-        Exactly the validation pass that tuned the thresholds (``training.validation.predict``): the whole
-        image resized to the bundle size, and with ``tta`` (default: as the bundle was tuned) the logits
-        averaged with a 90 % centre zoom. No mirror view: the recipes do not train on flipped films.
-        fp32 (:func:`cxrvit.runtime.inference_precision`): an image's probability does not depend on
-        ``batch_size``, on what else is in the batch, or on the machine's bf16 support.
-        """
-        from cxrvit.training.augment import eval_transform, to_float
-        from cxrvit.training.validation import center_zoom
-
+        """``[N, 1, S, S]`` uint8 grey images -> ``[N, K]`` probabilities, through the one scoring pass
+        (:func:`cxrvit.inference.scoring.predict_proba`, which the validation that tuned the thresholds
+        also runs), with ``tta`` defaulting to how the bundle's thresholds were tuned."""
+        if len(grey) == 0:
+            return torch.zeros(0, len(self.labels))
         tta = self.tuned_with_tta if tta is None else tta
-        size = int(self.preprocessing.size)
-        self.model.eval()
-        device = next(self.model.parameters()).device
-        out = []
-        for start in range(0, len(grey), batch_size):
-            chunk = grey[start : start + batch_size].to(device)
-            views = [eval_transform(chunk, size)] + ([center_zoom(to_float(chunk), size, 0.9)] if tta else [])
-            logits = 0.0
-            for view in views:
-                with autocast(device, inference_precision(device)):
-                    logits = logits + self.model(self.preprocessing.normalize(view)).float()
-            out.append(torch.sigmoid(logits / len(views)).cpu())
-        return torch.cat(out) if out else torch.zeros(0, len(self.labels))
+        return scoring.predict_proba(self.model, grey, self.preprocessing, tta, batch_size=batch_size)
 
 
 def save_bundle(directory: os.PathLike | str, model: VisionTransformer, labels: list[str],

@@ -18,24 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cxrvit.data.preprocess import resize_batch, to_float
 from cxrvit.training.config import AugmentConfig
-
-
-def resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Antialiased bilinear resize of a float ``[B, C, H, W]`` batch to ``size`` x ``size``."""
-    if x.shape[-1] == size and x.shape[-2] == size:
-        return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-
-
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 0..255 -> float32 0..1 (float input is passed through)."""
-    return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
-
-
-def eval_transform(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Validation/test input: the whole image, resized to ``size``; grey float in [0, 1]."""
-    return resize_batch(to_float(images), size)
 
 
 class BatchAugment:

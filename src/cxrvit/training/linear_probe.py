@@ -28,13 +28,14 @@ import numpy as np
 import torch
 
 from cxrvit.data import splits
-from cxrvit.data.preprocess import Preprocessing
+from cxrvit.data.preprocess import Preprocessing, eval_transform
 from cxrvit.evaluation.metrics import auroc, tune_thresholds
 from cxrvit.fileio import json_safe
 from cxrvit.inference.bundle import save_bundle
+from cxrvit.model.checkpoints import load_backbone
 from cxrvit.model.vit import VisionTransformer, build_model
 from cxrvit.runtime import resolve_device
-from cxrvit.training.augment import BatchAugment, eval_transform
+from cxrvit.training.augment import BatchAugment
 from cxrvit.training.config import TrainConfig, config_to_dict, save_config
 from cxrvit.training.runlog import METRICS
 
@@ -263,7 +264,6 @@ def fit_linear_probe(cfg: TrainConfig, cache, train_rows, val_rows, out_dir, ini
                         pos_embed=cfg.model.pos_embed)
     init_report = None
     if init is not None:
-        from cxrvit.model.checkpoints import load_backbone
         _, init_report = load_backbone(init, model)
     model.to(dev)
     prep = Preprocessing(size=cfg.model.img_size)

@@ -11,8 +11,7 @@ from torch import nn
 
 from cxrvit.data.preprocess import Preprocessing
 from cxrvit.evaluation.metrics import auroc, f1_at, tune_thresholds
-from cxrvit.runtime import autocast, inference_precision
-from cxrvit.training.augment import eval_transform, resize_batch, to_float
+from cxrvit.inference import scoring
 
 
 @dataclass
@@ -51,24 +50,15 @@ def predict(model: nn.Module, loader, prep: Preprocessing, size: int, device: to
             tta: bool = False) -> ValResult:
     """Probabilities for every batch of ``loader`` (in loader order) with the model in eval mode.
 
-    In the scoring precision (:func:`cxrvit.runtime.inference_precision`), not the training one, so the
-    probabilities the thresholds are tuned on are the ones ``eval`` and ``predict`` give later.
+    Through :func:`cxrvit.inference.scoring.score_logits`, the pass ``eval``, ``predict`` and ``serve`` run,
+    so the probabilities the thresholds are tuned on are the ones users get later (in the scoring
+    precision, fp32, not the training one).
     """
-    precision = inference_precision(device)
     was_training = model.training
     model.eval()
     probs, targets, loss_sum, n = [], [], 0.0, 0
     for batch in loader:
-        images = batch.images.to(device, non_blocking=True)
-        views = [eval_transform(images, size)]
-        if tta:
-            views.append(center_zoom(to_float(images), size, 0.9))
-        logits = None
-        for view in views:
-            with autocast(device, precision):
-                out = model(prep.normalize(view)).float()
-            logits = out if logits is None else logits + out
-        logits = logits / len(views)
+        logits = scoring.score_logits(model, batch.images.to(device, non_blocking=True), prep, size, tta)
         y = batch.targets.to(device)
         loss_sum += F.binary_cross_entropy_with_logits(logits, y, reduction="sum").item() / y.shape[1]
         n += len(y)
@@ -78,14 +68,6 @@ def predict(model: nn.Module, loader, prep: Preprocessing, size: int, device: to
     if n == 0:
         raise ValueError("validation set is empty: no rows to validate on")
     return ValResult(torch.cat(probs).numpy(), torch.cat(targets).numpy(), loss_sum / n)
-
-
-def center_zoom(x: torch.Tensor, size: int, fraction: float) -> torch.Tensor:
-    """The central ``fraction`` of the side, resized to ``size`` (a mild zoom-in view for TTA)."""
-    side = x.shape[-1]
-    crop = max(1, round(side * fraction))
-    off = (side - crop) // 2
-    return resize_batch(x[..., off:off + crop, off:off + crop], size)
 
 
 def _nanmean(values) -> float:
