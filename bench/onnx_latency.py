@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from cxrvit.data.preprocess import Preprocessing  # noqa: E402
-from cxrvit.model.export import export_onnx, verify_onnx  # noqa: E402
+from cxrvit.inference.export import export_onnx, verify_onnx  # noqa: E402
 from cxrvit.model.vit import vit_small  # noqa: E402
 
 

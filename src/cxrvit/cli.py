@@ -14,10 +14,9 @@ from cxrvit.allocator import keep_freed_memory
 
 COMMAND_MODULES = (
     "cxrvit.data.commands",        # prepare, data-summary
-    "cxrvit.model.commands",       # export
     "cxrvit.training.commands",    # train
     "cxrvit.evaluation.commands",  # eval, compare
-    "cxrvit.inference.commands",   # predict, dicom-info
+    "cxrvit.inference.commands",   # predict, dicom-info, export
     "cxrvit.ssl.commands",         # pretrain
     "cxrvit.experiments.commands", # bench (arms, recipes)
     "cxrvit.serve.commands",       # serve

@@ -12,8 +12,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cxrvit.data.cache import CXRCache
 from cxrvit.evaluation import metrics as M
 from cxrvit.evaluation.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, Estimate, PatientBootstrap, estimates, verdict
+from cxrvit.evaluation.evaluate import (bundle_thresholds, cache_targets, check_thresholds_held_out, predict_rows,
+                                        read_bundle_meta, select_rows)
+from cxrvit.inference.bundle import load_bundle
 from cxrvit.labels import SCORED_TARGETS
 from cxrvit.runtime import resolve_device
 
@@ -139,12 +143,6 @@ def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike, data: str |
                  n_resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED, device=None, batch_size: int = 64,
                  allow_unverified_thresholds: bool = False, progress: bool = False, cache=None) -> Comparison:
     """Predict both bundles on the same ``split`` rows of ``data`` and compare them (B − A)."""
-    from cxrvit.data.cache import CXRCache
-    from cxrvit.evaluation.evaluate import (bundle_thresholds, cache_targets, check_thresholds_held_out,
-                                            predict_rows, read_bundle_meta,
-                                            select_rows)
-    from cxrvit.inference.bundle import load_bundle
-
     if split == "val":
         raise ValueError("compare scores held-out images only: two models tuned on different validation sets have no "
                          "common 'val' split; use --split test or --split all on a held-out cache")

@@ -17,9 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cxrvit.data.cache import CXRCache
 from cxrvit.evaluation import metrics as M
 from cxrvit.evaluation.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, Estimate, PatientBootstrap, estimates
 from cxrvit.fileio import json_safe
+from cxrvit.inference.bundle import load_bundle
 from cxrvit.labels import SCORED_TARGETS
 from cxrvit.runtime import resolve_device
 
@@ -103,9 +105,10 @@ def check_thresholds_held_out(threshold_source: dict, cache, rows: np.ndarray, *
 def predict_rows(bundle, cache, rows: np.ndarray, batch_size: int = 64, progress: bool = False) -> np.ndarray:
     """Probabilities ``[len(rows), K]`` of ``bundle`` on cache rows, in the order of ``rows``.
 
-    Through ``Bundle.predict_proba``, which is exactly the validation pass that tuned the bundle's
-    thresholds (the whole square image resized to the model size, plus the centre-zoom view when the
-    run used TTA): anything else would move the scores away from the thresholds they were tuned with.
+    Through ``Bundle.predict_proba``, i.e. the one scoring pass (:mod:`cxrvit.inference.scoring`) that the
+    validation which tuned the bundle's thresholds also ran (the whole square image resized to the model
+    size, plus the centre-zoom view when the run used TTA): anything else would move the scores away
+    from the thresholds they were tuned with.
     Reads the memory-mapped cache one batch at a time.
     """
     out = []
@@ -265,9 +268,6 @@ def evaluate_run(run: str | os.PathLike, data: str | os.PathLike, split: str = "
 
     ``bundle``/``cache`` may be passed already loaded (the paths are then only used in messages).
     """
-    from cxrvit.data.cache import CXRCache
-    from cxrvit.inference.bundle import load_bundle
-
     run, data = str(run), str(data)
     cache = cache if cache is not None else CXRCache(data)
     # The guard needs only bundle.json: check it before paying for the weights.

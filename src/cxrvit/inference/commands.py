@@ -1,4 +1,8 @@
-"""Subcommands of the inference part: ``cxrvit predict`` and ``cxrvit dicom-info``."""
+"""Subcommands of the inference part: ``cxrvit predict``, ``cxrvit dicom-info`` and ``cxrvit export``.
+
+Each handler imports what it runs inside itself: those modules pull in torch, pydicom and PIL, and
+``cxrvit --help`` (which imports every commands module) should not pay for them.
+"""
 from __future__ import annotations
 
 import argparse
@@ -47,10 +51,26 @@ def register(subparsers) -> None:
     d.add_argument("--json", action="store_true", help="print JSON instead of a table")
     d.set_defaults(func=run_dicom_info)
 
+    e = subparsers.add_parser(
+        "export", help="export a trained model (dino .pth, safetensors, onnx) with labels, thresholds, preprocessing",
+        description="Export a model bundle. The head keeps only --labels (in that order).")
+    e.add_argument("--model", required=True, metavar="RUN", help="model bundle folder (model.safetensors + bundle.json)")
+    e.add_argument("--format", default="dino", choices=("dino", "safetensors", "onnx"),
+                   help="dino: plain DINO-layout state_dict (torch.save) + <out>.json; safetensors: metadata "
+                        "in the header; onnx: grey [B,1,H,W] in 0..1 -> logits, probabilities (+ <out>.json)")
+    e.add_argument("--labels", default=None,
+                   help="comma-separated labels to keep, e.g. Atelectasis,Effusion,Mass/Nodule (default: all)")
+    e.add_argument("--out", required=True, help="output file")
+    e.add_argument("--dynamic-size", action="store_true",
+                   help="onnx only: accept any H, W that are multiples of 16 (default: the bundle's size)")
+    e.add_argument("--opset", type=int, default=18, help="onnx opset (default 18)")
+    e.set_defaults(func=run_export)
+
 
 # -- predict -----------------------------------------------------------------------------------
 
 def run_predict(args: argparse.Namespace) -> int:
+    # In the handler, not at the top: keeps `cxrvit --help` from importing torch (module docstring).
     from cxrvit.inference.bundle import load_bundle
     from cxrvit.inference.predict import collect_inputs, predict_files, write_predictions
 
@@ -97,6 +117,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
 def _report_writer(bundle, reports: dict[str, str], full: bool):
     """A callback for predict_files that fills ``reports`` (path -> text) for each scored image."""
+    # Only when --report is asked for: the explanation maps import the heat-map code (and torch).
     from cxrvit.inference import prelim_report
     from cxrvit.inference.findings import explain_findings, labels_to_explain
 
@@ -115,6 +136,7 @@ def _heatmap_writer(bundle, folder: Path, target: str | None, per_head: bool):
     """A callback for predict_files that draws an overlay per scored image."""
     import torch
 
+    # Only when --heatmaps is asked for: matplotlib and torch, which `cxrvit --help` should not import.
     from cxrvit.inference import heatmaps
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -142,36 +164,6 @@ def _heatmap_writer(bundle, folder: Path, target: str | None, per_head: bool):
 
 # -- dicom-info --------------------------------------------------------------------------------
 
-def dicom_summary(path: Path, decode: bool = True) -> dict:
-    """Header summary plus QC flags (pixel checks too when ``decode``, at the default 224 px)."""
-    from cxrvit.data import images
-    from cxrvit.data.dicom import read_header
-    from cxrvit.data.images import ImageReadError
-    from cxrvit.inference import qc
-
-    h = read_header(path)
-    flags = qc.header_flags(qc.HeaderFacts.from_header(h))
-    decode_error = None
-    if decode:
-        try:
-            arr = images.read_grey(path)
-        except ImageReadError as exc:  # the header is still worth printing
-            decode_error = exc.reason
-        else:
-            flags += qc.pixel_flags(arr.shape, images.square_resize(arr, 224))
-    return {
-        **h.to_dict(),
-        "size": (f"{h.columns}x{h.rows}" + (f"x{h.frames} frames" if h.frames > 1 else "")
-                 if h.rows and h.columns else None),
-        "bits": (f"{h.bits_stored}/{h.bits_allocated}" + (" signed" if h.pixel_representation == 1 else "")
-                 if h.bits_allocated else None),
-        "spacing": (" x ".join(f"{v:g}" for v in h.pixel_spacing) + f" ({h.spacing_source})"
-                    if h.pixel_spacing else None),
-        "qc": flags,
-        "decode_error": decode_error,
-    }
-
-
 def _preview_path(preview: Path, src: Path, many: bool) -> Path:
     return preview.with_name(f"{preview.stem}-{src.stem}.png") if many else preview
 
@@ -179,9 +171,11 @@ def _preview_path(preview: Path, src: Path, many: bool) -> Path:
 def run_dicom_info(args: argparse.Namespace) -> int:
     from PIL import Image
 
+    # In the handler, not at the top: pydicom and PIL stay out of `cxrvit --help` (module docstring).
     from cxrvit.data import images
     from cxrvit.data.dicom import is_dicom_file
     from cxrvit.data.images import ImageReadError
+    from cxrvit.inference.qc import dicom_summary
 
     failures = 0
     results = []
@@ -221,3 +215,28 @@ def run_dicom_info(args: argparse.Namespace) -> int:
             if "preview" in info:
                 print(f"  {'Preview':<24} {info['preview']}")
     return 1 if failures else 0
+
+
+# -- export ------------------------------------------------------------------------------------
+
+def run_export(args: argparse.Namespace) -> int:
+    # In the handler, not at the top: torch and safetensors stay out of `cxrvit --help` (module docstring).
+    from cxrvit.inference.export import export_bundle
+
+    labels = [s.strip() for s in args.labels.split(",") if s.strip()] if args.labels else None
+    if args.dynamic_size and args.format != "onnx":
+        print("cxrvit export: --dynamic-size applies to --format onnx only", file=sys.stderr)
+        return 2
+    try:
+        result = export_bundle(args.model, args.out, args.format, labels,
+                               dynamic_size=args.dynamic_size, opset=args.opset)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"cxrvit export: {e}", file=sys.stderr)
+        return 2
+    meta = result.metadata
+    print(f"wrote {result.weights} ({args.format}, labels: {', '.join(meta['labels'])})")
+    if result.metadata_path:
+        print(f"wrote {result.metadata_path}")
+    for note in result.notes:
+        print(note)
+    return 0

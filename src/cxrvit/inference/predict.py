@@ -20,6 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from cxrvit.data import images
+from cxrvit.data.dicom import is_dicom_file, read_header
 from cxrvit.data.images import ImageReadError
 from cxrvit.inference import qc
 from cxrvit.inference.bundle import Bundle
@@ -98,8 +99,6 @@ class LoadedImage:
 
 
 def dicom_header_flags(path: Path) -> list[str]:
-    from cxrvit.data.dicom import is_dicom_file, read_header
-
     if not is_dicom_file(path):
         return []
     h = read_header(path)
@@ -108,8 +107,6 @@ def dicom_header_flags(path: Path) -> list[str]:
 
 def check_pixel_count(path: Path, max_pixels: int) -> None:
     """Decompression-bomb guard from the header alone, before any pixel is decoded."""
-    from cxrvit.data.dicom import is_dicom_file, read_header
-
     fmt = images.sniff_format(path)
     if fmt == "dicom" or (fmt is None and is_dicom_file(path)):
         h = read_header(path)

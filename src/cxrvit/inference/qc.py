@@ -11,12 +11,18 @@ why its output should not be trusted. Flags come from two places:
   a picture that looks inverted (MONOCHROME1 data mislabelled as MONOCHROME2, or the reverse).
 
 Flags are short ``name`` or ``name:detail`` strings so they can be ';'-joined in a CSV cell.
+:func:`dicom_summary` puts a DICOM file's header and its flags together (``cxrvit dicom-info``, ``serve``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+from cxrvit.data import images
+from cxrvit.data.dicom import read_header
+from cxrvit.data.images import ImageReadError
 
 #: Modalities that produce projection radiographs. ``OT`` (other), CT, MR, US... are flagged.
 RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "DR", "RG"})
@@ -115,3 +121,29 @@ def pixel_flags(original_shape: tuple[int, int], square: np.ndarray) -> list[str
     if inversion_score(square) < INVERSION_THRESHOLD:
         flags.append("possibly_inverted")
     return flags
+
+
+def dicom_summary(path: Path, decode: bool = True) -> dict:
+    """A DICOM file's header summary plus QC flags (pixel checks too when ``decode``, at the default 224 px):
+    what ``cxrvit dicom-info`` prints and ``cxrvit serve`` shows beside an uploaded DICOM."""
+    h = read_header(path)
+    flags = header_flags(HeaderFacts.from_header(h))
+    decode_error = None
+    if decode:
+        try:
+            arr = images.read_grey(path)
+        except ImageReadError as exc:  # the header is still worth printing
+            decode_error = exc.reason
+        else:
+            flags += pixel_flags(arr.shape, images.square_resize(arr, 224))
+    return {
+        **h.to_dict(),
+        "size": (f"{h.columns}x{h.rows}" + (f"x{h.frames} frames" if h.frames > 1 else "")
+                 if h.rows and h.columns else None),
+        "bits": (f"{h.bits_stored}/{h.bits_allocated}" + (" signed" if h.pixel_representation == 1 else "")
+                 if h.bits_allocated else None),
+        "spacing": (" x ".join(f"{v:g}" for v in h.pixel_spacing) + f" ({h.spacing_source})"
+                    if h.pixel_spacing else None),
+        "qc": flags,
+        "decode_error": decode_error,
+    }

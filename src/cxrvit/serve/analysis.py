@@ -18,6 +18,7 @@ from cxrvit.data.images import ImageReadError
 from cxrvit.inference import prelim_report
 from cxrvit.inference.findings import explain_findings, labels_to_explain
 from cxrvit.inference.predict import load_for_model, score_batch
+from cxrvit.inference.qc import dicom_summary
 from cxrvit.serve.uploads import UploadError, memory_path
 
 #: Side of the picture sent to the page (the maps are at the model's input size and stretched over it).
@@ -51,8 +52,6 @@ class Settings:
 
 
 def _header_summary(path, show_identifiers: bool) -> dict | None:
-    from cxrvit.inference.commands import dicom_summary
-
     info = dicom_summary(path, decode=False)  # pixels are decoded once, by load_for_model
     for key in ("path", "qc", "decode_error"):
         info.pop(key, None)

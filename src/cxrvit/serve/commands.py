@@ -32,6 +32,8 @@ def run_serve(args: argparse.Namespace) -> int:
     if not args.model:
         print(NO_MODEL, file=sys.stderr)
         return 2
+    # In the handler: fastapi/uvicorn (and torch behind the bundle) stay out of `cxrvit --help`, and a
+    # broken web install is reported here, as an error naming what to reinstall.
     try:
         import uvicorn
 
@@ -41,7 +43,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"error: cxrvit serve needs fastapi, uvicorn and python-multipart ({exc}); "
               "reinstall cxrvit (pip install -e .)", file=sys.stderr)
         return 2
-    from cxrvit.inference.bundle import load_bundle
+    from cxrvit.inference.bundle import load_bundle  # in the handler: torch stays out of `cxrvit --help`
 
     try:
         bundle = load_bundle(args.model, device=args.device)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,13 +15,27 @@ from cxrvit.cli import main
 from cxrvit.data.preprocess import Preprocessing
 import cxrvit.inference.bundle as bundle_module
 from cxrvit.inference.bundle import load_bundle, save_bundle
+from cxrvit.inference.export import select_labels
 from cxrvit.labels import DEFAULT_LABELS
 from cxrvit.model.checkpoints import load_backbone, read_export_metadata
-from cxrvit.model.export import select_labels
 from cxrvit.model.vit import VisionTransformer, vit_small
-from dino_reference import dino_vit_small
+
+# DINO's own ViT, kept beside the model tests that also check against it.
+_spec = importlib.util.spec_from_file_location("dino_reference", Path(__file__).resolve().parents[1] / "model/dino_reference.py")
+_dino_reference = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_dino_reference)
+dino_vit_small = _dino_reference.dino_vit_small
 
 CHOSEN = ["Atelectasis", "Effusion", "Mass/Nodule"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One OpenMP thread for this module's ViT-S passes, as tests/model/conftest.py sets (it says why)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def make_bundle(directory, model, size):
