@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from cxrvit.allocator import keep_freed_memory
 from cxrvit.data.cache import CXRCache
 from cxrvit.model.vit import build_model
-from cxrvit.training import distributed as dist_
+from cxrvit.engine import distributed as dist_
+from cxrvit.engine.optim import param_groups
 from cxrvit.training.commands import choose_rows
 from cxrvit.training.config import load_recipe
 from cxrvit.runtime import autocast_dtype, resolve_device
@@ -41,7 +42,7 @@ from cxrvit.training.engine import Trainer
 
 def bare_step_fn(arch: str, size: int, batch: int, k: int, amp: torch.dtype | None, device: torch.device):
     model = build_model(arch, num_classes=k).to(device).train()
-    opt = torch.optim.AdamW(model.param_groups_layer_decay(0.05, 1.0), lr=1e-4, fused=True)
+    opt = torch.optim.AdamW(param_groups(model, 0.05, 1.0), lr=1e-4, fused=True)
     x = torch.randn(batch, 3, size, size, device=device)
     y = (torch.rand(batch, k, device=device) < 0.1).float()
 

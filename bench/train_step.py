@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from cxrvit.allocator import keep_freed_memory
 from cxrvit.model.vit import set_attention, vit_small
 from cxrvit.ssl.config import load_pretrain_recipe
-from cxrvit.ssl.pretrain import build_method, param_groups
+from cxrvit.engine.optim import param_groups
+from cxrvit.ssl.pretrain import build_method
 
 
 def _bench_model():
@@ -86,7 +87,7 @@ def mae_step(size: int, batch: int, mask: float, fused: bool, attention: str = "
     torch.manual_seed(0)
     cfg = load_pretrain_recipe(recipe, [f"mae.size={size}", f"mae.mask_ratio={mask}"])
     method = set_attention(build_method(cfg), attention).train()
-    opt = torch.optim.AdamW(param_groups(method.trainable_modules()), lr=1e-5, fused=fused)
+    opt = torch.optim.AdamW(param_groups(method, weight_decay=0.01), lr=1e-5, fused=fused)
     x = torch.rand(batch, 1, size, size)  # grey images in [0, 1], as the pre-training loader yields them
 
     def step():

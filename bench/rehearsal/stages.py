@@ -41,7 +41,7 @@ def stage_split(cache, args) -> dict:
 
     from cxrvit.data import splits
     from cxrvit.experiments.plan import arm_config, load_plan
-    from cxrvit.training import distributed as dist_
+    from cxrvit.engine import distributed as dist_
     from cxrvit.training.engine import Trainer
 
     t0 = time.perf_counter()

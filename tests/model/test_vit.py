@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from cxrvit.data.preprocess import Preprocessing
-from cxrvit.model.vit import (VisionTransformer, drop_path, fold_patch_embed_to_grey, resample_pos_embed,
-                              sincos_pos_embed, vit_small)
+from cxrvit.model.vit import (VisionTransformer, drop_path, fold_patch_embed_to_grey, layer_id_for,
+                              resample_pos_embed, sincos_pos_embed, vit_small)
 from dino_reference import dino_vit_small
 
 
@@ -122,19 +122,12 @@ def test_intermediate_layers_and_forward_api():
     torch.testing.assert_close(logits, model.head(feats[:, 0]))
 
 
-def test_no_weight_decay_and_layer_decay_groups():
+def test_no_weight_decay_and_layer_ids():
+    # the parameter groups built from these are tested in tests/engine/test_optim.py
     model = small(depth=3, num_classes=2)
     assert model.no_weight_decay() == {"pos_embed", "cls_token"}
-    groups = model.param_groups_layer_decay(weight_decay=0.05, layer_decay=0.5)
-    names = [n for g in groups for n in g["param_names"]]
-    assert sorted(names) == sorted(n for n, _ in model.named_parameters())  # each parameter exactly once
-    scale = {n: g["lr_scale"] for g in groups for n in g["param_names"]}
-    decay = {n: g["weight_decay"] for g in groups for n in g["param_names"]}
-    assert scale["pos_embed"] == scale["patch_embed.proj.weight"] == 0.5 ** 4
-    assert scale["blocks.0.attn.qkv.weight"] == 0.5 ** 3 and scale["blocks.2.mlp.fc1.weight"] == 0.5
-    assert scale["head.weight"] == scale["norm.weight"] == 1.0
-    assert decay["blocks.0.attn.qkv.weight"] == 0.05 and decay["head.weight"] == 0.05
-    assert decay["blocks.0.attn.qkv.bias"] == decay["norm.weight"] == decay["pos_embed"] == decay["cls_token"] == 0.0
+    assert [layer_id_for(n, 3) for n in ("cls_token", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight",
+                                         "blocks.2.mlp.fc1.weight", "norm.weight", "head.weight")] == [0, 0, 1, 3, 4, 4]
 
 
 def test_drop_path_and_dropout():

@@ -1,4 +1,4 @@
-"""The engine: resume after a crash equals an uninterrupted run; export; logs; mixed caches."""
+"""Pre-training on the shared engine: resume after a crash equals an uninterrupted run; export; logs; mixed caches."""
 import json
 
 import numpy as np
@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from cxrvit.model.vit import vit_tiny
-from cxrvit.ssl.pretrain import UnlabelledImages, load_checkpoint, pretrain
+from cxrvit.engine.checkpoint import load_checkpoint
+from cxrvit.ssl.pretrain import UnlabelledImages, pretrain
 from conftest import ArrayCache, tiny_config
 
 
@@ -25,18 +26,24 @@ def test_resume_after_crash_equals_uninterrupted_run(method, tiny_cache, tmp_pat
             raise Killed
     with pytest.raises(Killed):
         pretrain(cfg, [tiny_cache], tmp_path / "crashed", on_step=crash, quiet=True)
-    assert load_checkpoint(tmp_path / "crashed" / "checkpoint.pt")["step"] == 4
-    resumed = pretrain(cfg, [tiny_cache], tmp_path / "crashed", quiet=True)
+    assert load_checkpoint(tmp_path / "crashed" / "last.pt")["step"] == 4
+    resumed = pretrain(cfg, [tiny_cache], tmp_path / "crashed", resume=True, quiet=True)
     assert resumed.steps == full.steps == 6
 
-    a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
-    b = load_checkpoint(tmp_path / "crashed" / "checkpoint.pt")
+    a = load_checkpoint(tmp_path / "full" / "last.pt")
+    b = load_checkpoint(tmp_path / "crashed" / "last.pt")
     assert a["method"].keys() == b["method"].keys()
     for k in a["method"]:   # student, EMA teacher, DINO centre: bit-identical
         assert torch.equal(a["method"][k], b["method"][k]), k
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
     assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
-    assert load_file(str(full.backbone)).keys() == load_file(str(resumed.backbone)).keys()
+    assert torch.equal(a["rng"]["generators"]["views"], b["rng"]["generators"]["views"])  # the next views too
+    full_w, resumed_w = load_file(str(full.backbone)), load_file(str(resumed.backbone))
+    assert full_w.keys() == resumed_w.keys() and all(torch.equal(full_w[k], resumed_w[k]) for k in full_w)
+    # the log reads like one run: every step once
+    steps = [json.loads(l)["step"] for l in (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(l)["kind"] == "train"]
+    assert steps == list(range(1, 7))
 
 
 def test_export_is_a_strict_dino_layout_backbone(tiny_cache, tmp_path):
@@ -63,7 +70,7 @@ def test_export_loads_with_load_backbone(tiny_cache, tmp_path):
 def test_log_records_loss_and_collapse_monitors(tiny_cache, tmp_path):
     cfg = tiny_config("dino", schedule={"epochs": 1, "batch_size": 16})
     pretrain(cfg, [tiny_cache], tmp_path / "run", quiet=True)
-    lines = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in lines if r["kind"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3]
     for r in train:

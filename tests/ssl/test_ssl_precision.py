@@ -34,7 +34,7 @@ def test_pretrain_runs_and_exports_at_each_precision(method, precision, resolved
     assert res.steps == 3
     summary = json.loads((tmp_path / "run" / "pretrain.json").read_text())
     assert summary["precision"] == resolved
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
               if json.loads(line)["kind"] == "train"]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
     state = load_file(str(res.backbone))

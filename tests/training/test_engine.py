@@ -93,7 +93,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
 
 
 def test_init_loads_a_backbone_and_keeps_a_fresh_head(tiny_run, tiny_cache, tmp_path):
-    from cxrvit.training import distributed
+    from cxrvit.engine import distributed
 
     cfg, tr, va, out = tiny_run
     trained = load_file(str(out / "model.safetensors"))  # a cxrvit bundle is a valid --init source

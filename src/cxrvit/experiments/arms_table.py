@@ -17,7 +17,7 @@ from cxrvit.evaluation.evaluate import EvalResult, score_predictions
 from cxrvit.experiments.crossval import FoldPredictions, pool
 from cxrvit.experiments.plan import arm_dir, scaling_key
 from cxrvit.labels import SCORED_TARGETS
-from cxrvit.training.runlog import METRICS, read_metrics
+from cxrvit.engine.runlog import METRICS, read_metrics
 
 PROBE_KEYS = ("knn_cls_auroc", "knn_mean_auroc", "linear_cls_auroc", "linear_mean_auroc")
 

@@ -9,8 +9,8 @@ Additions over DINO, none of which changes the state_dict:
 - attention runs through ``F.scaled_dot_product_attention`` (fused kernels) or the explicit
   softmax, chosen per device and dtype (``attention="auto"``, see :func:`cxrvit.runtime.attention_path`)
   or forced (``"sdpa"`` / ``"explicit"``); attention probabilities always come from the explicit path;
-- timm's model API: ``forward_features`` / ``forward_head``, ``no_weight_decay``, and
-  ``param_groups_layer_decay`` for layer-wise learning-rate decay;
+- timm's model API: ``forward_features`` / ``forward_head``, ``no_weight_decay``, and ``layer_id_for``
+  (the layer of a parameter, for layer-wise learning-rate decay: ``cxrvit.engine.optim.param_groups``);
 - grey inputs: a ``[B, 1, H, W]`` image is repeated to 3 channels (see ``fold_patch_embed_to_grey``
   for why that is exact and for the one-channel equivalent);
 - ``pos_embed="sincos"`` starts the position embedding from MAE's fixed 2-D sine-cosine table instead of
@@ -252,29 +252,6 @@ class VisionTransformer(nn.Module):
     # -- optimiser helpers ---------------------------------------------------------------------
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
-
-    def param_groups_layer_decay(self, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
-        """AdamW groups with layer-wise LR decay: layer ``i`` of ``L + 1`` gets ``decay**(L + 1 - i)``.
-
-        Layer 0 is the embedding (patch, CLS, positions), layers 1..L the blocks, L + 1 the final norm
-        and head. Biases, norms and embeddings get no weight decay. ``lr_scale`` is read by the
-        training loop, which multiplies the scheduled learning rate by it.
-        """
-        num_layers = len(self.blocks) + 1
-        skip = self.no_weight_decay()
-        groups: dict[tuple[int, bool], dict] = {}
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            layer = layer_id_for(name, len(self.blocks))
-            no_decay = p.ndim == 1 or name in skip
-            key = (layer, no_decay)
-            if key not in groups:
-                groups[key] = {"params": [], "param_names": [], "weight_decay": 0.0 if no_decay else weight_decay,
-                               "lr_scale": layer_decay ** (num_layers - layer)}
-            groups[key]["params"].append(p)
-            groups[key]["param_names"].append(name)
-        return [groups[k] for k in sorted(groups)]
 
 
 def set_attention(module: nn.Module, path: str) -> nn.Module:

@@ -13,11 +13,11 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "pretrain", help="self-supervised pre-training of the ViT-S/16 (dino, mae, ijepa)",
         description="Pre-train on the images of one or more prepared caches (labels ignored) and export "
-                    "RUN/backbone.safetensors for `cxrvit train --init`. Reruns resume from RUN/checkpoint.pt. "
+                    "RUN/backbone.safetensors for `cxrvit train --init`. --resume continues RUN from RUN/last.pt. "
                     "Under torchrun it runs DDP.")
     p.add_argument("--method", required=True, choices=("dino", "mae", "ijepa"))
     p.add_argument("--data", required=True, nargs="+", metavar="CACHE", help="prepared caches (any mix, any sizes)")
-    p.add_argument("--out", required=True, metavar="RUN", help="run folder: checkpoint, log.jsonl, backbone")
+    p.add_argument("--out", required=True, metavar="RUN", help="run folder: last.pt, metrics.jsonl, backbone")
     p.add_argument("--recipe", default=None,
                    help="shipped recipe (dino, mae, ijepa) or a YAML file; default: the method's")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -27,7 +27,12 @@ def register(subparsers) -> None:
     p.add_argument("--no-probe", action="store_true", help="no k-NN / linear-probe monitoring")
     p.add_argument("--include-test", action="store_true",
                    help="also pre-train on images NIH's official split puts in test (off: they stay unseen)")
-    p.add_argument("--no-resume", action="store_true", help="start over even if RUN/checkpoint.pt exists")
+    # The engine's one resume rule (cxrvit.engine.checkpoint.open_run), as `cxrvit train`'s: off by default.
+    p.add_argument("--resume", action="store_true",
+                   help="continue RUN from RUN/last.pt (same config up to device, logging, max_steps, probes); "
+                        "without it a RUN that holds last.pt is refused")
+    p.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="the default: start fresh (a RUN that already holds last.pt is refused, never overwritten)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: engine.device)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run_pretrain)
@@ -80,9 +85,9 @@ def run_pretrain(args: argparse.Namespace) -> int:
             train_rows, val_rows = probe_rows(probe_cache, cfg.engine.seed)
             probe = ProbeSet(probe_cache, np.asarray(train_rows), np.asarray(val_rows))
     try:
-        result = pretrain(cfg, caches, Path(args.out), rows=rows, probe=probe, resume=not args.no_resume,
+        result = pretrain(cfg, caches, Path(args.out), rows=rows, probe=probe, resume=args.resume,
                           quiet=args.quiet)
-    except (ValueError, FloatingPointError) as exc:
+    except (ValueError, FileExistsError, FloatingPointError) as exc:
         print(f"cxrvit pretrain: {exc}", file=sys.stderr)
         return 1
     if not args.quiet:

@@ -76,22 +76,6 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     torch._foreach_add_(teach, stud, alpha=1.0 - momentum)
 
 
-def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0,
-                    warmup_start: float = 0.0):
-    """DINO's schedule as a function of the step: linear warmup, then a half cosine to ``final``."""
-    total_steps = max(total_steps, 1)
-    warmup_steps = min(warmup_steps, total_steps)
-
-    def value(step: int) -> float:
-        if step < warmup_steps:
-            return warmup_start + (base - warmup_start) * step / warmup_steps
-        span = max(total_steps - warmup_steps, 1)
-        t = min(step - warmup_steps, span) / span
-        return final + 0.5 * (base - final) * (1 + math.cos(math.pi * t))
-
-    return value
-
-
 def backbone_state(vit: VisionTransformer) -> dict[str, torch.Tensor]:
     """The DINO-layout backbone tensors (150 for a 12-block ViT; a headless model has no head keys)."""
     return {k: v.detach().float().contiguous().cpu() for k, v in vit.state_dict().items()

@@ -1,13 +1,15 @@
-"""The pre-training engine shared by DINO, MAE and I-JEPA.
+"""Pre-training (DINO, MAE, I-JEPA) on the shared engine core (:mod:`cxrvit.engine`).
 
-One loop, the same guarantees as supervised training: bf16 autocast, AdamW with cosine lr / weight
-decay / EMA-momentum schedules, atomic checkpoints every ``checkpoint_every`` steps and at each
-epoch end, exact resume after a SIGKILL, torchrun/DDP, a progress line and ``log.jsonl``.
+Device and DDP, precision and autocast, AdamW groups, the warm-up + cosine schedule, the optimizer
+step, ``last.pt`` checkpoints (every ``checkpoint_every`` steps and at each epoch end), the resume
+rule and ``metrics.jsonl`` are the engine's, the same as supervised training's. What is this loop's
+own: the unlabelled images of several caches, the method (its views, loss and teacher), the weight-
+decay and teacher-momentum schedules, the k-NN / linear probes, and the exported backbone.
 
-Why a resume is exact: the data order is a function of (seed, epoch), and every random draw of a
-step (crops, masks, stochastic depth) comes from generators seeded with (seed, step, rank). So
-nothing random has to be checkpointed: the method's state (incl. EMA teacher and DINO's centre),
-the optimizer and the step number are the whole state.
+Why a resume is exact: the data order is a function of (seed, epoch); every random draw of a step
+comes from generators saved in the checkpoint for every rank: torch's (stochastic depth) and the
+``views`` generator (crops, jitter, masks). The method's state (incl. EMA teacher and DINO's centre),
+the optimizer and the step are the rest.
 """
 from __future__ import annotations
 
@@ -22,23 +24,26 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from cxrvit.data.preprocess import Preprocessing
-from cxrvit.runtime import autocast_dtype, inference_precision, resolve_device
+from cxrvit.engine import distributed as dist_
+from cxrvit.engine.core import Engine, NonFiniteLossError
+from cxrvit.engine.optim import apply_schedule, param_groups, warmup_cosine
+from cxrvit.model.vit import set_attention
+from cxrvit.runtime import inference_precision
 from cxrvit.ssl.config import PretrainConfig, config_to_dict, save_config
 from cxrvit.ssl.dino import DINO
-from cxrvit.model.vit import set_attention
-from cxrvit.ssl.encoder import BACKBONE_FILE, build_encoder, cosine_schedule, export_backbone
+from cxrvit.ssl.encoder import BACKBONE_FILE, build_encoder, export_backbone
 from cxrvit.ssl.ijepa import IJEPA
 from cxrvit.ssl.mae import MAE
 from cxrvit.ssl.probe import ProbeSet, run_probes
 from cxrvit.ssl.views import to_unit
-from cxrvit.training.checkpointing import atomic_torch_save, load_checkpoint
 
-CHECKPOINT_FILE = "checkpoint.pt"
-LOG_FILE = "log.jsonl"
+#: Config keys a resume may change: where and how often it runs, how far it goes (the schedules span
+#: all ``schedule.epochs`` whatever ``max_steps`` says), and the monitoring; nothing that is computed.
+RESUMABLE_CHANGES = ("name", "engine.device", "engine.log_every", "engine.checkpoint_every",
+                     "schedule.max_steps", "probe")
 
 
 def build_method(cfg: PretrainConfig) -> nn.Module:
@@ -102,19 +107,6 @@ class UnlabelledImages:
         return out
 
 
-# -- helpers --------------------------------------------------------------------------------------
-
-def param_groups(modules: list[nn.Module]) -> list[dict]:
-    """AdamW groups: no weight decay on biases, norms and 1-d parameters (DINO's rule)."""
-    decay, no_decay = [], []
-    for m in modules:
-        for name, p in m.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "apply_wd": True}, {"params": no_decay, "weight_decay": 0.0, "apply_wd": False}]
-
-
 @dataclass
 class PretrainResult:
     out_dir: Path
@@ -127,19 +119,25 @@ class PretrainResult:
 
 def pretrain(cfg: PretrainConfig, caches: Sequence, out_dir: os.PathLike | str, *,
              rows: Sequence[np.ndarray | None] | None = None, probe: ProbeSet | None = None,
-             resume: bool = True, on_step: Callable[[int], None] | None = None,
+             resume: bool = False, on_step: Callable[[int], None] | None = None,
              quiet: bool = False) -> PretrainResult:
-    """Pre-train ``cfg.method`` on the images of ``caches`` and export ``out_dir/backbone.safetensors``."""
-    out = Path(out_dir)
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    device = resolve_device(cfg.engine.device, int(os.environ.get("LOCAL_RANK", "0")))
-    if distributed and device.type == "cuda":
-        torch.cuda.set_device(device)
-    main = rank == 0
+    """Pre-train ``cfg.method`` on the images of ``caches`` and export ``out_dir/backbone.safetensors``.
+
+    ``resume``: the engine's one rule (:func:`cxrvit.engine.checkpoint.open_run`): off, a folder holding
+    ``last.pt`` is refused; on, the run continues from it (config equal up to :data:`RESUMABLE_CHANGES`)
+    or starts fresh without one.
+    """
+    ctx = dist_.setup(cfg.engine.device)
+    try:
+        return _pretrain(cfg, caches, Path(out_dir), ctx, rows, probe, resume, on_step, quiet)
+    finally:
+        dist_.cleanup(ctx)
+
+
+def _pretrain(cfg, caches, out: Path, ctx: dist_.DistContext, rows, probe, resume, on_step, quiet) -> PretrainResult:
+    device, main = ctx.device, ctx.is_main
     say = (lambda *a: None) if quiet or not main else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    engine = Engine(out, ctx, cfg.engine.precision, cfg.engine.seed)
 
     data = UnlabelledImages(caches, rows, seed=cfg.engine.seed)
     bs = cfg.schedule.batch_size
@@ -150,43 +148,37 @@ def pretrain(cfg: PretrainConfig, caches: Sequence, out_dir: os.PathLike | str, 
     last = min(total, cfg.schedule.max_steps) if cfg.schedule.max_steps > 0 else total
     source_size = cfg.engine.source_size or cfg.view_size
 
-    torch.manual_seed(cfg.engine.seed)  # identical initial weights on every rank and every fresh start
+    state = engine.open(resume, config_to_dict(cfg), free=RESUMABLE_CHANGES)  # + identical init on every rank
     method = build_method(cfg).to(device)
-    groups = param_groups(method.trainable_modules())
-    lr_base = cfg.optim.lr * bs / 256
-    # Fused AdamW: one pass over each parameter instead of ~10 element-wise kernels; the per-parameter
-    # loop took a third of an MAE step's CPU time at 128 px (profile in docs/history/benchmarks.md, issue 13).
-    opt = torch.optim.AdamW(groups, lr=lr_base, betas=tuple(cfg.optim.betas), fused=device.type in ("cpu", "cuda"))
-    lr_at = cosine_schedule(lr_base, cfg.optim.min_lr, total, int(cfg.optim.warmup_epochs * spe))
-    wd_at = cosine_schedule(cfg.optim.weight_decay, cfg.optim.weight_decay_end, total)
-    mom_at = cosine_schedule(method.momentum_base, 1.0, total) if method.momentum_base is not None else None
+    lr_base = cfg.optim.lr * bs / 256   # DINO's / MAE's rule: the recipe's lr is for a batch of 256
+    engine.build_optimizer(param_groups(method, cfg.optim.weight_decay), lr_base, cfg.optim.betas)
+    params = [p for g in engine.optimizer.param_groups for p in g["params"]]
+    warmup = int(cfg.optim.warmup_epochs * spe)
+    lr_at = lambda s: warmup_cosine(s, total, warmup, lr_base, cfg.optim.min_lr)  # noqa: E731
+    wd_at = lambda s: warmup_cosine(s, total, 0, cfg.optim.weight_decay, cfg.optim.weight_decay_end)  # noqa: E731
+    mom_at = None
+    if method.momentum_base is not None:   # the teacher's EMA momentum: cosine to 1 (DINO, I-JEPA)
+        mom_at = lambda s: warmup_cosine(s, total, 0, method.momentum_base, 1.0)  # noqa: E731
+    views = {"views": torch.Generator()}   # crops, jitter, masks: one per rank, in every checkpoint
 
     step, history = 0, []
-    ckpt_path = out / CHECKPOINT_FILE
-    if resume and ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path)
-        if state["config"]["method"] != cfg.method:
-            raise ValueError(f"{ckpt_path}: checkpoint is a {state['config']['method']} run, not {cfg.method}; "
-                             "use another --out or --no-resume")
+    if state is not None:
         method.load_state_dict(state["method"])
-        opt.load_state_dict(state["optimizer"])
-        step, history = int(state["step"]), list(state.get("probes", []))
-        say(f"resumed {ckpt_path} at step {step}/{last}")
+        step, history = int(state["step"]), list(state["probes"])
+        say(f"resumed {engine.last} at step {step}/{last}")
+    engine.start(state, views)
+    # Decided from the checkpoint, which every rank read, so every rank agrees (save() is collective).
+    final_probe_done = bool(history) and history[-1]["step"] == last
     if main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-    # The engine's rule (cxrvit.runtime): auto is bf16 where it is native. An fp16-only GPU trains in fp32
-    # here: these losses have no gradient scaler.
-    bf16 = autocast_dtype(cfg.engine.precision, device) == torch.bfloat16
-    model = method
-    if distributed:
-        model = nn.parallel.DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None,
-                                                    broadcast_buffers=False)
+    log = engine.open_log(state, step)
+    # DINO all-reduces its centre itself; DDP must not overwrite it with rank 0's before each forward.
+    net = engine.wrap(method, broadcast_buffers=False)
 
     def checkpoint() -> None:
-        if main:
-            atomic_torch_save({"method": method.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                                        "config": config_to_dict(cfg), "probes": history}, ckpt_path)
+        engine.save({"format": "cxrvit-pretrain-checkpoint/1", "config": config_to_dict(cfg),
+                     "method": method.state_dict(), "step": step, "probes": history}, views)
 
     def probe_now(epoch: int) -> None:
         if probe is None or not main:
@@ -197,7 +189,7 @@ def pretrain(cfg: PretrainConfig, caches: Sequence, out_dir: os.PathLike | str, 
                          bf16=inference_precision(device) == "bf16")  # a scoring pass: fp32
         rec = {"step": step, "epoch": epoch, "probe_seconds": round(time.time() - t, 1), **res}
         history.append(rec)
-        append_log(out / LOG_FILE, {"kind": "probe", **rec})
+        log.write({"kind": "probe", **rec})
         say(f"probe @ epoch {epoch}: knn AUROC {res['knn_cls_auroc']:.3f} (cls) {res['knn_mean_auroc']:.3f} (mean), "
             f"linear {res['linear_cls_auroc']:.3f} (cls) {res['linear_mean_auroc']:.3f} (mean)")
 
@@ -207,38 +199,29 @@ def pretrain(cfg: PretrainConfig, caches: Sequence, out_dir: os.PathLike | str, 
     t0, seen = time.time(), 0
     while step < last:
         epoch, index = divmod(step, spe)
-        x = data.batch(epoch, index, bs, source_size, rank, world, device)
-        seed = (cfg.engine.seed * 1_000_003 + step) * 64 + rank
-        torch.manual_seed(seed)                       # stochastic depth
-        gen = torch.Generator().manual_seed(seed)     # crops, jitter, masks
-        inputs = method.make_inputs(x, gen)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-            if g["apply_wd"]:
-                g["weight_decay"] = wd_at(step)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss, metrics = model(*inputs, **method.step_kwargs(step / spe))
+        x = data.batch(epoch, index, bs, source_size, ctx.rank, ctx.world_size, device)
+        inputs = method.make_inputs(x, views["views"])
+        apply_schedule(engine.optimizer, lr_at(step), wd_at(step))
+        with engine.autocast():
+            loss, metrics = net(*inputs, **method.step_kwargs(step / spe))
         loss_value = loss.item()
         if not math.isfinite(loss_value):
-            raise FloatingPointError(f"{cfg.method} loss is {loss_value} at step {step}; "
-                                     "lower optim.lr or raise optim.warmup_epochs (last good checkpoint kept)")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+            raise NonFiniteLossError(f"{cfg.method} loss is {loss_value} at step {step}; lower optim.lr or raise "
+                                     f"optim.warmup_epochs (last good checkpoint kept: {engine.last})")
+        engine.backward(loss)
         method.after_backward(step / spe)
-        grad_norm = nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]],
-                                             cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else float("inf"))
-        opt.step()
+        grad_norm = engine.step(params, cfg.optim.clip_grad, measure=True)
         if mom_at is not None:
             method.after_step(mom_at(step))
         step += 1
-        seen += len(x) * world
+        seen += len(x) * ctx.world_size
         if main and (step % cfg.engine.log_every == 0 or step == last):
             rate = seen / max(time.time() - t0, 1e-9)
             rec = {"kind": "train", "step": step, "epoch": round(step / spe, 3), "loss": loss_value,
-                   "lr": lr_at(step - 1), "grad_norm": float(grad_norm), "images_per_s": round(rate, 2), **metrics}
+                   "lr": lr_at(step - 1), "grad_norm": grad_norm, "images_per_s": round(rate, 2), **metrics}
             if mom_at is not None:
                 rec["momentum"] = mom_at(step - 1)
-            append_log(out / LOG_FILE, rec)
+            log.write(rec)
             extra = " ".join(f"{k} {v:.3g}" for k, v in metrics.items() if isinstance(v, float))
             say(f"[{cfg.method}] step {step}/{last} epoch {step / spe:.2f} loss {loss_value:.4f} "
                 f"lr {lr_at(step - 1):.2e} {extra} {rate:.1f} img/s")
@@ -249,22 +232,17 @@ def pretrain(cfg: PretrainConfig, caches: Sequence, out_dir: os.PathLike | str, 
             checkpoint()
         if on_step is not None:
             on_step(step)
-    if probe is not None and (not history or history[-1]["step"] != step):
+    if probe is not None and not final_probe_done:   # in-loop probes stop short of the last step
         probe_now(step // spe)
         checkpoint()
+    log.close()
     backbone = out / BACKBONE_FILE
     if main:
         export_backbone(method.export_encoder(), backbone, arch=cfg.model.arch, method=cfg.method,
                         cls_token=method.cls_token_note, extra={"steps": step, "images": len(data)})
         (out / "pretrain.json").write_text(json.dumps({
             "method": cfg.method, "steps": step, "images": len(data), "backbone": BACKBONE_FILE,
-            "precision": "bf16" if bf16 else "fp32", "device": str(device),
+            "precision": engine.precision, "device": str(device),
             "cls_token": method.cls_token_note, "probes": history}, indent=2))
-    if distributed:
-        dist.barrier()
+    dist_.barrier(ctx)
     return PretrainResult(out, backbone, step, history)
-
-
-def append_log(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")

@@ -1,10 +1,13 @@
 """The supervised training loop: ``train(cfg, cache, train_rows, val_rows, out_dir) -> out_dir``.
 
 One optimizer step = one global batch (``schedule.batch_size`` images over all ranks and all
-accumulation micro-batches). Everything that decides the next step lives in the checkpoint:
-weights, optimizer, EMA, the step/epoch/batch counters, and every RNG (python, numpy, torch,
-the augmentation generator); the data order is a function of (seed, epoch), so a resumed run
-continues with exactly the batches, augmentations and updates of an uninterrupted one.
+accumulation micro-batches). Device, DDP, precision, optimizer step, schedule, checkpoints and the
+log are the shared engine's (:mod:`cxrvit.engine`); what is this loop's own is the data, the
+augmentation, the loss, the EMA, validation and the bundle. Everything that decides the next step
+lives in the checkpoint (``last.pt``): weights, optimizer, EMA, the step/epoch/batch counters, and
+every RNG (python, numpy, torch, each rank's; the augmentation generator); the data order is a
+function of (seed, epoch), so a resumed run continues with exactly the batches, augmentations and
+updates of an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -24,25 +27,25 @@ from torch import nn
 
 from cxrvit.data.loader import BatchLoader
 from cxrvit.data.preprocess import Preprocessing
+from cxrvit.engine import distributed as dist_
+from cxrvit.engine.core import Engine, NonFiniteLossError
+from cxrvit.engine.optim import apply_schedule, param_groups, warmup_cosine
+from cxrvit.engine.runlog import read_metrics
 from cxrvit.evaluation.metrics import tune_thresholds
 from cxrvit.fileio import atomic_write, json_safe
 from cxrvit.inference.bundle import save_bundle
+from cxrvit.model.checkpoints import load_backbone
 from cxrvit.model.vit import build_model
-from cxrvit.runtime import PRECISION_NAMES, autocast_dtype
-from cxrvit.training import checkpointing as ckpt
-from cxrvit.training import distributed as dist_
 from cxrvit.training.augment import BatchAugment
-from cxrvit.training.config import TrainConfig, config_from_dict, config_to_dict, save_config
+from cxrvit.training.config import TrainConfig, config_to_dict, save_config
+from cxrvit.training.curves import CURVES, plot_learning_curves
 from cxrvit.training.ema import ModelEMA
+from cxrvit.training.linear_probe import fit_linear_probe
 from cxrvit.training.losses import build_loss
-from cxrvit.training.runlog import CURVES, RunLog, plot_learning_curves, read_metrics
 from cxrvit.training.validation import predict, selection_score
 
 BEST = "best.safetensors"
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf; the message names the step and the last good checkpoint."""
+__all__ = ["BEST", "NonFiniteLossError", "Progress", "Trainer", "train"]  # NonFiniteLossError: the engine's
 
 
 @dataclass
@@ -64,21 +67,16 @@ class Progress:
                    int(d["best_epoch"]), json.loads(d["history"]))
 
 
-def lr_at(step: int, total: int, warmup: int, base: float, minimum: float) -> float:
-    """Linear warmup to ``base``, then half-cosine to ``minimum`` at ``total`` steps."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return minimum + 0.5 * (base - minimum) * (1 + math.cos(math.pi * min(t, 1.0)))
-
-
 def train(cfg: TrainConfig, cache, train_rows, val_rows, out_dir, init=None, device=None,
           resume: bool = False, progress: bool = True) -> Path:
-    """Train, validate every epoch, keep the best-on-validation weights, write the bundle to ``out_dir``."""
+    """Train, validate every epoch, keep the best-on-validation weights, write the bundle to ``out_dir``.
+
+    ``resume``: the engine's one rule (:func:`cxrvit.engine.checkpoint.open_run`): off, a folder holding
+    ``last.pt`` is refused; on, the run continues from it (same config) or starts fresh without one.
+    """
     cfg.validate()
     start_from = None
     if cfg.strategy in ("linear_probe", "lp_ft"):
-        from cxrvit.training.linear_probe import fit_linear_probe
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # Every rank would fit (and write) the same probe: one process does it in seconds anyway.
             raise ValueError(f"strategy={cfg.strategy} fits its probe in one process; run it without torchrun")
@@ -108,24 +106,8 @@ class Trainer:
             raise ValueError(f"need training and validation rows, got {len(train_rows)} and {len(val_rows)}")
         self.labels = list(cfg.data.labels)
         self.scored = cfg.scored_labels
-        last = out / ckpt.LAST
-        if not resume and last.exists():
-            raise FileExistsError(f"{out} already holds a run ({ckpt.LAST}); pass resume=True (--resume) "
-                                  f"to continue it, or choose a new output folder")
-        state = ckpt.load_checkpoint(last) if resume and last.exists() else None
-        if state is not None:
-            saved = config_from_dict(state["config"], source=str(last))
-            if config_to_dict(saved) != config_to_dict(cfg):
-                raise ValueError(f"{last}: the run was started with a different config; resume with "
-                                 f"the config in {out / 'config.yaml'}")
-
-        torch.manual_seed(cfg.engine.seed)
-        if cfg.engine.deterministic and self.device.type == "cuda":
-            # CPU kernels are deterministic already. On CUDA, pick deterministic kernels but do not let
-            # torch fill every new tensor with NaN (its default in this mode): that costs real time.
-            torch.backends.cudnn.benchmark = False
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.utils.deterministic.fill_uninitialized_memory = False
+        self.engine = Engine(out, ctx, cfg.engine.precision, cfg.engine.seed, cfg.engine.deterministic)
+        state = self.engine.open(resume, config_to_dict(cfg))
 
         # -- data -------------------------------------------------------------------------------
         self.val_rows = val_rows
@@ -149,72 +131,44 @@ class Trainer:
                             attention=cfg.model.attention, pos_embed=cfg.model.pos_embed)
         self.init_report = None
         if init is not None and state is None:
-            from cxrvit.model.checkpoints import load_backbone
             _, self.init_report = load_backbone(init, model)
         if start_from is not None and state is None:
             model.load_state_dict(load_file(str(start_from)))   # the probe: same backbone, fitted head
         self.model = model.to(self.device)
         self.prep = Preprocessing(size=cfg.model.img_size)
-        self.amp = autocast_dtype(cfg.engine.precision, self.device)
         # Layer-wise decay assumes pre-trained early blocks worth protecting. From random init it would
         # all but freeze them (0.75**12 = 3% of the lr for block 1), so it applies only with --init.
         self.layer_decay = cfg.optim.layer_decay if init is not None else 1.0
-        groups = self.model.param_groups_layer_decay(cfg.optim.weight_decay, self.layer_decay)
-        fused = cfg.optim.fused and self.device.type in ("cpu", "cuda")
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), fused=fused)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
+        groups = param_groups(self.model, cfg.optim.weight_decay, self.layer_decay)
+        self.optimizer = self.engine.build_optimizer(groups, cfg.optim.lr, cfg.optim.betas, cfg.optim.fused)
         self.ema = ModelEMA(self.model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
         self.eval_model = copy.deepcopy(self.model) if self.ema else self.model
         self.loss_fn = build_loss(cfg.loss, targets[train_rows]).to(self.device)
         self.augment = BatchAugment(cfg.augment, cfg.model.img_size, seed=cfg.engine.seed + 1)
-        self.net: nn.Module = self.model
-        if ctx.distributed:
-            self.net = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if cfg.engine.compile:
-            self.net = torch.compile(self.net)
+        self.net: nn.Module = self.engine.wrap(self.model, compile=cfg.engine.compile)
 
         self.progress = Progress()
         if state is not None:
             self._load_state(state)
-        else:
-            ckpt.seed_everything(cfg.engine.seed + ctx.rank)  # drop-path masks differ between ranks
+        self.engine.start(state)  # optimizer + this rank's generators back, or seeded by (seed, rank)
         if ctx.is_main:
             out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, out / "config.yaml")
-        self.log = RunLog(out, enabled=ctx.is_main, resume_step=self.progress.step if state else None)
+        self.log = self.engine.open_log(state, self.progress.step)
 
-    # -- checkpoint state --------------------------------------------------------------------
-    def _state(self) -> dict:
-        return {
-            "format": "cxrvit-train-checkpoint/1",
-            "config": config_to_dict(self.cfg),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "ema": self.ema.state_dict() if self.ema else None,
-            "augment": self.augment.state_dict(),
-            "rng": ckpt.capture_rng(),
-            "progress": self.progress.to_dict(),
-        }
-
+    # -- checkpoint state (the engine adds optimizer, scaler and every rank's generators) ------
     def _load_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
         if self.ema:
             self.ema.load_state_dict(state["ema"])
+        # One generator for the global batch, identical on every rank: rank 0's copy is the state.
         self.augment.load_state_dict(state["augment"])
-        ckpt.restore_rng(ckpt.rng_for_rank(state, self.ctx.rank, self.ctx.world_size))
         self.progress = Progress.from_dict(state["progress"])
 
     def save_checkpoint(self) -> None:
-        # Every rank is at the same step; only rank 0 writes. The states are identical under DDP except
-        # the generators (drop-path masks differ per rank), so every rank's are gathered into the file.
-        rng_ranks = dist_.gather_to_main(self.ctx, ckpt.capture_rng())
-        if self.ctx.is_main:
-            ckpt.atomic_torch_save({**self._state(), "rng_ranks": rng_ranks}, self.out / ckpt.LAST)
-        dist_.barrier(self.ctx)
+        self.engine.save({"format": "cxrvit-train-checkpoint/1", "config": config_to_dict(self.cfg),
+                          "model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+                          "augment": self.augment.state_dict(), "progress": self.progress.to_dict()})
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> Path:
@@ -245,9 +199,8 @@ class Trainer:
 
     def train_step(self, batch) -> float:
         cfg, p = self.cfg, self.progress
-        lr = lr_at(p.step, self.total_steps, self.warmup_steps, cfg.optim.lr, cfg.optim.min_lr)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+        apply_schedule(self.optimizer, warmup_cosine(p.step, self.total_steps, self.warmup_steps, cfg.optim.lr,
+                                                     cfg.optim.min_lr))
         images = batch.images.to(self.device, non_blocking=True)
         targets = batch.targets.to(self.device, non_blocking=True)
         # Draw augmentation parameters for the whole global batch and keep this rank's share,
@@ -260,28 +213,23 @@ class Trainer:
         accum = cfg.schedule.grad_accum
         total = torch.zeros((), device=self.device)
         for i, (xs, ys) in enumerate(zip(x.chunk(accum), y.chunk(accum))):
-            sync = i == accum - 1 or not self.ctx.distributed
-            ctx = self.net.no_sync() if not sync else contextlib.nullcontext()
-            with ctx:
-                with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            # DDP all-reduces the gradients once, on the last micro-batch (the forward must be inside
+            # no_sync too: DDP prepares the reduction there).
+            with (self.net.no_sync() if i < accum - 1 and self.ctx.distributed else contextlib.nullcontext()):
+                with self.engine.autocast():
                     logits = self.net(xs)
                 loss = self.loss_fn(logits, ys) * (len(xs) / len(x))
-                self.scaler.scale(loss).backward()
+                self.engine.backward(loss)
             total += loss.detach()
         loss_value = dist_.mean_across(self.ctx, total).item()
         if not math.isfinite(loss_value):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(
                 f"non-finite training loss ({loss_value}) at step {p.step + 1} (epoch {p.epoch}, batch {p.batch}); "
-                f"stopping. Weights were not updated; the last good checkpoint is {self.out / ckpt.LAST}"
-                f"{'' if (self.out / ckpt.LAST).exists() else ' (none written yet)'}. Lower optim.lr, "
+                f"stopping. Weights were not updated; the last good checkpoint is {self.engine.last}"
+                f"{'' if self.engine.last.exists() else ' (none written yet)'}. Lower optim.lr, "
                 f"enable optim.clip_grad, or use engine.precision=fp32.")
-        if cfg.optim.clip_grad > 0:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.engine.step(self.model.parameters(), cfg.optim.clip_grad)
         if self.ema:
             self.ema.update(self.model)
         return loss_value
@@ -328,7 +276,7 @@ class Trainer:
                         extra={"training": {"best_epoch": self.progress.best_epoch, "steps": self.progress.step,
                                             "val_metrics": json_safe(metrics), "tta": self.cfg.eval.tta,
                                             "weights": "ema" if self.ema else "model",
-                                            "precision": PRECISION_NAMES[self.amp]}})
+                                            "precision": self.engine.precision}})
             self.log.close()
             plot_learning_curves(read_metrics(self.log.path), self.out / CURVES, self.scored)
         dist_.barrier(self.ctx)

@@ -29,6 +29,7 @@ import torch
 
 from cxrvit.data import splits
 from cxrvit.data.preprocess import Preprocessing, eval_transform
+from cxrvit.engine.runlog import METRICS
 from cxrvit.evaluation.metrics import auroc, tune_thresholds
 from cxrvit.fileio import json_safe
 from cxrvit.inference.bundle import save_bundle
@@ -37,7 +38,6 @@ from cxrvit.model.vit import VisionTransformer, build_model
 from cxrvit.runtime import resolve_device
 from cxrvit.training.augment import BatchAugment
 from cxrvit.training.config import TrainConfig, config_to_dict, save_config
-from cxrvit.training.runlog import METRICS
 
 FEATURES = "features.npz"   # resume: extraction is most of the cost, fitting takes seconds
 

@@ -1,6 +1,7 @@
-"""Run logs: ``metrics.jsonl`` always, TensorBoard when it is installed, learning-curve plot.
+"""Run logs: ``metrics.jsonl`` (one JSON record a line) always, TensorBoard when it is installed.
 
-Only rank 0 writes. On resume, records written after the checkpoint we resume from (the run
+The one log of every training loop (supervised: ``train``/``val`` records; pre-training: ``train``/
+``probe``). Only rank 0 writes. On resume, records written after the checkpoint we resume from (the run
 was killed before it could checkpoint them) are dropped, so the log reads like one clean run.
 """
 from __future__ import annotations
@@ -12,7 +13,6 @@ from pathlib import Path
 from cxrvit.fileio import json_safe
 
 METRICS = "metrics.jsonl"
-CURVES = "learning_curves.png"
 
 
 class RunLog:
@@ -56,39 +56,6 @@ def read_metrics(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             break  # a line torn by a kill: everything after it is gone anyway
     return out
-
-
-def plot_learning_curves(records: list[dict], path: Path, scored: list[str]) -> None:
-    """Train loss (per logged step), val loss and scored-label AUROC (per epoch)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [r for r in records if r.get("kind") == "train"]
-    val = [r for r in records if r.get("kind") == "val"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    ax = axes[0]
-    if train:
-        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", alpha=0.7)
-    if val:
-        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val BCE")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax = axes[1]
-    for name in scored:
-        ys = [r["auroc"].get(name) for r in val]
-        ax.plot([r["epoch"] for r in val], [float("nan") if y is None else y for y in ys], "o-", label=name)
-    if val:
-        ax.plot([r["epoch"] for r in val], [r.get("mean_auroc") for r in val], "k--", label="mean (all labels)")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation AUROC")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -1,7 +1,8 @@
 """Single-device or DDP, decided by the environment torchrun sets up.
 
 ``torchrun --nproc_per_node=N -m cxrvit train ...`` sets ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``;
-the same command without torchrun runs on one device. gloo on CPU, NCCL on CUDA.
+the same command without torchrun runs on one device. gloo on CPU, NCCL on CUDA. Used by
+supervised training and pre-training alike (through :class:`cxrvit.engine.core.Engine`).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from cxrvit.runtime import resolve_device
 
@@ -72,3 +74,15 @@ def gather_to_main(ctx: DistContext, obj) -> list | None:
     out = [None] * ctx.world_size if ctx.is_main else None
     dist.gather_object(obj, out, dst=0)
     return out
+
+
+def wrap_ddp(model: nn.Module, ctx: DistContext, broadcast_buffers: bool = True) -> nn.Module:
+    """``model`` in DistributedDataParallel when there are several processes, else itself.
+
+    ``broadcast_buffers=False`` when the buffers are kept equal by their owner (DINO all-reduces its
+    centre), so DDP does not overwrite them with rank 0's copy before every forward.
+    """
+    if not ctx.distributed:
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                                               broadcast_buffers=broadcast_buffers)

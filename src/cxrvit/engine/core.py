@@ -1,0 +1,129 @@
+"""``Engine``: what every cxrvit training loop shares, held together for one run.
+
+A loop (``cxrvit.training.engine.Trainer``, ``cxrvit.ssl.pretrain.pretrain``) reads top to bottom
+and calls, in order::
+
+    engine = Engine(out, setup(device), precision)      # device + DDP, autocast dtype, grad scaler
+    state = engine.open(resume, config)                 # the one resume rule (checkpoint.open_run)
+    ...build the model with the same seed on every rank...
+    engine.build_optimizer(param_groups(model, wd), lr, betas)
+    engine.start(state, generators)                     # restore optimizer + every rank's RNG, or seed
+    log = engine.open_log(state)                        # metrics.jsonl, truncated to the checkpoint
+    for each step:
+        apply_schedule(engine.optimizer, warmup_cosine(step, ...))
+        with engine.autocast(): loss = ...              # the method's own forward and loss
+        engine.backward(loss); grad_norm = engine.step(params, clip)
+        engine.save(the loop's state, generators)       # last.pt, atomically, every rank's RNG in it
+
+What stays in the loop is what is its own: its data, its loss, its views and teacher, its
+validation or probes, and what it exports.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from cxrvit.engine import checkpoint as ckpt
+from cxrvit.engine.distributed import DistContext, barrier, gather_to_main, wrap_ddp
+from cxrvit.engine.optim import build_adamw
+from cxrvit.engine.runlog import RunLog
+from cxrvit.runtime import PRECISION_NAMES, autocast_dtype
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN/inf; the message names the step and the last good checkpoint."""
+
+
+class Engine:
+    def __init__(self, out: Path, ctx: DistContext, precision: str, seed: int, deterministic: bool = False):
+        self.out, self.ctx, self.device, self.seed = Path(out), ctx, ctx.device, seed
+        # cxrvit.runtime's one rule: auto is bf16 where the hardware has it natively, fp16 on an older
+        # GPU, else fp32. fp16's narrow exponent underflows small gradients, hence the loss scaling;
+        # bf16 and fp32 need none (the scaler is then a no-op).
+        self.amp = autocast_dtype(precision, self.device)
+        self.precision = PRECISION_NAMES[self.amp]
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
+        self.optimizer: torch.optim.Optimizer | None = None
+        if deterministic and self.device.type == "cuda":
+            # CPU kernels are deterministic already. On CUDA, pick deterministic kernels but do not let
+            # torch fill every new tensor with NaN (its default in this mode): that costs real time.
+            torch.backends.cudnn.benchmark = False
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.utils.deterministic.fill_uninitialized_memory = False
+
+    @property
+    def last(self) -> Path:
+        return self.out / ckpt.LAST
+
+    # -- set-up, in the order a loop calls it --------------------------------------------------
+    def open(self, resume: bool, config: dict, free: Sequence[str] = ()) -> dict | None:
+        """The checkpoint to continue from, or None; then seed for identical initial weights on every rank."""
+        state = ckpt.open_run(self.out, resume, config, free)
+        torch.manual_seed(self.seed)
+        return state
+
+    def build_optimizer(self, groups: list[dict], lr: float, betas, fused: bool = True) -> torch.optim.Optimizer:
+        self.optimizer = build_adamw(groups, lr, betas, self.device, fused)
+        return self.optimizer
+
+    def wrap(self, model: nn.Module, compile: bool = False, broadcast_buffers: bool = True) -> nn.Module:
+        """The module the loop calls: DDP across processes, compiled if asked; ``model`` keeps the weights."""
+        net = wrap_ddp(model, self.ctx, broadcast_buffers)
+        return torch.compile(net) if compile else net
+
+    def start(self, state: dict | None, generators: dict[str, torch.Generator] | None = None) -> None:
+        """Resume: optimizer, scaler and this rank's generators from ``state``. Fresh: seed every generator
+        with (seed, rank), so ranks draw different drop-path masks and views."""
+        if state is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+            ckpt.restore_rng(ckpt.rng_for_rank(state, self.ctx.rank, self.ctx.world_size), generators)
+            return
+        ckpt.seed_everything(self.seed + self.ctx.rank)
+        for g in (generators or {}).values():
+            # From the seeded torch generator: a stream of its own, not a copy of the drop-path one.
+            g.manual_seed(int(torch.randint(2**62, (1,))))
+
+    def open_log(self, state: dict | None, step: int = 0) -> RunLog:
+        """``metrics.jsonl`` (rank 0 only); on resume, records after checkpoint step ``step`` are dropped."""
+        if self.ctx.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        return RunLog(self.out, enabled=self.ctx.is_main, resume_step=step if state is not None else None)
+
+    # -- one optimizer step ---------------------------------------------------------------------
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of the loss, scaled when fp16 needs it (the step unscales before clipping)."""
+        self.scaler.scale(loss).backward()
+
+    def step(self, params: Iterable[torch.Tensor], clip: float, measure: bool = False) -> float | None:
+        """Clip (``clip > 0``), step and clear the gradients; returns the gradient norm when clipped or
+        ``measure``d (None otherwise: measuring costs a pass over every gradient)."""
+        norm = None
+        if clip > 0 or measure:
+            self.scaler.unscale_(self.optimizer)   # clip the true gradients, not the scaled ones
+            norm = float(nn.utils.clip_grad_norm_(list(params), clip if clip > 0 else math.inf))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def save(self, state: dict, generators: dict[str, torch.Generator] | None = None) -> None:
+        """Write ``last.pt`` (rank 0): ``state`` plus optimizer, scaler and every rank's generators.
+
+        Every rank is at the same step and the weights are identical under DDP; the generators are not,
+        so they are gathered into the file (``rng_ranks``; ``rng`` is rank 0's).
+        """
+        rng_ranks = gather_to_main(self.ctx, ckpt.capture_rng(generators))
+        if self.ctx.is_main:
+            ckpt.atomic_torch_save({**state, "optimizer": self.optimizer.state_dict(),
+                                    "scaler": self.scaler.state_dict(), "rng": rng_ranks[0],
+                                    "rng_ranks": rng_ranks}, self.last)
+        barrier(self.ctx)

@@ -1,0 +1,93 @@
+"""``Engine``: a loop built on it resumes bit-exactly, whatever it draws from which generator."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from cxrvit.engine.core import Engine
+from cxrvit.engine.distributed import DistContext, setup, wrap_ddp
+from cxrvit.engine.optim import apply_schedule, param_groups, warmup_cosine
+from cxrvit.model.vit import VisionTransformer
+
+TOTAL = 6
+
+
+def run(out, stop_at=None, resume=False):
+    """A minimal loop in the engine's order: random data from a saved generator, drop-path from torch's."""
+    engine = Engine(out, DistContext(), "fp32", seed=3)
+    state = engine.open(resume, {"lr": 1e-2})
+    model = VisionTransformer(img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2, num_classes=2,
+                              drop_path_rate=0.5)
+    engine.build_optimizer(param_groups(model, 0.05), lr=1e-2, betas=(0.9, 0.999))
+    gens = {"views": torch.Generator()}
+    step = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        step = state["step"]
+    engine.start(state, gens)
+    log = engine.open_log(state, step)
+    net = engine.wrap(model)
+    net.train()
+    while step < TOTAL:
+        apply_schedule(engine.optimizer, warmup_cosine(step, TOTAL, 2, 1e-2, 1e-4))
+        x = torch.rand(4, 3, 16, 16, generator=gens["views"])
+        with engine.autocast():
+            loss = net(x).pow(2).mean()
+        engine.backward(loss)
+        norm = engine.step(model.parameters(), clip=1.0)
+        step += 1
+        log.write({"kind": "train", "step": step, "loss": loss.item(), "grad_norm": norm})
+        if step % 2 == 0:
+            engine.save({"config": {"lr": 1e-2}, "model": model.state_dict(), "step": step}, gens)
+        if step == stop_at:
+            return None
+    return model.state_dict()
+
+
+def test_a_resumed_loop_ends_with_the_uninterrupted_weights(tmp_path):
+    full = run(tmp_path / "full")
+    assert run(tmp_path / "cut", stop_at=3) is None          # killed after step 3; last.pt is step 2
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        run(tmp_path / "cut")                                # the rule: no silent continue or overwrite
+    resumed = run(tmp_path / "cut", resume=True)
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    saved = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert {"optimizer", "scaler", "rng", "rng_ranks", "model", "step"} <= set(saved)
+    assert len(saved["rng_ranks"]) == 1 and "views" in saved["rng"]["generators"]
+
+
+def test_precision_resolves_once_for_autocast_scaler_and_records(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXRVIT_FORCE_BF16", "1")
+    bf16 = Engine(tmp_path, DistContext(), "auto", seed=0)
+    assert bf16.amp == torch.bfloat16 and bf16.precision == "bf16" and not bf16.scaler.is_enabled()
+    with bf16.autocast():
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+    fp32 = Engine(tmp_path, DistContext(), "fp32", seed=0)
+    assert fp32.amp is None and fp32.precision == "fp32"
+    with fp32.autocast():
+        assert not torch.is_autocast_enabled("cpu")
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        Engine(tmp_path, DistContext(), "fp16", seed=0)
+
+
+def test_step_clips_and_reports_the_norm_only_when_asked(tmp_path):
+    engine = Engine(tmp_path, DistContext(), "fp32", seed=0)
+    layer = nn.Linear(2, 1, bias=False)
+    engine.build_optimizer([{"params": list(layer.parameters())}], lr=0.0, betas=(0.9, 0.999))
+    for clip, measure, expect in ((0.0, False, None), (0.0, True, 10.0), (1.0, False, 10.0)):
+        layer.weight.grad = torch.tensor([[6.0, 8.0]])
+        assert engine.step(layer.parameters(), clip, measure) == expect
+        assert layer.weight.grad is None                      # cleared for the next step
+    layer.weight.grad = torch.tensor([[6.0, 8.0]])
+    engine.scaler.unscale_ = lambda opt: None                 # keep the clipped gradient to look at
+    engine.optimizer.zero_grad = lambda set_to_none=True: None
+    engine.step(layer.parameters(), clip=1.0)
+    assert math.isclose(layer.weight.grad.norm().item(), 1.0, rel_tol=1e-5)
+
+
+def test_one_process_needs_no_ddp():
+    ctx = setup("cpu")
+    assert ctx.world_size == 1 and ctx.is_main and not ctx.distributed and ctx.device.type == "cpu"
+    layer = nn.Linear(2, 1)
+    assert wrap_ddp(layer, ctx) is layer
