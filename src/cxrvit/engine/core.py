@@ -31,7 +31,7 @@ from cxrvit.engine import checkpoint as ckpt
 from cxrvit.engine.distributed import DistContext, barrier, gather_to_main, wrap_ddp
 from cxrvit.engine.optim import build_adamw
 from cxrvit.engine.runlog import RunLog
-from cxrvit.runtime import PRECISION_NAMES, autocast_dtype
+from cxrvit.runtime import PRECISION_NAMES, autocast, autocast_dtype
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -96,7 +96,7 @@ class Engine:
 
     # -- one optimizer step ---------------------------------------------------------------------
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
+        return autocast(self.device, self.precision)   # a no-op context for fp32
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of the loss, scaled when fp16 needs it (the step unscales before clipping)."""
