@@ -45,7 +45,6 @@ from cxrvit.training.losses import build_loss
 from cxrvit.training.validation import predict, selection_score
 
 BEST = "best.safetensors"
-__all__ = ["BEST", "NonFiniteLossError", "Progress", "Trainer", "train"]  # NonFiniteLossError: the engine's
 
 
 @dataclass
