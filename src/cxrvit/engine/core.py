@@ -3,12 +3,13 @@
 A loop (``cxrvit.training.engine.Trainer``, ``cxrvit.ssl.pretrain.pretrain``) reads top to bottom
 and calls, in order::
 
-    engine = Engine(out, setup(device), precision)      # device + DDP, autocast dtype, grad scaler
+    engine = Engine(out, setup(device), precision, seed)  # device + DDP, autocast dtype, grad scaler
     state = engine.open(resume, config)                 # the one resume rule (checkpoint.open_run)
-    ...build the model with the same seed on every rank...
+    ...build the model (same seed on every rank), load state["model"] when resuming...
     engine.build_optimizer(param_groups(model, wd), lr, betas)
     engine.start(state, generators)                     # restore optimizer + every rank's RNG, or seed
-    log = engine.open_log(state)                        # metrics.jsonl, truncated to the checkpoint
+    log = engine.open_log(state, step)                  # metrics.jsonl, truncated to the checkpoint
+    net = engine.wrap(model)                            # DDP when torchrun started several processes
     for each step:
         apply_schedule(engine.optimizer, warmup_cosine(step, ...))
         with engine.autocast(): loss = ...              # the method's own forward and loss
