@@ -85,3 +85,12 @@ def test_a_checkpoint_of_the_old_ssl_loop_is_refused_naming_the_file(tmp_path):
         with pytest.raises(ValueError, match=r"checkpoint.pt: a checkpoint of the pre-training loop before the "
                                              r"shared engine.*cannot be resumed"):
             ckpt.open_run(tmp_path, resume=resume, config=CONFIG)
+
+
+def test_a_saved_config_is_read_as_the_loop_reads_it_before_comparing(tmp_path):
+    # A run started before a field existed: the loop's parser gives it the default, so it still resumes.
+    _write_run(tmp_path, config={k: v for k, v in CONFIG.items() if k != "probe"})
+    with_default = lambda saved, source: {**saved, "probe": saved.get("probe", {"k": 5})}  # noqa: E731
+    assert ckpt.open_run(tmp_path, resume=True, config=CONFIG, parse=with_default) is not None
+    with pytest.raises(ValueError, match="probe.k differ"):
+        ckpt.open_run(tmp_path, resume=True, config=CONFIG)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -45,11 +45,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise ValueError(f"{path}: not a readable cxrvit checkpoint ({type(exc).__name__}: {exc})") from exc
 
 
-def open_run(out: Path, resume: bool, config: dict, free: Sequence[str] = ()) -> dict | None:
+def open_run(out: Path, resume: bool, config: dict, free: Sequence[str] = (),
+             parse: Callable[[dict, str], dict] | None = None) -> dict | None:
     """The checkpoint to continue from (None: start fresh), by the one resume rule above.
 
     ``config`` is the run's config as a dict; ``free`` names dotted keys (or whole sections) that may
-    differ on resume because they do not change what is computed (e.g. ``engine.device``).
+    differ on resume because they do not change what is computed (e.g. ``engine.device``). ``parse(saved,
+    source)`` reads the saved config as the loop's config class would (fields added since the run started
+    take their defaults), so an older run still compares equal.
     """
     out = Path(out)
     last, legacy = out / LAST, out / LEGACY_SSL_CHECKPOINT
@@ -63,7 +66,8 @@ def open_run(out: Path, resume: bool, config: dict, free: Sequence[str] = ()) ->
         raise FileExistsError(f"{out} already holds a run ({LAST}); pass resume=True (--resume) to continue it, "
                               f"or choose a new output folder")
     state = load_checkpoint(last)
-    saved, now = _without(state["config"], free), _without(config, free)
+    saved = parse(state["config"], str(last)) if parse is not None else state["config"]
+    saved, now = _without(saved, free), _without(config, free)
     if saved != now:
         changed = sorted(k for k in set(_flat(saved)) | set(_flat(now)) if _flat(saved).get(k) != _flat(now).get(k))
         raise ValueError(f"{last}: the run was started with a different config ({', '.join(changed[:5])} differ); "

@@ -61,9 +61,10 @@ class Engine:
         return self.out / ckpt.LAST
 
     # -- set-up, in the order a loop calls it --------------------------------------------------
-    def open(self, resume: bool, config: dict, free: Sequence[str] = ()) -> dict | None:
-        """The checkpoint to continue from, or None; then seed for identical initial weights on every rank."""
-        state = ckpt.open_run(self.out, resume, config, free)
+    def open(self, resume: bool, config: dict, free: Sequence[str] = (), parse=None) -> dict | None:
+        """The checkpoint to continue from, or None (:func:`checkpoint.open_run`); then seed, so that every
+        rank and every fresh start builds the same initial weights."""
+        state = ckpt.open_run(self.out, resume, config, free, parse)
         torch.manual_seed(self.seed)
         return state
 

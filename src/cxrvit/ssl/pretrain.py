@@ -32,7 +32,7 @@ from cxrvit.engine.core import Engine, NonFiniteLossError
 from cxrvit.engine.optim import apply_schedule, param_groups, warmup_cosine
 from cxrvit.model.vit import set_attention
 from cxrvit.runtime import inference_precision
-from cxrvit.ssl.config import PretrainConfig, config_to_dict, save_config
+from cxrvit.ssl.config import PretrainConfig, config_from_dict, config_to_dict, save_config
 from cxrvit.ssl.dino import DINO
 from cxrvit.ssl.encoder import BACKBONE_FILE, build_encoder, export_backbone
 from cxrvit.ssl.ijepa import IJEPA
@@ -148,7 +148,8 @@ def _pretrain(cfg, caches, out: Path, ctx: dist_.DistContext, rows, probe, resum
     last = min(total, cfg.schedule.max_steps) if cfg.schedule.max_steps > 0 else total
     source_size = cfg.engine.source_size or cfg.view_size
 
-    state = engine.open(resume, config_to_dict(cfg), free=RESUMABLE_CHANGES)  # + identical init on every rank
+    state = engine.open(resume, config_to_dict(cfg), free=RESUMABLE_CHANGES,   # + identical init on every rank
+                        parse=lambda saved, source: config_to_dict(config_from_dict(saved, source)))
     method = build_method(cfg).to(device)
     lr_base = cfg.optim.lr * bs / 256   # DINO's / MAE's rule: the recipe's lr is for a batch of 256
     engine.build_optimizer(param_groups(method, cfg.optim.weight_decay), lr_base, cfg.optim.betas)
@@ -184,9 +185,12 @@ def _pretrain(cfg, caches, out: Path, ctx: dist_.DistContext, rows, probe, resum
         if probe is None or not main:
             return
         t = time.time()
-        res = run_probes(method.export_encoder(), probe, cfg.probe.size, Preprocessing(size=cfg.probe.size),
-                         cfg.probe.k, device, cfg.probe.batch_size,
-                         bf16=inference_precision(device) == "bf16")  # a scoring pass: fp32
+        # Monitoring must not change what training draws next (rank 0 alone probes; an extra probe where a
+        # run was stopped must not make its continuation differ from an uninterrupted run).
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            res = run_probes(method.export_encoder(), probe, cfg.probe.size, Preprocessing(size=cfg.probe.size),
+                             cfg.probe.k, device, cfg.probe.batch_size,
+                             bf16=inference_precision(device) == "bf16")  # a scoring pass: fp32
         rec = {"step": step, "epoch": epoch, "probe_seconds": round(time.time() - t, 1), **res}
         history.append(rec)
         log.write({"kind": "probe", **rec})

@@ -37,7 +37,7 @@ from cxrvit.inference.bundle import save_bundle
 from cxrvit.model.checkpoints import load_backbone
 from cxrvit.model.vit import build_model
 from cxrvit.training.augment import BatchAugment
-from cxrvit.training.config import TrainConfig, config_to_dict, save_config
+from cxrvit.training.config import TrainConfig, config_from_dict, config_to_dict, save_config
 from cxrvit.training.curves import CURVES, plot_learning_curves
 from cxrvit.training.ema import ModelEMA
 from cxrvit.training.linear_probe import fit_linear_probe
@@ -106,7 +106,8 @@ class Trainer:
         self.labels = list(cfg.data.labels)
         self.scored = cfg.scored_labels
         self.engine = Engine(out, ctx, cfg.engine.precision, cfg.engine.seed, cfg.engine.deterministic)
-        state = self.engine.open(resume, config_to_dict(cfg))
+        state = self.engine.open(resume, config_to_dict(cfg),
+                                 parse=lambda saved, source: config_to_dict(config_from_dict(saved, source)))
 
         # -- data -------------------------------------------------------------------------------
         self.val_rows = val_rows
