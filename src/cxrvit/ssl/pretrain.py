@@ -149,7 +149,7 @@ def _pretrain(cfg, caches, out: Path, ctx: dist_.DistContext, rows, probe, resum
     source_size = cfg.engine.source_size or cfg.view_size
 
     state = engine.open(resume, config_to_dict(cfg), free=RESUMABLE_CHANGES,   # + identical init on every rank
-                        parse=lambda saved, source: config_to_dict(config_from_dict(saved, source)))
+                        parse=lambda saved, source: config_to_dict(config_from_dict(saved, source=source)))
     method = build_method(cfg).to(device)
     lr_base = cfg.optim.lr * bs / 256   # DINO's / MAE's rule: the recipe's lr is for a batch of 256
     engine.build_optimizer(param_groups(method, cfg.optim.weight_decay), lr_base, cfg.optim.betas)

@@ -107,7 +107,7 @@ class Trainer:
         self.scored = cfg.scored_labels
         self.engine = Engine(out, ctx, cfg.engine.precision, cfg.engine.seed, cfg.engine.deterministic)
         state = self.engine.open(resume, config_to_dict(cfg),
-                                 parse=lambda saved, source: config_to_dict(config_from_dict(saved, source)))
+                                 parse=lambda saved, source: config_to_dict(config_from_dict(saved, source=source)))
 
         # -- data -------------------------------------------------------------------------------
         self.val_rows = val_rows
