@@ -120,7 +120,7 @@ def table(rows: list[dict], args, device: str) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="prepared cache (real images)")
-    p.add_argument("--recipe", default="improved")
+    p.add_argument("--recipe", default="finetune")
     p.add_argument("--sizes", type=int, nargs="+", default=[224, 128])
     p.add_argument("--precisions", nargs="+", default=["bf16", "fp32"])
     p.add_argument("--batch", type=int, default=16)

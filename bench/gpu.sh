@@ -129,7 +129,7 @@ stage ddp_check 120 "$PY" -m torch.distributed.run --standalone --nproc_per_node
 # -- 5 the training CLI under torchrun, one epoch ------------------------------------------------
 rm -rf "$OUT/torchrun-train"     # a fresh 1-epoch run each time (cxrvit refuses to overwrite a run)
 stage torchrun_train 150 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 -m cxrvit train \
-  --recipe improved --data "$OUT/cache" --out "$OUT/torchrun-train" --device "$DEVICE" --no-progress \
+  --recipe finetune --data "$OUT/cache" --out "$OUT/torchrun-train" --device "$DEVICE" --no-progress \
   "${TRAIN_SETS[@]}" || true
 
 # -- 6 throughput and MFU against the measured matmul ceiling -----------------------------------

@@ -92,9 +92,9 @@ def test_cli_pretrain_at_the_default_precision_then_fine_tune_the_backbone(metho
                  "--quiet", *sets(CLI_TINY)]) == 0
     assert json.loads((run / "pretrain.json").read_text())["precision"] == "bf16"
     tuned = tmp_path / f"{method}-ft"
-    assert main(["train", "--recipe", "improved", "--data", str(fixture_cache_64.root), "--out", str(tuned),
+    assert main(["train", "--recipe", "finetune", "--data", str(fixture_cache_64.root), "--out", str(tuned),
                  "--init", str(run / "backbone.safetensors"), "--no-progress",
-                 *sets(["strategy=finetune", "model.arch=vit_tiny", "model.img_size=64", "schedule.epochs=1",
+                 *sets(["model.arch=vit_tiny", "model.img_size=64", "schedule.epochs=1",
                         "schedule.batch_size=4", "engine.log_every=1", "optim.warmup_epochs=0"])]) == 0
     meta = json.loads((tuned / "bundle.json").read_text())
     assert meta["training"]["precision"] == "bf16"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from trainhelp import TINY
+from trainhelp import ALL_ON, FT_RECIPE, TINY
 
 _SHARED_SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "nih-sample"
 # The real sample from ../shared when it is there, else the downsampled copy shipped in sample/ (same layout).
@@ -74,7 +74,7 @@ def tiny_reference_run(tiny_cache, tmp_path_factory):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        cfg = load_recipe("improved", TINY)
+        cfg = load_recipe(FT_RECIPE, TINY + ALL_ON)
         tr, va, _ = choose_rows(tiny_cache, cfg.data.val_fraction, cfg.data.split_seed)
         out = tmp_path_factory.mktemp("reference") / "run"
         train(cfg, tiny_cache, tr, va, out, progress=False)

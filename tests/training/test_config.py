@@ -6,9 +6,10 @@ from cxrvit.training.config import TrainConfig, config_from_dict, config_to_dict
 
 
 def test_shipped_recipes_load_and_differ_where_documented():
-    base, imp = load_recipe("baseline"), load_recipe("improved")
-    assert base.name == "baseline" and imp.name == "improved"
-    for cfg in (base, imp):
+    base, imp, ft = load_recipe("baseline"), load_recipe("improved"), load_recipe("finetune")
+    probe = load_recipe("probe-random")
+    assert (base.name, imp.name, ft.name, probe.name) == ("baseline", "improved", "finetune", "probe-random")
+    for cfg in (base, imp, ft, probe):
         assert cfg.data.labels == list(DEFAULT_LABELS) and cfg.scored_labels == list(SCORED_TARGETS)
         assert cfg.model.arch == "vit_small"
     # baseline fine-tunes; improved is the frozen-backbone linear probe at 224 px (issue 10's winner)
@@ -19,9 +20,13 @@ def test_shipped_recipes_load_and_differ_where_documented():
     # the baseline is the documented plain recipe
     assert (base.loss.kind, base.ema.enabled, base.optim.layer_decay, base.model.drop_path) == ("bce", False, 1.0, 0.0)
     assert base.augment.hflip == 0.5 and base.augment.scale == [0.08, 1.0]
-    # improved's fine-tuning sections (strategy=finetune / lp_ft) switch the pieces on
-    assert imp.loss.kind != "bce" and imp.ema.enabled and imp.optim.layer_decay < 1 and imp.optim.clip_grad > 0
-    assert imp.augment.scale[0] >= 0.5 and imp.augment.hflip == 0.0
+    # the fine-tuning recipe (once improved's fine-tuning sections) switches the pieces on: Medical-MAE's ViT-S
+    # recipe (layer decay 0.55, drop-path 0.2, plain BCE, 75 epochs) with the CXR augmentation, EMA, clipping
+    assert ft.strategy == "finetune" and (ft.optim.layer_decay, ft.model.drop_path, ft.loss.kind,
+                                          ft.schedule.epochs) == (0.55, 0.2, "bce", 75)
+    assert ft.ema.enabled and ft.optim.clip_grad > 0
+    for cfg in (ft, imp):   # the probe's extra views and the fine-tune crop alike: whole lungs, no flips
+        assert cfg.augment.scale[0] >= 0.5 and cfg.augment.hflip == 0.0
 
 
 def test_overrides_are_typed():
@@ -61,7 +66,7 @@ def test_unknown_key_in_a_yaml_file_names_file_and_key(tmp_path):
 
 
 def test_resolved_config_round_trips_through_yaml(tmp_path):
-    cfg = load_recipe("improved", ["optim.lr=1e-3"])
+    cfg = load_recipe("finetune", ["optim.lr=1e-3"])
     save_config(cfg, tmp_path / "config.yaml")
     again = config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
     assert config_to_dict(again) == config_to_dict(cfg)

@@ -36,7 +36,7 @@ def test_run_writes_a_loadable_bundle_with_val_thresholds(tiny_run, tiny_cache):
     names = tiny_cache.index["image"].to_numpy()
     assert bundle.threshold_source["split"] == "val"
     assert sorted(bundle.threshold_source["images"]) == sorted(names[va])
-    assert bundle.config["name"] == "improved"
+    assert bundle.config["name"] == "finetune"
     # the bundle holds the best-on-validation (EMA) weights
     best = load_file(str(out / engine.BEST))
     assert all(torch.equal(best[k], v.float()) for k, v in bundle.model.state_dict().items())
@@ -54,7 +54,7 @@ def test_logs_have_train_and_val_records_and_curves(tiny_run):
     assert all(np.isfinite(r["loss"]) and r["img_per_s"] > 0 and r["lr"] > 0 for r in train_recs)
     assert [r["step"] for r in train_recs] == list(range(1, len(train_recs) + 1))
     assert (out / "learning_curves.png").stat().st_size > 1000
-    assert (out / "config.yaml").read_text().startswith("name: improved")
+    assert (out / "config.yaml").read_text().startswith("name: finetune")
     meta = json.loads((out / "bundle.json").read_text())
     assert meta["training"]["best_epoch"] in (0, 1) and meta["training"]["weights"] == "ema"
 

@@ -9,7 +9,10 @@ import torch
 
 from cxrvit.training.config import load_recipe
 
-PROBE = ["model.arch=vit_tiny", "model.img_size=32", "strategy=linear_probe", "probe.c_grid=[0.1,1.0]",
+#: The probe recipe on a tiny ViT with DINO's random positions (what these tests ran as baseline + strategy=linear_probe
+#: before issue 21 made a recipe hold only the sections its strategy reads).
+PROBE_RECIPE = "probe-random"
+PROBE = ["model.arch=vit_tiny", "model.img_size=32", "model.pos_embed=random", "probe.c_grid=[0.1,1.0]",
          "probe.cv_folds=3"]
 
 
@@ -97,7 +100,7 @@ def test_probe_bundle_scores_as_fitted_and_thresholds_are_cross_fitted(tiny_cach
     from cxrvit.training.engine import train
     from cxrvit.training.linear_probe import cls_features
 
-    cfg = load_recipe("baseline", PROBE)
+    cfg = load_recipe(PROBE_RECIPE, PROBE)
     tr, va = _rows(tiny_cache)
     out = train(cfg, tiny_cache, tr, va, tmp_path / "run", progress=False)
     meta = json.loads((out / "bundle.json").read_text())
@@ -129,9 +132,9 @@ def test_resume_reuses_features_and_refits_a_new_grid(tiny_cache, tmp_path, one_
     from cxrvit.training.engine import train
 
     tr, va = _rows(tiny_cache)
-    train(load_recipe("baseline", PROBE), tiny_cache, tr, va, tmp_path / "run", progress=False)
+    train(load_recipe(PROBE_RECIPE, PROBE), tiny_cache, tr, va, tmp_path / "run", progress=False)
     monkeypatch.setattr(linear_probe, "_extract", lambda *a, **k: pytest.fail("features were extracted again"))
-    cfg = load_recipe("baseline", PROBE[:-2] + ["probe.c_grid=[0.05]", "probe.cv_folds=3"])
+    cfg = load_recipe(PROBE_RECIPE, PROBE[:-2] + ["probe.c_grid=[0.05]", "probe.cv_folds=3"])
     out = train(cfg, tiny_cache, tr, va, tmp_path / "run", resume=True, progress=False)
     assert json.loads((out / "bundle.json").read_text())["training"]["C"] == 0.05
     # Without resume a finished probe is never overwritten.
@@ -139,11 +142,11 @@ def test_resume_reuses_features_and_refits_a_new_grid(tiny_cache, tmp_path, one_
         train(cfg, tiny_cache, tr, va, tmp_path / "run", progress=False)
     # A different image size is different features: they are extracted again, not reused.
     with pytest.raises(pytest.fail.Exception, match="extracted again"):
-        train(load_recipe("baseline", PROBE + ["model.img_size=48"]), tiny_cache, tr, va, tmp_path / "run",
+        train(load_recipe(PROBE_RECIPE, PROBE + ["model.img_size=48"]), tiny_cache, tr, va, tmp_path / "run",
               resume=True, progress=False)
     # So is another starting backbone (sin-cos instead of random positions).
     with pytest.raises(pytest.fail.Exception, match="extracted again"):
-        train(load_recipe("baseline", PROBE + ["model.pos_embed=sincos"]), tiny_cache, tr, va, tmp_path / "run",
+        train(load_recipe(PROBE_RECIPE, PROBE + ["model.pos_embed=sincos"]), tiny_cache, tr, va, tmp_path / "run",
               resume=True, progress=False)
 
 
@@ -162,7 +165,7 @@ def test_probe_finds_a_signal_the_features_carry(tiny_cache, tmp_path, one_threa
 
     cache = Relabelled(tiny_cache)
     tr, va = _rows(tiny_cache)
-    out = fit_linear_probe(load_recipe("baseline", PROBE), cache, tr, va, tmp_path / "run", progress=False)
+    out = fit_linear_probe(load_recipe(PROBE_RECIPE, PROBE), cache, tr, va, tmp_path / "run", progress=False)
     assert json.loads((out / "bundle.json").read_text())["training"]["oof_mean_auroc_scored"] > 0.8
 
 
@@ -170,7 +173,7 @@ def test_probe_finds_a_signal_the_features_carry(tiny_cache, tmp_path, one_threa
                                            ("probe.c_grid=[]", "probe.c_grid"), ("probe.views=0", "probe.views")])
 def test_bad_probe_settings_name_the_key(override, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        load_recipe("baseline", [override]).validate()
+        load_recipe(PROBE_RECIPE, [override]).validate()
 
 
 def test_lp_ft_fine_tunes_from_the_probe_fitted_on_training_rows_only(tiny_cache, tmp_path, one_thread):
@@ -198,6 +201,6 @@ def test_probe_strategies_refuse_torchrun(tiny_cache, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     for strategy in ("linear_probe", "lp_ft"):
         with pytest.raises(ValueError, match="without torchrun"):
-            train(load_recipe("baseline", PROBE[:2] + [f"strategy={strategy}"]), tiny_cache, *_rows(tiny_cache),
+            train(load_recipe(PROBE_RECIPE, PROBE[:2] + [f"strategy={strategy}"]), tiny_cache, *_rows(tiny_cache),
                   tmp_path / strategy, progress=False)
     assert not (tmp_path / "linear_probe").exists()

@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import load_file
 
 from cxrvit.cli import main as cli_main
-from trainhelp import TINY, subprocess_env
+from trainhelp import ALL_ON, FT_RECIPE, TINY, subprocess_env
 
 
 def _train_cmd(cache_dir, out):
-    sets = [a for item in TINY for a in ("--set", item)]
-    return ["train", "--recipe", "improved", "--data", str(cache_dir), "--out", str(out), "--no-progress", *sets]
+    sets = [a for item in TINY + ALL_ON for a in ("--set", item)]
+    return ["train", "--recipe", FT_RECIPE, "--data", str(cache_dir), "--out", str(out), "--no-progress", *sets]
 
 
 def _assert_same_state(a: dict, b: dict, atol: float = 0.0):

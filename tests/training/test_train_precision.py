@@ -19,7 +19,7 @@ from cxrvit.runtime import FORCE_BF16_ENV
 from cxrvit.training.commands import choose_rows
 from cxrvit.training.config import load_recipe
 from cxrvit.training.engine import train
-from trainhelp import TINY
+from trainhelp import ALL_ON, FT_RECIPE, TINY
 
 pytestmark = pytest.mark.precision
 
@@ -38,12 +38,14 @@ def _train_losses(run) -> list[float]:
 
 
 @pytest.mark.parametrize("precision,resolved", PRECISIONS, ids=[p for p, _ in PRECISIONS])
-@pytest.mark.parametrize("recipe,strategy", [("baseline", "finetune"), ("improved", "finetune"),
-                                             ("improved", "linear_probe"), ("improved", "lp_ft")])
+@pytest.mark.parametrize("recipe,strategy", [("baseline", "finetune"), ("finetune", "finetune"),
+                                             ("improved", "linear_probe"), ("finetune", "lp_ft")])
 def test_each_strategy_trains_at_each_precision(recipe, strategy, precision, resolved, tiny_cache, tmp_path,
                                                  monkeypatch, one_thread):
     monkeypatch.setenv(FORCE_BF16_ENV, "1")   # this CPU acts as a bf16 one: auto -> bf16
-    cfg = load_recipe(recipe, STRATEGIES[strategy] + [f"engine.precision={precision}"])
+    # The finetune recipe with every piece on (ALL_ON: ASL, layer decay 0.75), as improved's fine-tuning sections were.
+    extra = ALL_ON if recipe == FT_RECIPE else []
+    cfg = load_recipe(recipe, STRATEGIES[strategy] + extra + [f"engine.precision={precision}"])
     tr, va, _ = choose_rows(tiny_cache, cfg.data.val_fraction, cfg.data.split_seed)
     out = train(cfg, tiny_cache, tr, va, tmp_path / "run", progress=False)
     meta = json.loads((out / "bundle.json").read_text())

@@ -17,7 +17,7 @@ import dataclasses
 import hashlib
 import json
 
-from cxrvit.training.config import TrainConfig, config_to_dict
+from cxrvit.training.config import REMOVED_KEYS, TrainConfig, config_to_dict
 
 
 def strip_defaults(values: dict, defaults: dict) -> dict:
@@ -56,9 +56,8 @@ def config_hash(cfg) -> str:
 LATER_KEYS = ("model.attention", "model.pos_embed", "strategy", "probe")
 
 
-# Keys removed from TrainConfig since then, with their default (no shipped recipe set another):
-# put back for the legacy hash, so those predictions survive the removal of a field nothing read.
-REMOVED_KEYS = {"engine.workers": 0}
+# REMOVED_KEYS (training.config): keys removed from TrainConfig since then, with their default (no shipped
+# recipe set another): put back for the legacy hash, so those predictions survive the removal of a field nothing read.
 
 
 def legacy_config_hash(cfg: TrainConfig) -> str:

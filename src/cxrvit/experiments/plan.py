@@ -16,7 +16,7 @@ import yaml
 
 from cxrvit.experiments.identity import config_identity
 from cxrvit.ssl.config import load_pretrain_recipe
-from cxrvit.training.config import config_to_dict, load_recipe
+from cxrvit.training.config import config_to_dict, load_recipe, unread_keys
 
 
 @dataclass
@@ -109,7 +109,7 @@ def check_plan(plan: ArmsPlan, source: str) -> ArmsPlan:
 
 
 def arm_config(plan: ArmsPlan, arm: Arm, seed: int):
-    return load_recipe(arm.recipe, overrides=list(plan.overrides) + list(arm.overrides) + [f"engine.seed={seed}"])
+    return load_recipe(arm.recipe, overrides=list(arm.overrides) + [f"engine.seed={seed}"], shared=list(plan.overrides))
 
 
 def pretrain_config(spec: PretrainSpec, device: str | None = None):
@@ -180,9 +180,9 @@ def recipes_plan(recipes, overrides=(), *, protocol: str = "auto", folds: int = 
     recipes = list(recipes)
     if len(recipes) != 2:
         raise ValueError(f"bench recipes compares exactly two recipes (A then B, difference B − A); got {recipes}")
-    cfgs = {r: load_recipe(r, overrides=list(overrides)) for r in recipes}
-    for key in SHARED_KEYS:
-        values = {r: _get(config_to_dict(c), key) for r, c in cfgs.items()}
+    cfgs = {r: load_recipe(r, shared=list(overrides)) for r in recipes}
+    for key in SHARED_KEYS:   # among the recipes whose strategy reads the key
+        values = {r: _get(config_to_dict(c), key) for r, c in cfgs.items() if not unread_keys(c.strategy, [key])}
         if len(set(map(str, values.values()))) > 1:
             raise ValueError(f"recipes differ in {key} ({values}): a fair comparison needs the same value; "
                              f"set it for both with --set {key}=...")

@@ -1,6 +1,6 @@
 """Typed pre-training configuration: dataclasses, YAML recipes (``ssl/recipes``) and ``--set`` overrides.
 
-The parsing rules are the training part's (:mod:`cxrvit.training.config`): every key must be
+The parsing rules are the training part's (:mod:`cxrvit.training.configparse`): every key must be
 known, types are checked, and an error names the key. Only the dataclasses are SSL-specific.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import yaml
 from cxrvit.ssl.dino import DinoConfig
 from cxrvit.ssl.ijepa import IJepaConfig
 from cxrvit.ssl.mae import MaeConfig
-from cxrvit.training.config import apply_overrides, build_dataclass, check_all
+from cxrvit.training.configparse import apply_overrides, build_dataclass, check_all
 
 METHODS = ("dino", "mae", "ijepa")
 
@@ -47,7 +47,9 @@ class SSLScheduleConfig:
 
 
 @dataclass
-class ProbeConfig:
+class MonitorConfig:
+    """The pre-training monitor (section ``probe``): k-NN and linear-probe AUROC of the frozen features at
+    intervals (:mod:`cxrvit.ssl.probe`). Not :class:`cxrvit.training.config.ProbeConfig`, the probe *strategy*."""
     every_epochs: int = 10           # 0 = only at the end; probes need a labelled cache
     k: int = 20
     size: int = 224
@@ -71,7 +73,7 @@ class PretrainConfig:
     model: SSLModelConfig = field(default_factory=SSLModelConfig)
     optim: SSLOptimConfig = field(default_factory=SSLOptimConfig)
     schedule: SSLScheduleConfig = field(default_factory=SSLScheduleConfig)
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    probe: MonitorConfig = field(default_factory=MonitorConfig)
     engine: SSLEngineConfig = field(default_factory=SSLEngineConfig)
     dino: DinoConfig = field(default_factory=DinoConfig)
     mae: MaeConfig = field(default_factory=MaeConfig)

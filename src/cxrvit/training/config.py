@@ -2,21 +2,25 @@
 
 A recipe is a YAML file whose sections mirror :class:`TrainConfig`. Every key must be known:
 a typo in a recipe or in ``--set`` is an error that names the key, never a silently ignored
-setting. The resolved config is written to ``RUN/config.yaml`` and stored in every checkpoint
-as a plain dict (:func:`config_to_dict`), so a run can always say exactly how it was trained.
+setting. A recipe also holds only what its strategy reads (:data:`UNREAD`): the fine-tuning
+sections under a frozen-backbone probe, or the probe's section under fine-tuning, are an error
+that names the key and the strategy. The resolved config is written to ``RUN/config.yaml`` and
+stored in every checkpoint as a plain dict (:func:`config_to_dict`), so a run can always say
+exactly how it was trained; such saved configs hold every section and load as they are
+(:func:`config_from_dict` checks values, not what a strategy reads).
 """
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from cxrvit.labels import DEFAULT_LABELS, SCORED_TARGETS, validate_label_names
+from cxrvit.training.configparse import (apply_overrides, build_dataclass, check_all, copy_nested, dotted_keys, merge,
+                                         parse_override)
 
 
 @dataclass
@@ -103,14 +107,13 @@ class EngineConfig:
     checkpoint_every: int = 200      # optimizer steps between mid-epoch checkpoints; 0 = epoch ends only
     seed: int = 0
     device: str = "auto"             # auto | cpu | cuda | cuda:N
-    workers: int = 0                 # loader threads (0 = in the training thread)
     deterministic: bool = True       # torch.use_deterministic_algorithms where it does not fail
     log_every: int = 10
 
 
 @dataclass
 class ProbeConfig:
-    """``strategy: linear_probe`` only (cxrvit.training.linear_probe)."""
+    """The probe strategy's head (``linear_probe``, and LP-FT's first stage: cxrvit.training.linear_probe)."""
     c_grid: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])   # inverse L2 strengths tried
     cv_folds: int = 5                # patient folds for choosing C and cross-fitting the thresholds
     views: int = 1                   # feature views per training image: 1 plain + (views - 1) augmented
@@ -120,8 +123,8 @@ class ProbeConfig:
 class TrainConfig:
     name: str = "custom"
     # finetune: the supervised loop (engine.py). linear_probe: frozen backbone + cross-fitted logistic
-    # head (linear_probe.py); it reads model, data, probe, augment (views > 1) and engine.seed only.
-    # lp_ft: a linear probe on the training rows, then the supervised loop from its weights.
+    # head (linear_probe.py). lp_ft: a linear probe on the training rows, then the supervised loop from
+    # its weights. What each one does not read: UNREAD below.
     strategy: str = "finetune"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -180,132 +183,141 @@ def config_to_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
+#: Keys that configs saved by earlier versions hold but nothing reads any more (``engine.workers``: loader
+#: threads, never wired up), with the value every saved config held (the legacy fold hash puts it back,
+#: cxrvit.experiments.identity). A saved config drops them on load; a recipe or ``--set`` naming one is an error.
+REMOVED_KEYS = {"engine.workers": 0}
+
+
 def config_from_dict(d: dict, *, source: str = "config") -> TrainConfig:
+    """A saved config (``config.yaml``, a checkpoint's or a bundle's) -> :class:`TrainConfig`.
+
+    Saved configs hold every section whatever the strategy, so this checks values only; what a
+    user asks for is checked against the strategy by :func:`load_recipe`.
+    """
+    d = copy_nested(d)
+    for dotted in REMOVED_KEYS:
+        section, leaf = dotted.split(".")
+        if isinstance(d.get(section), dict):
+            d[section].pop(leaf, None)
     return build_dataclass(TrainConfig, d, prefix="", source=source).validate()
-
-
-def build_dataclass(cls, d: dict, prefix: str, source: str):
-    """Build dataclass ``cls`` from a nested dict, type-checking values; unknown keys name ``source``."""
-    if not isinstance(d, dict):
-        raise ValueError(f"{source}: section {prefix.rstrip('.') or '<root>'} must be a mapping, got {type(d).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in d.items():
-        if key not in names:
-            raise ValueError(f"{source}: unknown config key {prefix + key!r}; "
-                             f"known keys here: {', '.join(sorted(names))}")
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = build_dataclass(hint, value or {}, prefix + key + ".", source)
-        else:
-            kwargs[key] = _coerce(value, hint, prefix + key, source)
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, hint, key: str, source: str):
-    """Check/convert a YAML value to the field's type (ints are accepted for floats)."""
-    origin = typing.get_origin(hint)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{source}: {key} must be a list, got {value!r}")
-        (item,) = typing.get_args(hint)
-        return [_coerce(v, item, key, source) for v in value]
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{source}: {key} must be true or false, got {value!r}")
-        return value
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if hint is str and isinstance(value, str):
-        return value
-    raise ValueError(f"{source}: {key} must be {hint.__name__}, got {value!r}")
-
-
-def check_all(cfg, checks: list[tuple[str, bool, str]], what: str) -> None:
-    """The validation shape training and pre-training configs share: ``(key, ok, why)`` rows, the first
-    failing one raised as ``ValueError("<what> <key>=<value>: <why>")`` (the value when ``key`` names a field)."""
-    for key, ok, why in checks:
-        if not ok:
-            try:
-                shown = f"{key}={_get(cfg, key)!r}"
-            except AttributeError:  # a check over several fields, named in words
-                shown = key
-            raise ValueError(f"{what} {shown}: {why}")
-
-
-def _get(cfg, dotted: str):
-    obj = cfg
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 # -- recipes and overrides -----------------------------------------------------------------------
 
-RECIPES = ("baseline", "improved")
+#: Shipped recipes (``training/recipes/NAME.yaml``). ``improved`` is the product: a recipe file that names
+#: its ``base`` (today ``probe-random``), so pointing the product at another recipe is a one-line change.
+RECIPES = ("baseline", "improved", "probe-random", "finetune")
+
+_PROBE_HAS_NO = "a frozen backbone with a logistic head has no optimiser, loss, schedule or EMA"
+#: What each strategy does not read, as ``{section or section.key: why}``. Given in a recipe or by ``--set``
+#: under that strategy it is an error naming the key and the strategy: a setting that would be silently
+#: ignored is a recipe that says more than it does. lp_ft runs both parts, so it reads everything.
+UNREAD: dict[str, dict[str, str]] = {
+    "finetune": {"probe": "only strategy linear_probe or lp_ft fits a probe"},
+    "linear_probe": {
+        "optim": _PROBE_HAS_NO, "loss": _PROBE_HAS_NO, "schedule": _PROBE_HAS_NO, "ema": _PROBE_HAS_NO,
+        "model.drop_path": "the backbone is frozen, and stochastic depth acts only while training it",
+        **dict.fromkeys(("augment.mixup", "augment.cutmix", "augment.mix_prob"),
+                        "batch mixing belongs to the training loop; the probe's extra views are single images"),
+        "eval.select": "the probe chooses its C by cross-fitting, not by a validation metric",
+        "eval.tta": "the probe's bundle scores the plain image",
+        "engine.checkpoint_every": "the probe has no optimizer steps to checkpoint",
+        "engine.compile": "the probe's features come from an uncompiled scoring pass",
+    },
+    "lp_ft": {},
+}
 
 
-def recipe_path(name_or_path: str | Path) -> Path:
-    """A shipped recipe name (``baseline``, ``improved``) or a path to a YAML file."""
+def unread_keys(strategy: str, given: list[str]) -> list[tuple[str, str]]:
+    """``[(key, why)]`` for the dotted keys in ``given`` that ``strategy`` does not read."""
+    unread = UNREAD.get(strategy, {})
+    hits = []
+    for key in given:
+        if any(key.startswith(hit + ".") for hit, _ in hits):
+            continue   # a section already named covers its keys
+        for entry, why in unread.items():
+            if key == entry or key.startswith(entry + "."):
+                hits.append((key, why))
+                break
+    return hits
+
+
+def read_by_strategy(cfg: TrainConfig) -> dict:
+    """``config_to_dict(cfg)`` less what ``cfg.strategy`` does not read: two configs equal here train the same."""
+    d = config_to_dict(cfg)
+    for entry in UNREAD.get(cfg.strategy, {}):
+        *parents, leaf = entry.split(".")
+        node = d
+        for part in parents:
+            node = node[part]
+        node.pop(leaf, None)
+    return d
+
+
+def recipe_path(name_or_path: str | Path, *, relative_to: Path | None = None) -> Path:
+    """A shipped recipe name (:data:`RECIPES`) or a path to a YAML file (``relative_to`` a recipe's folder)."""
     if str(name_or_path) in RECIPES:
         return Path(str(resources.files("cxrvit.training") / "recipes" / f"{name_or_path}.yaml"))
     path = Path(name_or_path)
+    if relative_to is not None and not path.is_absolute():
+        path = relative_to / path
     if not path.is_file():
         raise FileNotFoundError(f"recipe {str(name_or_path)!r} is neither a shipped recipe "
                                 f"({', '.join(RECIPES)}) nor an existing YAML file")
     return path
 
 
-def apply_overrides(d: dict, overrides: list[str] | None) -> dict:
-    """Apply ``section.key=value`` strings (values parsed as YAML: ``3e-4``, ``true``, ``[0.6, 1]``)."""
-    d = _deepcopy(d)
-    for item in overrides or []:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form key=value")
-        dotted, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
-        if isinstance(value, str) and _looks_numeric(raw):
-            value = float(raw)  # YAML 1.1 reads "3e-4" as a string
-        parts = dotted.strip().split(".")
-        node = d
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = value
-    return d
-
-
-def load_recipe(recipe: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-    """Load a recipe by name or path, apply ``--set`` overrides, validate, return the config."""
+def read_recipe(recipe: str | Path, _seen: tuple[Path, ...] = ()) -> tuple[Path, dict]:
+    """The recipe's file and its raw dict, with its ``base`` recipe (if any) merged underneath."""
     path = recipe_path(recipe)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not valid YAML: {exc}") from exc
-    raw = apply_overrides(raw, overrides)
-    raw.setdefault("name", path.stem)
-    return config_from_dict(raw, source=str(path) + (" + --set" if overrides else ""))
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return path, raw
+    if path.resolve() in _seen or len(_seen) > 8:
+        raise ValueError(f"{path}: base recipes form a loop ({' -> '.join(str(p) for p in _seen)})")
+    base_file = str(base) if str(base) in RECIPES else recipe_path(str(base), relative_to=path.parent)
+    _, below = read_recipe(base_file, _seen + (path.resolve(),))
+    return path, merge(below, raw)
+
+
+def load_recipe(recipe: str | Path, overrides: list[str] | None = None, *,
+                shared: list[str] | None = None) -> TrainConfig:
+    """Load a recipe by name or path, apply ``--set`` overrides, validate, return the config.
+
+    A key the resolved strategy does not read (:data:`UNREAD`), in the recipe or in ``overrides``, is an
+    error naming it. ``shared`` overrides are settings meant for several recipes at once (an arms plan's,
+    a cross-validation comparison's): they apply first, and one this recipe's strategy does not read is
+    left out for it instead of refused (``schedule.epochs`` shared by a fine-tune and a probe arm).
+    """
+    path, raw = read_recipe(recipe)
+    overrides, shared = list(overrides or []), list(shared or [])
+    strategy = apply_overrides(raw, shared + overrides).get("strategy", TrainConfig.strategy)
+    shared = [item for item in shared if not unread_keys(str(strategy), [parse_override(item)[0]])]
+    source = str(path) + (" + --set" if overrides or shared else "")
+    hits = unread_keys(str(strategy), dotted_keys(raw))
+    if hits:
+        raise ValueError(f"{path}: {_unread_message(hits, strategy)}; remove it from the recipe, or use a recipe "
+                         f"written for that strategy ({', '.join(RECIPES)})")
+    hits = unread_keys(str(strategy), [parse_override(item)[0] for item in overrides])
+    if hits:
+        raise ValueError(f"{source}: --set {_unread_message(hits, strategy, '=...')}")
+    resolved = apply_overrides(raw, shared + overrides)
+    resolved.setdefault("name", path.stem)
+    return build_dataclass(TrainConfig, resolved, prefix="", source=source).validate()
+
+
+def _unread_message(hits: list[tuple[str, str]], strategy, suffix: str = "") -> str:
+    keys = ", ".join(key + suffix for key, _ in hits)
+    whys = "; ".join(dict.fromkeys(why for _, why in hits))
+    return f"{keys} {'is' if len(hits) == 1 else 'are'} not read by strategy {strategy} ({whys})"
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-
-
-def _looks_numeric(raw: str) -> bool:
-    try:
-        float(raw)
-        return True
-    except ValueError:
-        return False
-
-
-def _deepcopy(d):
-    if isinstance(d, dict):
-        return {k: _deepcopy(v) for k, v in d.items()}
-    if isinstance(d, list):
-        return [_deepcopy(v) for v in d]
-    return d
