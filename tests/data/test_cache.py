@@ -177,13 +177,28 @@ def test_corrupted_cache_fails_verification(nih_dir: Path, tmp_path: Path):
         CXRCache(tmp_path / "c", verify=True)
 
 
+#: ``cxrvit prepare`` with every decode 0.4 s slower, so the test can kill it reliably half-way. The slow-down is
+#: patched in here, in the child process (pool workers are forked from it and inherit it), not read by the library.
+SLOW_PREPARE = """
+import sys, time
+from cxrvit.data import images
+from cxrvit.cli import main
+_load = images.load_square
+def slow_load(path, size):
+    time.sleep(0.4)
+    return _load(path, size)
+images.load_square = slow_load
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_killed_prepare_resumes_to_an_identical_cache(nih_dir: Path, tmp_path: Path, workers: int):
     reference = _files(_prep(nih_dir, tmp_path / "ref").root)
     out = tmp_path / "c"
-    cmd = [sys.executable, "-m", "cxrvit", "prepare", "--data", str(nih_dir), "--out", str(out),
+    cmd = [sys.executable, "-c", SLOW_PREPARE, "prepare", "--data", str(nih_dir), "--out", str(out),
            "--size", str(SIZE), "--workers", str(workers), "--no-progress"]
-    env = dict(os.environ, CXRVIT_PREPARE_DELAY_S="0.4", PYTHONPATH=str(REPO / "src"))
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     progress = out / ".partial" / "progress.bits"
     deadline = time.monotonic() + 60

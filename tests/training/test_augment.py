@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from cxrvit.training.augment import BatchAugment
@@ -67,3 +68,25 @@ def test_mixup_mixes_targets_with_the_image_weight():
     cut = AugmentConfig(**IDENTITY, cutmix=1.0, mix_prob=1.0)
     _, yc = BatchAugment(cut, 32, seed=0)(x, torch.ones(6, 2))
     assert torch.allclose(yc, torch.ones(6, 2))  # mixing two positives stays positive
+
+
+def test_crop_boxes_are_the_one_crop_both_the_augmentation_and_the_ssl_views_draw():
+    import math
+
+    from cxrvit.ssl.views import random_resized_crop
+    from cxrvit.training.augment import crop_boxes
+
+    w, h, cx, cy = crop_boxes(4000, (0.3, 0.9), (0.75, 4 / 3), torch.Generator().manual_seed(0), torch.float64)
+    # inside the image, area in the scale range unless a side was clamped to the image, aspect in the ratio range
+    assert bool(((cx.abs() + w <= 1 + 1e-12) & (cy.abs() + h <= 1 + 1e-12)).all())
+    free = (w < 1) & (h < 1)
+    assert bool(((w * h)[free] >= 0.3 - 1e-9).all() and ((w * h)[free] <= 0.9 + 1e-9).all())
+    assert bool(((w / h)[free] >= 0.75 - 1e-9).all() and ((w / h)[free] <= 4 / 3 + 1e-9).all())
+    assert float(cx.mean()) == pytest.approx(0.0, abs=0.02) and math.isclose(float((w * h).max()), 0.9, abs_tol=0.01)
+    # the SSL crop is this box (float32 draws from the same generator), no flip: a crop of a horizontal ramp
+    # spans exactly [cx - w, cx + w] of the image's normalised width
+    ramp = torch.linspace(-1, 1, 256).repeat(2, 1, 256, 1)
+    out = random_resized_crop(ramp, 8, (0.3, 0.9), (0.75, 4 / 3), torch.Generator().manual_seed(5))
+    w, h, cx, cy = crop_boxes(2, (0.3, 0.9), (0.75, 4 / 3), torch.Generator().manual_seed(5))
+    left, right = out[:, 0, 0, 0], out[:, 0, 0, -1]     # pixel centres at -7/8 and +7/8 of the crop
+    assert torch.allclose(left, cx - w * 7 / 8, atol=0.01) and torch.allclose(right, cx + w * 7 / 8, atol=0.01)

@@ -38,7 +38,7 @@ def test_an_override_the_strategy_does_not_read_names_key_and_strategy(recipe, o
 ])
 def test_a_recipe_section_the_strategy_does_not_read_names_file_section_and_strategy(recipe, override, key,
                                                                                        strategy):
-    with pytest.raises(ValueError, match=rf"recipes/\S+\.yaml: (\S+, )*{key}\b.* not read by strategy {strategy} "):
+    with pytest.raises(ValueError, match=rf"recipes/\S+\.yaml\)?: (\S+, )*{key}\b.* not read by strategy {strategy} "):
         load_recipe(recipe, [override])
 
 

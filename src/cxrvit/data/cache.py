@@ -30,6 +30,7 @@ import pandas as pd
 from cxrvit.data import images as images_mod
 from cxrvit.data import index as index_mod
 from cxrvit.data import nih
+from cxrvit.fileio import atomic_write
 from cxrvit.labels import label_matrix
 
 FORMAT = "cxrvit-cache/1"
@@ -225,17 +226,8 @@ def plan_cache(
 # ---------------------------------------------------------------------------------------------
 # Decoding (runs in worker processes)
 
-#: Test hook: seconds each decode sleeps, so a test can kill ``prepare`` reliably half-way.
-_DELAY_ENV = "CXRVIT_PREPARE_DELAY_S"
-
-
 def _decode_one(task: tuple[int, str, int]) -> tuple[int, bytes | None, str | None]:
     row, path, size = task
-    delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
-    if delay:
-        import time
-
-        time.sleep(delay)
     try:
         return row, images_mod.load_square(path, size).tobytes(), None
     except images_mod.ImageReadError as exc:
@@ -249,13 +241,9 @@ def _decode_one(task: tuple[int, str, int]) -> tuple[int, bytes | None, str | No
 
 
 def _atomic_write(path: Path, data: bytes | str) -> None:
-    """Write-then-rename: a reader (or a re-run after a crash) sees the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data.encode() if isinstance(data, str) else data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write-then-rename, synced: a reader (or a re-run after a crash) sees the old file or the new one."""
+    payload = data.encode() if isinstance(data, str) else data
+    atomic_write(path, lambda tmp: tmp.write_bytes(payload), fsync=True)
 
 
 def _save_progress(work: Path, pixels: np.memmap, done: np.ndarray) -> None:
@@ -378,14 +366,14 @@ def _finalize(plan: Plan, key: str, out: Path, work: Path, bad_rows: list[int], 
     final, work_pixels = out / PIXELS, work / PIXELS
     if bad_rows:  # copy the good rows into a compact file; the work file stays until COMPLETE exists
         src = np.memmap(work_pixels, dtype=np.uint8, mode="r", shape=(len(plan.table), s, s))
-        tmp = out / (PIXELS + ".tmp")
-        with open(tmp, "wb") as fh:
-            for start in range(0, len(keep), 1024):
-                fh.write(np.ascontiguousarray(src[keep[start : start + 1024]]).tobytes())
-            fh.flush()
-            os.fsync(fh.fileno())
+
+        def write_rows(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:
+                for start in range(0, len(keep), 1024):
+                    fh.write(np.ascontiguousarray(src[keep[start : start + 1024]]).tobytes())
+
+        atomic_write(final, write_rows, fsync=True)
         del src
-        os.replace(tmp, final)
     elif work_pixels.is_file():
         os.replace(work_pixels, final)
     elif len(keep) == 0:

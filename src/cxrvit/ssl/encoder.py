@@ -37,20 +37,15 @@ def build_encoder(arch: str = "vit_small", depth: int = 12, patch_size: int = 16
 def encode(vit: VisionTransformer, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
     """Run ``vit`` on the CLS token plus the patch tokens ``keep`` (``[B, n]`` indices, or all).
 
-    Position embeddings are added *before* dropping tokens, so each kept token still knows where
-    it came from - this is what MAE's encoder and I-JEPA's context encoder need. Returns the
-    normed tokens ``[B, 1 + n, D]``, CLS first, exactly like ``forward_features`` when ``keep`` is None.
+    The tokens are the model's own (:meth:`~cxrvit.model.vit.VisionTransformer.prepare_tokens`: patch
+    embedding, CLS, positions), so position embeddings are added *before* dropping tokens and each kept
+    token still knows where it came from - what MAE's encoder and I-JEPA's context encoder need. Returns
+    the normed tokens ``[B, 1 + n, D]``, CLS first, exactly ``forward_features`` when ``keep`` is None.
     """
-    b, c, h, w = x.shape
-    if c == 1:
-        x = x.expand(-1, 3, -1, -1)
-    patches = vit.patch_embed(x)
-    pos = vit.interpolate_pos_encoding(torch.zeros(1, patches.shape[1] + 1, 1), h, w)
-    patches = patches + pos[:, 1:]
+    tokens = vit.prepare_tokens(x)
     if keep is not None:
-        patches = torch.gather(patches, 1, keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-    cls = (vit.cls_token + pos[:, :1]).expand(b, -1, -1)
-    tokens = vit.pos_drop(torch.cat((cls, patches), dim=1))
+        patches = torch.gather(tokens[:, 1:], 1, keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        tokens = torch.cat((tokens[:, :1], patches), dim=1)
     for blk in vit.blocks:
         tokens = blk(tokens)
     return vit.norm(tokens)

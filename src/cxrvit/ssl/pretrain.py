@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cxrvit.data.preprocess import Preprocessing
+from cxrvit.data.preprocess import Preprocessing, resize_batch, to_float
 from cxrvit.engine import distributed as dist_
 from cxrvit.engine.core import Engine, NonFiniteLossError
 from cxrvit.engine.optim import apply_schedule, param_groups, warmup_cosine
@@ -38,7 +38,6 @@ from cxrvit.ssl.encoder import BACKBONE_FILE, build_encoder, export_backbone
 from cxrvit.ssl.ijepa import IJEPA
 from cxrvit.ssl.mae import MAE
 from cxrvit.ssl.probe import ProbeSet, run_probes
-from cxrvit.ssl.views import to_unit
 
 #: Config keys a resume may change: where and how often it runs, how far it goes (the schedules span
 #: all ``schedule.epochs`` whatever ``max_steps`` says), and the monitoring; nothing that is computed.
@@ -103,7 +102,7 @@ class UnlabelledImages:
             sort = np.argsort(rows)
             pix = np.ascontiguousarray(self.caches[ci].pixels[rows[sort]])   # sorted reads of the memmap
             grey = torch.from_numpy(pix).unsqueeze(1).to(device, non_blocking=True)
-            out[torch.from_numpy(where[sort]).to(device)] = to_unit(grey, size)
+            out[torch.from_numpy(where[sort]).to(device)] = resize_batch(to_float(grey), size)
         return out
 
 

@@ -15,11 +15,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
-from cxrvit.data.preprocess import Preprocessing
+from cxrvit.data.preprocess import Preprocessing, eval_transform
 from cxrvit.labels import SCORED_TARGETS
 from cxrvit.model.vit import VisionTransformer
 from cxrvit.ssl.encoder import encode
-from cxrvit.ssl.views import to_unit
 
 
 @dataclass
@@ -43,7 +42,7 @@ def extract_features(vit: VisionTransformer, pixels, rows: np.ndarray, size: int
         idx = np.sort(rows[start:start + batch_size])
         order = np.argsort(np.argsort(rows[start:start + batch_size]))  # back to the caller's order
         grey = torch.from_numpy(np.ascontiguousarray(pixels[idx])).unsqueeze(1)[order].to(device)
-        x = pre.normalize(to_unit(grey, size))
+        x = pre.normalize(eval_transform(grey, size))
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             tokens = encode(vit, x).float()
         cls_out.append(tokens[:, 0].cpu())

@@ -3,7 +3,9 @@
 Every view is made on the whole batch tensor at once: one ``affine_grid`` + ``grid_sample`` per
 crop set, per-sample random parameters drawn from a seeded ``torch.Generator`` (so a resumed run
 draws the same crops as an uninterrupted one). Inputs and outputs are grey floats in [0, 1],
-``[B, 1, H, W]``.
+``[B, 1, H, W]``. The crop boxes and uniform draws are the supervised augmentation's
+(:mod:`cxrvit.training.augment`); what is the SSL views' own is here: the flip, border padding and
+DINO's exposure jitter, blur and solarisation.
 
 Chest-X-ray choices (why these differ from ImageNet DINO): no horizontal flip by default
 (laterality is anatomy: the heart is on the left, and dextrocardia is a finding), no colour jitter
@@ -18,9 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-
-def uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
-    return low + (high - low) * torch.rand(n, generator=gen)
+from cxrvit.training.augment import crop_boxes, uniform
 
 
 def random_resized_crop(x: torch.Tensor, size: int, scale: tuple[float, float], ratio: tuple[float, float],
@@ -31,13 +31,7 @@ def random_resized_crop(x: torch.Tensor, size: int, scale: tuple[float, float], 
     bilinear ``grid_sample`` for the whole batch.
     """
     b = x.shape[0]
-    area = uniform(b, *scale, gen)
-    log_r = uniform(b, math.log(ratio[0]), math.log(ratio[1]), gen)
-    aspect = torch.exp(log_r)
-    half_w = torch.sqrt(area * aspect).clamp(max=1.0)   # half-extent in normalised units = side fraction
-    half_h = torch.sqrt(area / aspect).clamp(max=1.0)
-    cx = (torch.rand(b, generator=gen) * 2 - 1) * (1 - half_w)
-    cy = (torch.rand(b, generator=gen) * 2 - 1) * (1 - half_h)
+    half_w, half_h, cx, cy = crop_boxes(b, scale, ratio, gen)
     flip = torch.where(torch.rand(b, generator=gen) < hflip, -1.0, 1.0)
     theta = torch.zeros(b, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2] = half_w * flip, cx
@@ -91,11 +85,3 @@ class Photometric:
         sol = (torch.rand(b, generator=gen) < p_sol).to(dev).view(b, 1, 1, 1)
         x = torch.where(sol & (x >= 0.5), 1 - x, x)
         return x.clamp(0, 1)
-
-
-def to_unit(grey: torch.Tensor, size: int | None = None) -> torch.Tensor:
-    """uint8 ``[B, 1, S, S]`` -> float in [0, 1], optionally resized (antialiased) to ``size``."""
-    x = grey.float().div_(255.0) if grey.dtype == torch.uint8 else grey.float()
-    if size is not None and x.shape[-1] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x

@@ -9,6 +9,10 @@ multi-hot targets with the same weight.
 All random numbers come from a CPU ``torch.Generator`` owned by :class:`BatchAugment`
 (parameters are tiny: a few floats per image, moved to the device afterwards). Its state is
 saved in checkpoints, so a resumed run draws exactly the same augmentations, on CPU or GPU.
+
+The random-resized-crop box (:func:`crop_boxes`) and the uniform draws (:func:`uniform`) are also
+what the self-supervised views use (:mod:`cxrvit.ssl.views`): one implementation, each caller
+keeping only its own composition (rotation/shear/photometrics here; flips and DINO's jitter there).
 """
 from __future__ import annotations
 
@@ -20,6 +24,28 @@ import torch.nn.functional as F
 
 from cxrvit.data.preprocess import resize_batch, to_float
 from cxrvit.training.config import AugmentConfig
+
+
+def uniform(n: int, low: float, high: float, gen: torch.Generator, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``n`` draws from U[low, high) off the CPU generator ``gen``."""
+    return torch.rand(n, generator=gen, dtype=dtype) * (high - low) + low
+
+
+def crop_boxes(n: int, scale, ratio, gen: torch.Generator, dtype: torch.dtype = torch.float32):
+    """Random-resized-crop boxes in the normalised [-1, 1] frame: ``(w, h, cx, cy)``, ``[n]`` each.
+
+    ``w``/``h`` are the crop's sides as fractions of the image's (area fraction in ``scale``, log-uniform
+    aspect in ``ratio``) - equally the half-extents in [-1, 1] units; ``cx``/``cy`` centres that keep the
+    box inside. A box larger than the image is clamped (torchvision retries and then falls back to a
+    centre crop; clamping is its batched analogue). Four draws per sample, in this order.
+    """
+    area = uniform(n, scale[0], scale[1], gen, dtype)
+    aspect = torch.exp(uniform(n, math.log(ratio[0]), math.log(ratio[1]), gen, dtype))
+    w = torch.sqrt(area * aspect).clamp(max=1.0)
+    h = torch.sqrt(area / aspect).clamp(max=1.0)
+    cx = uniform(n, -1.0, 1.0, gen, dtype) * (1 - w)
+    cy = uniform(n, -1.0, 1.0, gen, dtype) * (1 - h)
+    return w, h, cx, cy
 
 
 class BatchAugment:
@@ -37,20 +63,12 @@ class BatchAugment:
 
     # -- random parameters -------------------------------------------------------------------
     def _uniform(self, n: int, lo: float, hi: float) -> torch.Tensor:
-        return torch.rand(n, generator=self.generator, dtype=torch.float64) * (hi - lo) + lo
+        return uniform(n, lo, hi, self.generator, torch.float64)   # float64: the matrices are composed below
 
     def sample_affine(self, n: int) -> torch.Tensor:
         """``[n, 2, 3]`` matrices mapping output coordinates to input coordinates (both in [-1, 1])."""
         c = self.cfg
-        area = self._uniform(n, c.scale[0], c.scale[1])
-        log_r = self._uniform(n, math.log(c.ratio[0]), math.log(c.ratio[1]))
-        ratio = torch.exp(log_r)
-        # Crop width/height as fractions of the side; a crop larger than the image is clamped
-        # (torchvision retries and then falls back to a centre crop; clamping is its batched analogue).
-        w = torch.sqrt(area * ratio).clamp(max=1.0)
-        h = torch.sqrt(area / ratio).clamp(max=1.0)
-        cx = self._uniform(n, -1.0, 1.0) * (1 - w)
-        cy = self._uniform(n, -1.0, 1.0) * (1 - h)
+        w, h, cx, cy = crop_boxes(n, c.scale, c.ratio, self.generator, torch.float64)
         angle = torch.deg2rad(self._uniform(n, -c.rotate, c.rotate))
         shear = torch.tan(torch.deg2rad(self._uniform(n, -c.shear, c.shear)))
         tx = self._uniform(n, -c.translate, c.translate) * 2  # fraction of the side -> [-1, 1] units

@@ -268,8 +268,8 @@ def recipe_path(name_or_path: str | Path, *, relative_to: Path | None = None) ->
     return path
 
 
-def read_recipe(recipe: str | Path, _seen: tuple[Path, ...] = ()) -> tuple[Path, dict]:
-    """The recipe's file and its raw dict, with its ``base`` recipe (if any) merged underneath."""
+def read_recipe(recipe: str | Path, _seen: tuple[Path, ...] = ()) -> tuple[list[Path], dict]:
+    """The recipe's files (it, then its ``base`` chain) and its raw dict, each base merged underneath."""
     path = recipe_path(recipe)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -279,12 +279,12 @@ def read_recipe(recipe: str | Path, _seen: tuple[Path, ...] = ()) -> tuple[Path,
         raise ValueError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
     base = raw.pop("base", None)
     if base is None:
-        return path, raw
+        return [path], raw
     if path.resolve() in _seen or len(_seen) > 8:
         raise ValueError(f"{path}: base recipes form a loop ({' -> '.join(str(p) for p in _seen)})")
     base_file = str(base) if str(base) in RECIPES else recipe_path(str(base), relative_to=path.parent)
-    _, below = read_recipe(base_file, _seen + (path.resolve(),))
-    return path, merge(below, raw)
+    files, below = read_recipe(base_file, _seen + (path.resolve(),))
+    return [path, *files], merge(below, raw)
 
 
 def load_recipe(recipe: str | Path, overrides: list[str] | None = None, *,
@@ -296,14 +296,16 @@ def load_recipe(recipe: str | Path, overrides: list[str] | None = None, *,
     a cross-validation comparison's): they apply first, and one this recipe's strategy does not read is
     left out for it instead of refused (``schedule.epochs`` shared by a fine-tune and a probe arm).
     """
-    path, raw = read_recipe(recipe)
+    files, raw = read_recipe(recipe)
+    path = files[0]
     overrides, shared = list(overrides or []), list(shared or [])
     strategy = apply_overrides(raw, shared + overrides).get("strategy", TrainConfig.strategy)
     shared = [item for item in shared if not unread_keys(str(strategy), [parse_override(item)[0]])]
     source = str(path) + (" + --set" if overrides or shared else "")
     hits = unread_keys(str(strategy), dotted_keys(raw))
     if hits:
-        raise ValueError(f"{path}: {_unread_message(hits, strategy)}; remove it from the recipe, or use a recipe "
+        named = str(path) + "".join(f" (base {f})" for f in files[1:])
+        raise ValueError(f"{named}: {_unread_message(hits, strategy)}; remove it from the recipe, or use a recipe "
                          f"written for that strategy ({', '.join(RECIPES)})")
     hits = unread_keys(str(strategy), [parse_override(item)[0] for item in overrides])
     if hits:
