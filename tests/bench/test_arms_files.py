@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cxrvit.evaluation.arms import arm_config, load_plan
+from cxrvit.experiments.plan import arm_config, load_plan
 from cxrvit.training.config import (apply_overrides, config_from_dict, config_to_dict, read_by_strategy,
                                     unread_keys)
 
@@ -69,3 +69,4 @@ def test_round_one_and_issue_20_fine_tune_arms_keep_their_settings():
     assert now.schedule.epochs == 30                  # the plan's budget, not the recipe's 75
     probe = arm_config(plan, plan.arm("probe-random"), 0)
     assert (probe.name, probe.strategy, probe.model.img_size) == ("probe-random", "linear_probe", 224)
+
