@@ -71,13 +71,18 @@ def test_predictions_hashed_before_identities_still_match():
     cfg = load_recipe("baseline", ["model.img_size=128"])
     legacy = config_to_dict(cfg)          # the dict as it was before the later keys were added
     del legacy["model"]["attention"], legacy["model"]["pos_embed"], legacy["strategy"], legacy["probe"]
+    legacy["engine"]["workers"] = 0       # a field it held then, removed since (issue 21): hashed as it was
     assert set(LATER_KEYS) == {"model.attention", "model.pos_embed", "strategy", "probe"}
     old = hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:16]
     assert legacy_config_hash(cfg) == old and hash_matches(old, cfg) and hash_matches(config_hash(cfg), cfg)
-    for override in ("strategy=linear_probe", "model.attention=explicit", "probe.views=2", "model.pos_embed=sincos"):
+    # (strategy lp_ft reads the fine-tuning sections and the probe's alike: baseline.yaml takes it, issue 21)
+    for override in ("strategy=lp_ft", "model.attention=explicit", "model.pos_embed=sincos"):
         other = load_recipe("baseline", ["model.img_size=128", override])
         assert legacy_config_hash(other) != old and config_hash(other) != config_hash(cfg)
         assert not hash_matches(old, other)
+    lp_ft = load_recipe("baseline", ["model.img_size=128", "strategy=lp_ft"])
+    views = load_recipe("baseline", ["model.img_size=128", "strategy=lp_ft", "probe.views=2"])
+    assert legacy_config_hash(views) != legacy_config_hash(lp_ft) and config_hash(views) != config_hash(lp_ft)
 
 
 @pytest.mark.parametrize("method", ["dino", "mae"])
@@ -90,17 +95,25 @@ def test_a_pretraining_stage_is_identified_the_same_way(method):
         == config_identity(a)
 
 
-def test_the_legacy_hash_survives_the_removal_of_a_field_nothing_read(monkeypatch):
-    """engine.workers (read by nothing) may leave TrainConfig; predictions hashed with it still match."""
-    import cxrvit.experiments.identity as identity
+def test_the_legacy_hash_survives_the_removal_of_a_field_nothing_read():
+    """engine.workers (read by nothing) left TrainConfig (issue 21); a config saved while it existed still
+    hashes as its predictions were hashed then."""
+    from pathlib import Path
 
-    cfg = load_recipe("baseline", ["model.img_size=128"])
-    before = legacy_config_hash(cfg)
+    import yaml
 
-    def without_workers(c):
-        d = config_to_dict(c)
-        del d["engine"]["workers"]
-        return d
+    from cxrvit.training.config import TrainConfig, config_from_dict
 
-    monkeypatch.setattr(identity, "config_to_dict", without_workers)
-    assert identity.legacy_config_hash(cfg) == before
+    saved_file = Path(__file__).resolve().parents[1] / "fixtures" / "configs" / "improved-saved-before-issue21.yaml"
+    saved = yaml.safe_load(saved_file.read_text())       # every field as written then, engine.workers included
+    assert saved["engine"]["workers"] == 0 and "workers" not in config_to_dict(TrainConfig())["engine"]
+    legacy, default = json.loads(json.dumps(saved)), config_to_dict(TrainConfig())
+    for dotted in LATER_KEYS:                            # the old hash's own rule for keys added later
+        *parents, leaf = dotted.split(".")
+        here, there = legacy, default
+        for part in parents:
+            here, there = here[part], there[part]
+        if here.get(leaf) == there[leaf]:
+            del here[leaf]
+    then = hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:16]
+    assert legacy_config_hash(config_from_dict(saved)) == then and hash_matches(then, config_from_dict(saved))
