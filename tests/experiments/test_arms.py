@@ -252,7 +252,7 @@ def test_a_finished_arm_is_reused_while_its_resolved_config_is_unchanged(tmp_pat
     run_arms(plan, "C", tmp_path / "b", cache=cache, train_fn=fake, **QUIET)
     assert len(fake.calls) == 4                                 # nothing retrained
     saved = yaml.safe_load((tmp_path / "b" / "identity.yaml").read_text())
-    assert saved["arms"]["mine"]["config"]["name"] == "baseline"        # the recipe's own name, not the file's
+    assert "name" not in saved["arms"]["mine"]["config"]               # what a recipe is called is not what it trains
     assert "attention" not in saved["arms"]["mine"]["config"].get("model", {})
 
     (tmp_path / "b" / "identity.yaml").unlink()                 # an OUT from before identities: resolved from plan.yaml

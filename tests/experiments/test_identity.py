@@ -117,3 +117,20 @@ def test_the_legacy_hash_survives_the_removal_of_a_field_nothing_read():
             del here[leaf]
     then = hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:16]
     assert legacy_config_hash(config_from_dict(saved)) == then and hash_matches(then, config_from_dict(saved))
+
+
+def test_only_what_the_strategy_reads_and_not_the_recipe_name_identify_an_arm():
+    """`improved` (base: probe-random) and `probe-random` train the same probe; fine-tuning settings given to a
+    probe through a CV plan's shared overrides are not read by it, so they do not make it another arm."""
+    probe, improved = load_recipe("probe-random"), load_recipe("improved")
+    assert probe.name != improved.name and config_hash(probe) == config_hash(improved)
+    shared = load_recipe("probe-random", shared=["schedule.epochs=30", "model.img_size=128"])
+    assert differing_keys(config_identity(probe), config_identity(shared)) == ["model.img_size: '<default>' -> 128"]
+    # ...while for a fine-tuning recipe the same keys are read and do count
+    ft = load_recipe("finetune")
+    assert "schedule.epochs: 75 -> 20" in differing_keys(config_identity(ft), config_identity(
+        load_recipe("finetune", shared=["schedule.epochs=20"])))
+    # predictions hashed while the identity still held every field (and the name) are still read as this config
+    from cxrvit.experiments.identity import field_identity, identity_hash
+    assert hash_matches(identity_hash(field_identity(shared)), shared)
+    assert not hash_matches(identity_hash(field_identity(ft)), shared)

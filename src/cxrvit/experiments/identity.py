@@ -1,4 +1,4 @@
-"""What makes two runs of an arm "the same": its resolved config with every field at its default left out.
+"""What makes two runs of an arm "the same": its resolved config, what its strategy reads, defaults left out.
 
 A finished fold is reused only while the arm's identity is unchanged. Identity is the *resolved*
 config (recipe + overrides, as the engine will read it), not the text that produced it: a YAML
@@ -17,7 +17,7 @@ import dataclasses
 import hashlib
 import json
 
-from cxrvit.training.config import REMOVED_KEYS, TrainConfig, config_to_dict
+from cxrvit.training.config import REMOVED_KEYS, TrainConfig, config_to_dict, read_by_strategy
 
 
 def strip_defaults(values: dict, defaults: dict) -> dict:
@@ -35,11 +35,28 @@ def strip_defaults(values: dict, defaults: dict) -> dict:
     return out
 
 
+def _plain(values) -> dict:
+    """Plain JSON types: a tuple and a list of the same values are one identity."""
+    return json.loads(json.dumps(dataclasses.asdict(values) if dataclasses.is_dataclass(values) else values))
+
+
 def config_identity(cfg) -> dict:
-    """Any all-defaults config dataclass (TrainConfig, PretrainConfig) -> its non-default fields, as
-    plain JSON types (a tuple and a list of the same values are one identity)."""
-    plain = lambda c: json.loads(json.dumps(dataclasses.asdict(c)))
-    return strip_defaults(plain(cfg), plain(type(cfg)()))
+    """Any all-defaults config dataclass (TrainConfig, PretrainConfig) -> its non-default fields.
+
+    For a training config only what its strategy reads counts (``training.config.read_by_strategy``),
+    and not the recipe's ``name``: a probe recipe and a fine-tuning recipe that leave the probe the same
+    settings train the same probe, whatever they are called."""
+    if isinstance(cfg, TrainConfig):
+        values = _plain(read_by_strategy(cfg))
+        values.pop("name", None)
+        return strip_defaults(values, _plain(type(cfg)()))
+    return strip_defaults(_plain(cfg), _plain(type(cfg)()))
+
+
+def field_identity(cfg) -> dict:
+    """The identity as first defined (every non-default field, unread ones and ``name`` included);
+    fold predictions were hashed with it for a while, so :func:`hash_matches` still accepts it."""
+    return strip_defaults(_plain(cfg), _plain(type(cfg)()))
 
 
 def identity_hash(identity: dict) -> str:
@@ -80,7 +97,9 @@ def legacy_config_hash(cfg: TrainConfig) -> str:
 
 def hash_matches(saved: str, cfg) -> bool:
     """Does a saved hash (today's or the legacy one) belong to ``cfg``?"""
-    return saved == config_hash(cfg) or (isinstance(cfg, TrainConfig) and saved == legacy_config_hash(cfg))
+    if saved == config_hash(cfg):
+        return True
+    return isinstance(cfg, TrainConfig) and saved in (identity_hash(field_identity(cfg)), legacy_config_hash(cfg))
 
 
 _DEFAULT = "<default>"
