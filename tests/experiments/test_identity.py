@@ -134,3 +134,12 @@ def test_only_what_the_strategy_reads_and_not_the_recipe_name_identify_an_arm():
     from cxrvit.experiments.identity import field_identity, identity_hash
     assert hash_matches(identity_hash(field_identity(shared)), shared)
     assert not hash_matches(identity_hash(field_identity(ft)), shared)
+
+
+@pytest.mark.parametrize("recipe, shared", [("probe-random", ["schedule.epochs=30", "model.img_size=128"]),
+                                            ("baseline", ["model.img_size=128"]), ("finetune", [])])
+def test_an_identity_recorded_under_the_every_field_rule_reads_as_today(recipe, shared):
+    from cxrvit.experiments.identity import field_identity, upgrade_identity
+    cfg = load_recipe(recipe, shared=shared)
+    assert upgrade_identity(field_identity(cfg)) == config_identity(cfg)
+    assert upgrade_identity(config_identity(cfg)) == config_identity(cfg)      # today's identities pass unchanged

@@ -17,7 +17,7 @@ import dataclasses
 import hashlib
 import json
 
-from cxrvit.training.config import REMOVED_KEYS, TrainConfig, config_to_dict, read_by_strategy
+from cxrvit.training.config import REMOVED_KEYS, UNREAD, TrainConfig, config_to_dict, read_by_strategy
 
 
 def strip_defaults(values: dict, defaults: dict) -> dict:
@@ -51,6 +51,22 @@ def config_identity(cfg) -> dict:
         values.pop("name", None)
         return strip_defaults(values, _plain(type(cfg)()))
     return strip_defaults(_plain(cfg), _plain(type(cfg)()))
+
+
+def upgrade_identity(saved: dict) -> dict:
+    """A training config's identity as recorded under the every-field rule, read under today's: the recipe's
+    ``name`` and what its strategy does not read are dropped (the rest was recorded without defaults
+    already), so an ``identity.yaml`` written then still matches the arms it describes."""
+    config = json.loads(json.dumps(saved))
+    config.pop("name", None)
+    for entry in UNREAD.get(config.get("strategy", TrainConfig().strategy), {}):
+        *parents, leaf = entry.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return strip_defaults(config, {k: {} for k, v in config.items() if isinstance(v, dict)})
 
 
 def field_identity(cfg) -> dict:
