@@ -89,7 +89,8 @@ def _run(plan, args, *, reports: bool) -> int:
         result = run_arms(plan, args.data, args.out, only=getattr(args, "only", None), device=args.device,
                           progress=not args.quiet, n_resamples=args.bootstrap, command=command, reports=reports,
                           log=lambda m: print(m, file=sys.stderr, flush=True))
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+    # FloatingPointError: a fold whose loss diverged (engine.core.NonFiniteLossError), named with its step
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, FloatingPointError) as exc:
         return _fail(exc)
     if result is None:
         return 0

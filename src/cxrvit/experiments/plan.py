@@ -87,6 +87,10 @@ def check_plan(plan: ArmsPlan, source: str) -> ArmsPlan:
         raise ValueError(f"{source}: needs at least two arms with distinct names, got {names}")
     if plan.reference not in names:
         raise ValueError(f"{source}: reference arm {plan.reference!r} is not among the arms {names}")
+    for name, spec in plan.pretrain.items():
+        if not _is_share(spec.train_fraction):
+            raise ValueError(f"{source}: pre-training {name!r}: train_fraction must be a number in (0, 1], "
+                             f"got {spec.train_fraction!r}")
     for a in plan.arms:
         if a.pretrain and a.pretrain not in plan.pretrain:
             raise ValueError(f"{source}: arm {a.name!r} names pre-training {a.pretrain!r}, which is not defined "
@@ -95,8 +99,9 @@ def check_plan(plan: ArmsPlan, source: str) -> ArmsPlan:
             raise ValueError(f"{source}: arm {a.name!r} has both 'init' and 'pretrain'; choose one")
         if a.init and not Path(a.init).exists():
             raise ValueError(f"{source}: arm {a.name!r}: init checkpoint {a.init} does not exist")
-        if not 0.0 < a.train_fraction <= 1.0:
-            raise ValueError(f"{source}: arm {a.name!r}: train_fraction must be in (0, 1], got {a.train_fraction}")
+        if not _is_share(a.train_fraction):
+            raise ValueError(f"{source}: arm {a.name!r}: train_fraction must be a number in (0, 1], "
+                             f"got {a.train_fraction!r}")
         if a.pretrain and plan.pretrain[a.pretrain].train_fraction != a.train_fraction:
             raise ValueError(f"{source}: arm {a.name!r} trains on {a.train_fraction:g} of each fold's patients but "
                              f"its pre-training {a.pretrain!r} sees {plan.pretrain[a.pretrain].train_fraction:g}; "
@@ -106,6 +111,11 @@ def check_plan(plan: ArmsPlan, source: str) -> ArmsPlan:
     if not plan.seeds:
         raise ValueError(f"{source}: 'seeds' is empty")
     return plan
+
+
+def _is_share(value) -> bool:
+    """A training share: a real number in (0, 1] (YAML's ``true`` is not one, nor the string "1/4")."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 < value <= 1.0
 
 
 def arm_config(plan: ArmsPlan, arm: Arm, seed: int):

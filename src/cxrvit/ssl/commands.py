@@ -92,5 +92,6 @@ def run_pretrain(args: argparse.Namespace) -> int:
         return 1
     if not args.quiet:
         print(f"{result.backbone} ({result.steps} steps): fine-tune with "
-              f"`cxrvit train --recipe improved --init {result.backbone} ...`")
+              f"`cxrvit train --recipe finetune --init {result.backbone} ...`, or read it out with the "
+              f"linear probe: `--recipe improved`")
     return 0

@@ -207,7 +207,9 @@ def _pretrain(cfg, caches, out: Path, ctx: dist_.DistContext, rows, probe, resum
         apply_schedule(engine.optimizer, lr_at(step), wd_at(step))
         with engine.autocast():
             loss, metrics = net(*inputs, **method.step_kwargs(step / spe))
-        loss_value = loss.item()
+        # Every rank decides on the same number: a rank that raised alone would leave the others waiting in
+        # backward's all-reduce (the supervised loop does the same).
+        loss_value = dist_.mean_across(ctx, loss.detach()).item()
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(f"{cfg.method} loss is {loss_value} at step {step}; lower optim.lr or raise "
                                      f"optim.warmup_epochs (last good checkpoint kept: {engine.last})")

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cxrvit.training.config import RECIPES
+
 RUN_FILE = "run.json"   # how the run was launched: cache path, --init, recipe, overrides
 
 
@@ -16,7 +18,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="train a classifier on a prepared cache and write a model bundle",
         description="Train the DINO ViT-S/16 on a prepared cache. Under torchrun it runs DDP.")
-    p.add_argument("--recipe", default=None, help="baseline, improved, or a YAML file")
+    p.add_argument("--recipe", default=None, help=f"{', '.join(RECIPES)}, or a YAML file")
     p.add_argument("--data", default=None, help="prepared cache folder (cxrvit prepare)")
     p.add_argument("--out", default=None, help="run folder: checkpoints, logs, the final bundle")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
