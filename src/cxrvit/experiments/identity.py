@@ -17,7 +17,7 @@ import dataclasses
 import hashlib
 import json
 
-from cxrvit.training.config import REMOVED_KEYS, UNREAD, TrainConfig, config_to_dict, read_by_strategy
+from cxrvit.training.config import REMOVED_KEYS, TrainConfig, config_to_dict, drop_unread, read_by_strategy
 
 
 def strip_defaults(values: dict, defaults: dict) -> dict:
@@ -59,13 +59,7 @@ def upgrade_identity(saved: dict) -> dict:
     already), so an ``identity.yaml`` written then still matches the arms it describes."""
     config = json.loads(json.dumps(saved))
     config.pop("name", None)
-    for entry in UNREAD.get(config.get("strategy", TrainConfig().strategy), {}):
-        *parents, leaf = entry.split(".")
-        node = config
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(leaf, None)
+    drop_unread(config, config.get("strategy", TrainConfig().strategy))
     return strip_defaults(config, {k: {} for k, v in config.items() if isinstance(v, dict)})
 
 

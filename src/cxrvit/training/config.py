@@ -243,16 +243,21 @@ def unread_keys(strategy: str, given: list[str]) -> list[tuple[str, str]]:
     return hits
 
 
-def read_by_strategy(cfg: TrainConfig) -> dict:
-    """``config_to_dict(cfg)`` less what ``cfg.strategy`` does not read: two configs equal here train the same."""
-    d = config_to_dict(cfg)
-    for entry in UNREAD.get(cfg.strategy, {}):
+def drop_unread(d: dict, strategy: str) -> dict:
+    """``d`` (a config as a nested dict, possibly partial) less what ``strategy`` does not read, in place."""
+    for entry in UNREAD.get(strategy, {}):
         *parents, leaf = entry.split(".")
         node = d
         for part in parents:
-            node = node[part]
-        node.pop(leaf, None)
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
     return d
+
+
+def read_by_strategy(cfg: TrainConfig) -> dict:
+    """``config_to_dict(cfg)`` less what ``cfg.strategy`` does not read: two configs equal here train the same."""
+    return drop_unread(config_to_dict(cfg), cfg.strategy)
 
 
 def recipe_path(name_or_path: str | Path, *, relative_to: Path | None = None) -> Path:
