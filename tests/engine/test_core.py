@@ -13,10 +13,12 @@ from cxrvit.model.vit import VisionTransformer
 TOTAL = 6
 
 
-def run(out, stop_at=None, resume=False):
+def run(out, stop_at=None, resume=False, precision="fp32", seen=None):
     """A minimal loop in the engine's order: random data from a saved generator, drop-path from torch's."""
-    engine = Engine(out, DistContext(), "fp32", seed=3)
+    engine = Engine(out, DistContext(), precision, seed=3)
     state = engine.open(resume, {"lr": 1e-2})
+    if seen is not None:
+        seen.append(engine.precision)
     model = VisionTransformer(img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2, num_classes=2,
                               drop_path_rate=0.5)
     engine.build_optimizer(param_groups(model, 0.05), lr=1e-2, betas=(0.9, 0.999))
@@ -55,6 +57,21 @@ def test_a_resumed_loop_ends_with_the_uninterrupted_weights(tmp_path):
     saved = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
     assert {"optimizer", "scaler", "rng", "rng_ranks", "model", "step"} <= set(saved)
     assert len(saved["rng_ranks"]) == 1 and "views" in saved["rng"]["generators"]
+
+
+@pytest.mark.parametrize("started,moved", [("1", "0"), ("0", "1")], ids=["bf16-run-on-fp32-cpu", "fp32-run-on-bf16-cpu"])
+def test_auto_precision_resolves_once_per_run_not_per_resume(tmp_path, monkeypatch, started, moved):
+    """A run started where `auto` means bf16 and resumed on a CPU without native bf16 (or the other way
+    round) keeps its first precision, so it ends with the weights of the uninterrupted run."""
+    monkeypatch.setenv("CXRVIT_FORCE_BF16", started)
+    full = run(tmp_path / "full", precision="auto")
+    assert run(tmp_path / "cut", stop_at=3, precision="auto") is None
+    monkeypatch.setenv("CXRVIT_FORCE_BF16", moved)           # the run moves to the other kind of machine
+    seen = []
+    resumed = run(tmp_path / "cut", resume=True, precision="auto", seen=seen)
+    assert seen == ["bf16" if started == "1" else "fp32"]
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["precision"] == seen[0]
 
 
 def test_precision_resolves_once_for_autocast_scaler_and_records(tmp_path, monkeypatch):

@@ -45,9 +45,7 @@ class Engine:
         # cxrvit.runtime's one rule: auto is bf16 where the hardware has it natively, fp16 on an older
         # GPU, else fp32. fp16's narrow exponent underflows small gradients, hence the loss scaling;
         # bf16 and fp32 need none (the scaler is then a no-op).
-        self.amp = autocast_dtype(precision, self.device)
-        self.precision = PRECISION_NAMES[self.amp]
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
+        self._set_precision(precision)
         self.optimizer: torch.optim.Optimizer | None = None
         if deterministic and self.device.type == "cuda":
             # CPU kernels are deterministic already. On CUDA, pick deterministic kernels but do not let
@@ -55,6 +53,11 @@ class Engine:
             torch.backends.cudnn.benchmark = False
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.utils.deterministic.fill_uninitialized_memory = False
+
+    def _set_precision(self, precision: str) -> None:
+        self.amp = autocast_dtype(precision, self.device)
+        self.precision = PRECISION_NAMES[self.amp]
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
 
     @property
     def last(self) -> Path:
@@ -65,6 +68,18 @@ class Engine:
         """The checkpoint to continue from, or None (:func:`checkpoint.open_run`); then seed, so that every
         rank and every fresh start builds the same initial weights."""
         state = ckpt.open_run(self.out, resume, config, free, parse)
+        started = (state or {}).get("precision")
+        if started is not None and started != self.precision:
+            # `auto` resolves once, when a run starts: a run resumed on another kind of machine (native bf16
+            # or not) keeps the precision it started with, so it ends as it would have uninterrupted.
+            # bf16 still runs without native support (emulated, slower); fp16 needs CUDA and says so.
+            try:
+                self._set_precision(started)
+            except ValueError as err:
+                raise ValueError(f"{self.last}: the run started in {started} on another device; {err}") from None
+            if self.ctx.is_main:
+                print(f"[engine] {self.last}: resuming in {started}, the precision this run started with "
+                      f"(this device alone would choose another)")
         torch.manual_seed(self.seed)
         return state
 
@@ -125,7 +140,7 @@ class Engine:
         """
         rng_ranks = gather_to_main(self.ctx, ckpt.capture_rng(generators))
         if self.ctx.is_main:
-            ckpt.atomic_torch_save({**state, "optimizer": self.optimizer.state_dict(),
+            ckpt.atomic_torch_save({**state, "precision": self.precision, "optimizer": self.optimizer.state_dict(),
                                     "scaler": self.scaler.state_dict(), "rng": rng_ranks[0],
                                     "rng_ranks": rng_ranks}, self.last)
         barrier(self.ctx)

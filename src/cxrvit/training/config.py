@@ -224,6 +224,9 @@ UNREAD: dict[str, dict[str, str]] = {
         "eval.tta": "the probe's bundle scores the plain image",
         "engine.checkpoint_every": "the probe has no optimizer steps to checkpoint",
         "engine.compile": "the probe's features come from an uncompiled scoring pass",
+        "engine.precision": "the probe's features come from the fp32 scoring pass (runtime.inference_precision)",
+        "engine.deterministic": "the probe runs no training kernels to make deterministic",
+        "engine.log_every": "the probe logs once per fitted C, not per optimizer step",
     },
     "lp_ft": {},
 }
