@@ -236,7 +236,8 @@ def cmd_plan(args) -> int:
 
     plan = yaml.safe_load(Path(args.arms).read_text())
     for spec in (plan.get("pretrain") or {}).values():
-        spec["extra_data"] = list(args.extra)
+        if spec.get("extra_data"):   # a stage that pre-trains on extra caches gets the dry run's; NIH-only stays so
+            spec["extra_data"] = list(args.extra)
         if args.tiny:
             spec["overrides"] = list(TINY_PRETRAIN)
     if args.tiny:

@@ -6,7 +6,7 @@
 #   4 ddp_check   torchrun, 1 process: NCCL process group + DDP train step   -> runs/gpu/ddp_check.json
 #   5 torchrun_train  `torchrun --nproc_per_node=1 -m cxrvit train`, 1 epoch at 224 px -> runs/gpu/torchrun-train
 #   6 throughput  bench/model.py at 224 px, batch 64 and 256: img/s, MFU vs the measured bf16 matmul ceiling
-#   7 arms        cxrvit bench arms bench/arms/sample-cv2-gpu.yaml (224 px, full schedules) with the time left
+#   7 arms        cxrvit bench arms bench/arms/sample-cv2-learned-gpu.yaml (224 px, full schedules) with the time left
 #   8 summary     runs/gpu/summary.md: every stage's status and time, the checks, throughput/MFU, the arms table
 #
 #   bash bench/gpu.sh                          # on the GPU machine; rerun to resume a timed-out arms stage
@@ -26,7 +26,9 @@ if [ -z "${PY:-}" ]; then
 fi
 BUDGET_S=${BUDGET_S:-600}           # the whole script, wall clock
 START=$(date +%s)
-ARMS_FILE=bench/arms/sample-cv2-gpu.yaml
+# Stage 7's plan: issue 20's learned candidates at 224 px with GPU budgets; ARMS_FILE=bench/arms/sample-cv2-gpu.yaml
+# runs the older four-arm comparison (issue 10) instead.
+ARMS_FILE=${ARMS_FILE:-bench/arms/sample-cv2-learned-gpu.yaml}
 
 if [ -z "${DATA:-}" ]; then
   for d in ../shared/data/nih-sample shared/data/nih-sample sample/nih-sample; do
@@ -146,7 +148,7 @@ if [ "$DRYRUN" = 1 ]; then
   stage arms_plan 60 "$PY" bench/cuda_check.py plan --arms "$ARMS_FILE" --out "$PLAN" --tiny \
     --extra "$OUT/cache-hannover" || true
 else
-  PLAN=$ARMS_FILE                # names runs/gpu/cache-hannover itself
+  PLAN=$ARMS_FILE                # names its extra caches (runs/gpu/cache-hannover), if any, itself
 fi
 LEFT=$(( BUDGET_S - $(elapsed) - 25 ))
 if [ "$LEFT" -lt 60 ]; then

@@ -59,14 +59,21 @@ def test_round_one_and_issue_20_fine_tune_arms_keep_their_settings():
     for name in ("improved", "mae+improved"):
         now = arm_config(plan, plan.arm(name), 0)
         assert dict(read_by_strategy(now), name="improved") == read_by_strategy(before), name
-    # issue 20's mae-ft was `improved + strategy=finetune, layer decay 0.55, drop-path 0.2, plain BCE`
-    plan = load_plan(REPO / "bench" / "arms" / "sample-cv2-learned.yaml")
+    # issue 20's mae-ft was `improved + strategy=finetune, layer decay 0.55, drop-path 0.2, plain BCE` (the
+    # scaling plan keeps it; the 3-seed plan dropped it after seed 0 for mae-lpft, the same with strategy=lp_ft)
+    plan = load_plan(REPO / "bench" / "arms" / "sample-cv2-scaling.yaml")
     before = config_from_dict(apply_overrides(old, ["strategy=finetune", "optim.layer_decay=0.55",
                                                     "model.drop_path=0.2", "loss.kind=bce", *plan.overrides,
                                                     "engine.seed=0"]))
     now = arm_config(plan, plan.arm("mae-ft"), 0)
     assert dict(read_by_strategy(now), name="improved") == read_by_strategy(before)
     assert now.schedule.epochs == 30                  # the plan's budget, not the recipe's 75
-    probe = arm_config(plan, plan.arm("probe-random"), 0)
-    assert (probe.name, probe.strategy, probe.model.img_size) == ("probe-random", "linear_probe", 224)
+    learned = load_plan(REPO / "bench" / "arms" / "sample-cv2-learned.yaml")
+    lpft = arm_config(learned, learned.arm("mae-lpft"), 0)
+    lpft_reads = read_by_strategy(lpft)
+    assert lpft_reads.pop("probe") == {"c_grid": [0.01, 0.1, 1.0], "cv_folds": 5, "views": 1}   # its first stage
+    assert lpft_reads == dict(read_by_strategy(now), strategy="lp_ft")
+    for p in (plan, learned):
+        probe = arm_config(p, p.arm("probe-random"), 0)
+        assert (probe.name, probe.strategy, probe.model.img_size) == ("probe-random", "linear_probe", 224)
 

@@ -171,3 +171,29 @@ def test_summary_reports_stages_speeds_and_missing_parts(tmp_path):
     assert "cuda_check.json missing" in text and "No results.md" in text
     # 1000 img/s x 27.6 GFLOP = 27.6 TFLOP/s: 10% of the 276 TFLOP/s ceiling, 4% of the peak
     assert "| arms/fold0/baseline/run | fine-tune" in text and "| 1000.0 | 10.0% | 4.0% |" in text
+
+
+def test_gpu_learned_file_is_the_cpu_learned_plan_at_gpu_budgets(tmp_path):
+    """bench/gpu.sh's default stage 7: issue 20's arms as the CPU ran them, on the same folds, NIH images only,
+    with 224-px MAE views and longer schedules; its dry run keeps it NIH-only."""
+    from cxrvit.experiments.plan import load_plan
+    from cxrvit.ssl.config import load_pretrain_recipe
+    from cxrvit.training.config import load_recipe
+
+    learned = ROOT / "bench" / "arms" / "sample-cv2-learned-gpu.yaml"
+    assert f"ARMS_FILE:-{learned.relative_to(ROOT)}" in SCRIPT.read_text()
+    gpu, cpu = load_plan(learned), load_plan(ROOT / "bench" / "arms" / "sample-cv2-learned.yaml")
+    key = lambda a: (a.name, a.recipe, a.pretrain, tuple(o for o in a.overrides if not o.startswith("model.img_size")))
+    assert sorted(map(key, gpu.arms)) == sorted([*map(key, cpu.arms), ("mae-ft", "finetune", "mae", ())])
+    assert (gpu.protocol, gpu.folds, gpu.fold_seed, gpu.reference) == (cpu.protocol, cpu.folds, cpu.fold_seed,
+                                                                       cpu.reference)
+    mae = gpu.pretrain["mae"]
+    assert mae.extra_data == [] and {"mae.size=224", "probe.size=224"} <= set(mae.overrides)
+    for arm in gpu.arms:
+        assert load_recipe(arm.recipe, arm.overrides, shared=list(gpu.overrides)).model.img_size == 224
+    assert load_pretrain_recipe(mae.recipe, list(mae.overrides), method="mae").schedule.epochs == 400
+
+    tiny = tmp_path / "tiny.yaml"
+    assert cc.main(["plan", "--arms", str(learned), "--out", str(tiny), "--tiny", "--extra", "X/cache"]) == 0
+    plan = load_plan(tiny)
+    assert [a.name for a in plan.arms] == [a.name for a in gpu.arms] and plan.pretrain["mae"].extra_data == []
