@@ -95,6 +95,25 @@ def test_a_pretraining_stage_is_identified_the_same_way(method):
         == config_identity(a)
 
 
+def test_a_pretraining_is_identified_by_what_changes_its_backbone():
+    """Name, device, logging, checkpoint interval and the monitor do not change the backbone a stage writes,
+    so they are not its identity; how far it runs (schedule.max_steps) does. An identity recorded under the
+    earlier rule (every non-default field) is read as today's."""
+    from cxrvit.experiments.identity import field_identity, upgrade_pretrain_identity
+    from cxrvit.ssl.config import load_pretrain_recipe
+
+    plain = load_pretrain_recipe("mae-small", ["schedule.epochs=240"], method="mae")
+    watched = load_pretrain_recipe("mae-small", ["schedule.epochs=240", "probe.every_epochs=7", "probe.k=5",
+                                                 "engine.log_every=3", "engine.checkpoint_every=9",
+                                                 "engine.device=cpu"], method="mae")
+    assert config_identity(watched) == config_identity(plain) and "probe" not in config_identity(plain)
+    assert "name" not in config_identity(plain)
+    stopped = load_pretrain_recipe("mae-small", ["schedule.epochs=240", "schedule.max_steps=10"], method="mae")
+    assert config_identity(stopped) != config_identity(plain)
+    assert upgrade_pretrain_identity(field_identity(watched)) == config_identity(plain)
+    assert upgrade_pretrain_identity(config_identity(plain)) == config_identity(plain)
+
+
 def test_the_legacy_hash_survives_the_removal_of_a_field_nothing_read():
     """engine.workers (read by nothing) left TrainConfig (issue 21); a config saved while it existed still
     hashes as its predictions were hashed then."""

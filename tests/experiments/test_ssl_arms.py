@@ -53,3 +53,25 @@ def test_ssl_arms_file_pools_every_arm_on_the_same_folds(fixture_cache, tmp_path
     tuned = load_file(str(tmp_path / "bench" / "fold0" / "mae+improved" / "run" / "model.safetensors"))
     assert (tuned["pos_embed"] - start["pos_embed"]).abs().max() < 0.05
     assert start["pos_embed"].abs().max() > 0.5
+
+    # A finished stage is reused when only how it is watched changes, even from an identity.yaml that recorded
+    # the monitor (the rule before): nothing re-trains, and the table is the same.
+    import yaml
+    from cxrvit.experiments.identity import field_identity
+    from cxrvit.experiments.plan import pretrain_config
+    ident_file = tmp_path / "bench" / "identity.yaml"
+    saved = yaml.safe_load(ident_file.read_text())
+    saved["pretrain"]["mae"]["config"] = field_identity(pretrain_config(plan.pretrain["mae"]))
+    assert "probe" in saved["pretrain"]["mae"]["config"]
+    ident_file.write_text(yaml.safe_dump(saved))
+    before = (tmp_path / "bench" / "fold0" / "pretrain-mae" / "backbone.safetensors").stat().st_mtime_ns
+    watched = replace(plan, pretrain={"mae": replace(plan.pretrain["mae"], overrides=MAE + ["probe.k=2",
+                                                                                           "engine.log_every=7"])})
+    again = run_arms(watched, fixture_cache.root, tmp_path / "bench", cache=fixture_cache, n_resamples=20,
+                     progress=False, log=lambda s: None)
+    assert (tmp_path / "bench" / "fold0" / "pretrain-mae" / "backbone.safetensors").stat().st_mtime_ns == before
+    assert again.arms == res.arms and again.scores["mae+improved"].n_images == len(fixture_cache)
+    longer = replace(plan, pretrain={"mae": replace(plan.pretrain["mae"], overrides=MAE + ["schedule.epochs=2"])})
+    with pytest.raises(ValueError, match="schedule.epochs"):
+        run_arms(longer, fixture_cache.root, tmp_path / "bench", cache=fixture_cache, n_resamples=20,
+                 progress=False, log=lambda s: None)

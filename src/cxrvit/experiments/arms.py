@@ -49,7 +49,7 @@ from cxrvit.data.cache import CXRCache
 from cxrvit.evaluation.report import write_report
 from cxrvit.experiments.arms_table import score_arms
 from cxrvit.experiments.crossval import FoldPredictions, choose_protocol, git_commit, load_fold, plan_folds, run_fold
-from cxrvit.experiments.identity import differing_keys, hash_matches, upgrade_identity
+from cxrvit.experiments.identity import differing_keys, hash_matches, upgrade_identity, upgrade_pretrain_identity
 from cxrvit.experiments.plan import (Arm, ArmsPlan, PretrainSpec, arm_config, arm_dir, arm_identity, fraction_seed,
                                      pretrain_config, pretrain_identity)
 from cxrvit.fileio import atomic_write
@@ -263,7 +263,9 @@ def _identities_before(before: dict, ident_path: Path) -> dict:
         saved = yaml.safe_load(ident_path.read_text()) or {}
         arms = {name: {**ident, "config": upgrade_identity(ident.get("config") or {})}
                 for name, ident in (saved.get("arms") or {}).items()}
-        return {"arms": arms, "pretrain": saved.get("pretrain") or {}}
+        stages = {name: {**ident, "config": upgrade_pretrain_identity(ident.get("config") or {})}
+                  for name, ident in (saved.get("pretrain") or {}).items()}
+        return {"arms": arms, "pretrain": stages}
     old = ArmsPlan(arms=[], overrides=list(before.get("overrides") or []))
     found = {"arms": {}, "pretrain": {}}
     for name, spec in (before.get("pretrain") or {}).items():

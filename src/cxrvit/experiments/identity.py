@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 
+from cxrvit.ssl.config import NOT_THE_BACKBONE, PretrainConfig
 from cxrvit.training.config import REMOVED_KEYS, TrainConfig, config_to_dict, drop_unread, read_by_strategy
 
 
@@ -50,7 +51,24 @@ def config_identity(cfg) -> dict:
         values = _plain(read_by_strategy(cfg))
         values.pop("name", None)
         return strip_defaults(values, _plain(type(cfg)()))
+    if isinstance(cfg, PretrainConfig):
+        return upgrade_pretrain_identity(strip_defaults(_plain(cfg), _plain(type(cfg)())))
     return strip_defaults(_plain(cfg), _plain(type(cfg)()))
+
+
+def upgrade_pretrain_identity(config: dict) -> dict:
+    """A pre-training config's identity less what does not change its backbone (``ssl.config.NOT_THE_BACKBONE``:
+    name, device, logging, checkpoint interval, the monitor). Applied to an identity recorded before this rule,
+    it gives today's, so an ``identity.yaml`` written then still matches its stages."""
+    config = json.loads(json.dumps(config))
+    for dotted in NOT_THE_BACKBONE:
+        *parents, leaf = dotted.split(".")
+        here = config
+        for part in parents:
+            here = here.get(part) if isinstance(here, dict) else None
+        if isinstance(here, dict):
+            here.pop(leaf, None)
+    return strip_defaults(config, {k: {} for k, v in config.items() if isinstance(v, dict)})
 
 
 def upgrade_identity(saved: dict) -> dict:

@@ -66,6 +66,12 @@ class SSLEngineConfig:
     source_size: int = 0             # images are resized to this before cropping; 0 = the largest view size
 
 
+#: Keys that say what a pre-training is called, where it runs and how it is watched, not which backbone it
+#: writes: a resume may change them (with ``schedule.max_steps``: cxrvit.ssl.pretrain.RESUMABLE_CHANGES), and
+#: a finished stage of an arms plan is reused whatever they say (cxrvit.experiments.identity).
+NOT_THE_BACKBONE = ("name", "engine.device", "engine.log_every", "engine.checkpoint_every", "probe")
+
+
 @dataclass
 class PretrainConfig:
     name: str = "custom"

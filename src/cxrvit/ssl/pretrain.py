@@ -32,17 +32,16 @@ from cxrvit.engine.core import Engine, NonFiniteLossError
 from cxrvit.engine.optim import apply_schedule, param_groups, warmup_cosine
 from cxrvit.model.vit import set_attention
 from cxrvit.runtime import inference_precision
-from cxrvit.ssl.config import PretrainConfig, config_from_dict, config_to_dict, save_config
+from cxrvit.ssl.config import NOT_THE_BACKBONE, PretrainConfig, config_from_dict, config_to_dict, save_config
 from cxrvit.ssl.dino import DINO
 from cxrvit.ssl.encoder import BACKBONE_FILE, build_encoder, export_backbone
 from cxrvit.ssl.ijepa import IJEPA
 from cxrvit.ssl.mae import MAE
 from cxrvit.ssl.probe import ProbeSet, run_probes
 
-#: Config keys a resume may change: where and how often it runs, how far it goes (the schedules span
-#: all ``schedule.epochs`` whatever ``max_steps`` says), and the monitoring; nothing that is computed.
-RESUMABLE_CHANGES = ("name", "engine.device", "engine.log_every", "engine.checkpoint_every",
-                     "schedule.max_steps", "probe")
+#: Config keys a resume may change: where and how often it runs, the monitoring, and how far it goes (the
+#: schedules span all ``schedule.epochs`` whatever ``max_steps`` says); nothing that is computed.
+RESUMABLE_CHANGES = NOT_THE_BACKBONE + ("schedule.max_steps",)
 
 
 def build_method(cfg: PretrainConfig) -> nn.Module:
