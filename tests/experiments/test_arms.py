@@ -144,6 +144,32 @@ def test_pretraining_runs_per_fold_on_training_images_only(tmp_path, monkeypatch
     assert res.cost_minutes["mae+improved"]["pretrain"] >= 0.0
     run_arms(load_plan(path), "C", tmp_path / "b", cache=cache, train_fn=fake, **QUIET)
     assert len(seen) == 2                                       # pre-training is reused, not rerun
+    # results copied without their weights (bench/results/collect.sh): finished arms are read back and
+    # their pre-training is not re-run to make weights nobody reads
+    for f in (0, 1):
+        (tmp_path / "b" / f"fold{f}" / "pretrain-mae" / "backbone.safetensors").unlink()
+    again = run_arms(load_plan(path), "C", tmp_path / "b", cache=cache, train_fn=fake, **QUIET)
+    assert len(seen) == 2 and len(fake.calls) == 4
+    assert again.comparisons["mae+improved"].diff_auroc["mean"] == res.comparisons["mae+improved"].diff_auroc["mean"]
+
+
+def test_another_reference_rescores_a_finished_benchmark_into_its_own_table(tmp_path):
+    cache = FakeCache(n_patients=12, seed=7)
+    plan = load_plan(write_plan(tmp_path / "arms.yaml", seeds=[0]))
+    fake = RecordingTrain()
+    res = run_arms(plan, "C", tmp_path / "b", cache=cache, train_fn=fake, **QUIET)
+    before = (tmp_path / "b" / "results.md").read_text()
+    vs = run_arms(plan, "C", tmp_path / "b", cache=cache, train_fn=fake, reference="improved", **QUIET)
+    assert len(fake.calls) == 2 * 3                             # nothing trained again
+    assert set(vs.comparisons) == {"baseline", "low-lr"} and vs.comparisons["low-lr"].names == ("improved", "low-lr")
+    # the pairing is symmetric: baseline - improved is minus improved - baseline on the same resamples' patients
+    assert vs.comparisons["baseline"].diff_auroc["mean"].value == pytest.approx(
+        -res.comparisons["improved"].diff_auroc["mean"].value)
+    assert "Δ mean F1 vs improved" in (tmp_path / "b" / "results-vs-improved.md").read_text()
+    assert json.loads((tmp_path / "b" / "results-vs-improved.json").read_text())["reference"] == "improved"
+    assert (tmp_path / "b" / "results.md").read_text() == before  # the plan's own table is left alone
+    with pytest.raises(ValueError, match="reference 'nope' is not an arm of the plan"):
+        run_arms(plan, "C", tmp_path / "b", cache=cache, train_fn=fake, reference="nope", **QUIET)
 
 
 @pytest.mark.parametrize("body, message", [

@@ -24,6 +24,7 @@ is finished, and a killed stage resumes from its checkpoint)::
     OUT/fold<f>/<arm>[-seed<s>]/run/       the fold model (bundle, metrics.jsonl)
     OUT/fold<f>/<arm>[-seed<s>]/heldout.npz
     OUT/results.md, OUT/results.json       the table
+    OUT/results-vs-<arm>.md|json           the same arms paired with another reference (``--reference``)
     OUT/report-<arm>/                      plots of the pooled predictions (``reports=True``)
 
 A rerun reuses every arm and stage whose identity is unchanged, whatever happened to the text of
@@ -38,7 +39,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -138,13 +139,15 @@ def run_arm_fold(plan: ArmsPlan, arm: Arm, seed: int, cache, fold: int, train_ro
                  log=print) -> FoldPredictions:
     folder = arm_dir(out, fold, arm, seed)
     cfg = arm_config(plan, arm, seed)
+    # A finished arm is read back before its pre-training stage is looked at: results copied into a
+    # new OUT without the (83-280 MB) weights must not re-run the pre-training they were made with.
+    if (folder / "heldout.npz").is_file():
+        return run_fold(cfg, cache, train_rows, heldout, folder)
     init = arm.init
     if arm.pretrain:
         init = str(run_pretrain_stage(plan, arm.pretrain, cache, train_rows, heldout,
                                       out / f"fold{fold}" / f"pretrain-{arm.pretrain}", device=device,
                                       quiet=quiet, log=log))
-    if (folder / "heldout.npz").is_file():
-        return run_fold(cfg, cache, train_rows, heldout, folder)
     log(f"[arms] fold {fold} arm {arm.name} seed {seed}: train {len(train_rows)} images, held out {len(heldout)}")
     with StageLock(folder):
         return run_fold(cfg, cache, train_rows, heldout, folder, device=device, progress=progress,
@@ -155,15 +158,21 @@ def run_arm_fold(plan: ArmsPlan, arm: Arm, seed: int, cache, fold: int, train_ro
 
 
 def run_arms(plan: ArmsPlan, data, out, *, only=None, device=None, progress: bool = True, cache=None,
-             n_resamples: int | None = None, command: str = "", train_fn=None, reports: bool = False, log=print):
+             n_resamples: int | None = None, command: str = "", train_fn=None, reports: bool = False, log=print,
+             reference: str | None = None):
     """Run (or resume) every stage this invocation owns, then score if every arm is complete.
 
     Returns the :class:`~cxrvit.experiments.arms_table.ArmsResult`, or ``None`` when stages of
     arms outside ``only`` are still missing (another worker's). ``reports`` also writes each arm's
-    ROC/PR/reliability/F1-vs-trivial plots into ``OUT/report-<arm>/``.
+    ROC/PR/reliability/F1-vs-trivial plots into ``OUT/report-<arm>/``. ``reference`` pairs every
+    arm with another arm than the plan's; that table goes to ``OUT/results-vs-<reference>.md|json``
+    (it changes no stage, so a finished benchmark is only re-scored).
     """
     started = time.time()
     out = Path(out)
+    reference = reference or plan.reference
+    if reference not in [a.name for a in plan.arms]:
+        raise ValueError(f"reference {reference!r} is not an arm of the plan ({', '.join(a.name for a in plan.arms)})")
     cache = cache if cache is not None else CXRCache(data)
     if not cache.meta.get("labelled", True):
         raise ValueError(f"{data}: an unlabelled cache cannot score arms")
@@ -206,12 +215,14 @@ def run_arms(plan: ArmsPlan, data, out, *, only=None, device=None, progress: boo
             "train_images": {a.name: float(np.mean([len(splits.patient_subset(folds[f][0], cache.patient_ids,
                                                                                a.train_fraction, fraction_seed(plan, f)))
                                                     for f in indices])) for a in plan.arms}}
-    result = score_arms(plan, cache, results, indices, out, info, n_resamples=n_resamples)
+    result = score_arms(replace(plan, reference=reference), cache, results, indices, out, info,
+                        n_resamples=n_resamples)
     if reports:
         for name, score in result.scores.items():
             write_report(score, out / f"report-{name}", title=f"{name}: {score.split} predictions")
-    (out / "results.md").write_text(result.markdown())
-    (out / "results.json").write_text(json.dumps(result.to_json(), indent=2))
+    stem = "results" if reference == plan.reference else f"results-vs-{reference}"
+    (out / f"{stem}.md").write_text(result.markdown())
+    (out / f"{stem}.json").write_text(json.dumps(result.to_json(), indent=2))
     return result
 
 

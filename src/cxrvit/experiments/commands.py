@@ -28,6 +28,9 @@ def register(subparsers) -> None:
                         "dino_deitsmall16_pretrain.pth); use a new --out for it")
     p.add_argument("--reports", action="store_true",
                    help="also write each arm's ROC/PR/reliability/F1 plots into OUT/report-<arm>/")
+    p.add_argument("--reference", metavar="ARM",
+                   help="pair every arm with this arm instead of the plan's reference; the table goes to "
+                        "OUT/results-vs-ARM.md (re-scores a finished benchmark without training anything)")
     _common(p)
     p.set_defaults(func=cmd_bench_arms)
 
@@ -88,7 +91,8 @@ def _run(plan, args, *, reports: bool) -> int:
     try:
         result = run_arms(plan, args.data, args.out, only=getattr(args, "only", None), device=args.device,
                           progress=not args.quiet, n_resamples=args.bootstrap, command=command, reports=reports,
-                          log=lambda m: print(m, file=sys.stderr, flush=True))
+                          log=lambda m: print(m, file=sys.stderr, flush=True),
+                          reference=getattr(args, "reference", None))
     # FloatingPointError: a fold whose loss diverged (engine.core.NonFiniteLossError), named with its step
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, FloatingPointError) as exc:
         return _fail(exc)
