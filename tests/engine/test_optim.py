@@ -63,7 +63,7 @@ def test_ssl_method_groups_follow_dinos_rule_and_leave_the_teacher_out():
     assert not any(n.startswith("teacher") for n in decayed | not_decayed)   # frozen EMA teacher
     # Exactly the groups the pre-training loop built before the shared engine (decay first, then biases,
     # norms and other 1-d parameters, each in module order), so the optimizer steps are unchanged.
-    named = [(n, p) for mod in method.trainable_modules() for n, p in mod.named_parameters() if p.requires_grad]
+    named = [(n, p) for n, p in method.named_parameters() if p.requires_grad]   # the teacher is frozen
     before = [[p for n, p in named if not (p.ndim <= 1 or n.endswith(".bias"))],
               [p for n, p in named if p.ndim <= 1 or n.endswith(".bias")]]
     assert [[id(p) for p in g["params"]] for g in groups] == [[id(p) for p in ps] for ps in before]

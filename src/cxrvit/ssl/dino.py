@@ -194,8 +194,5 @@ class DINO(nn.Module):
         ema_update(self.teacher, self.student, momentum)
         ema_update(self.teacher_head, self.student_head, momentum)
 
-    def trainable_modules(self) -> list[nn.Module]:
-        return [self.student, self.student_head]
-
     def export_encoder(self) -> VisionTransformer:
         return self.teacher  # DINO evaluates (and releases) the teacher: it is an ensemble of students

@@ -125,8 +125,5 @@ class IJEPA(nn.Module):
     def after_step(self, momentum: float) -> None:
         ema_update(self.target_encoder, self.context_encoder, momentum)
 
-    def trainable_modules(self) -> list[nn.Module]:
-        return [self.context_encoder, self.predictor]
-
     def export_encoder(self) -> VisionTransformer:
         return self.target_encoder  # I-JEPA evaluates the target encoder

@@ -113,8 +113,5 @@ class MAE(nn.Module):
     def after_step(self, momentum: float) -> None:
         pass
 
-    def trainable_modules(self) -> list[nn.Module]:
-        return [self.encoder, self.decoder]
-
     def export_encoder(self) -> VisionTransformer:
         return self.encoder
