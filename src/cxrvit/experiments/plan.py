@@ -16,7 +16,8 @@ import yaml
 
 from cxrvit.experiments.identity import config_identity
 from cxrvit.ssl.config import load_pretrain_recipe
-from cxrvit.training.config import config_to_dict, load_recipe, unread_keys
+from cxrvit.training.config import load_recipe, unread_keys
+from cxrvit.training.configparse import get_dotted
 
 
 @dataclass
@@ -192,7 +193,7 @@ def recipes_plan(recipes, overrides=(), *, protocol: str = "auto", folds: int = 
         raise ValueError(f"bench recipes compares exactly two recipes (A then B, difference B − A); got {recipes}")
     cfgs = {r: load_recipe(r, shared=list(overrides)) for r in recipes}
     for key in SHARED_KEYS:   # among the recipes whose strategy reads the key
-        values = {r: _get(config_to_dict(c), key) for r, c in cfgs.items() if not unread_keys(c.strategy, [key])}
+        values = {r: get_dotted(c, key) for r, c in cfgs.items() if not unread_keys(c.strategy, [key])}
         if len(set(map(str, values.values()))) > 1:
             raise ValueError(f"recipes differ in {key} ({values}): a fair comparison needs the same value; "
                              f"set it for both with --set {key}=...")
@@ -201,8 +202,3 @@ def recipes_plan(recipes, overrides=(), *, protocol: str = "auto", folds: int = 
                     overrides=list(overrides), protocol=protocol, folds=folds, seeds=[0], fold_seed=seed)
     return with_default_init(check_plan(plan, f"--recipes {' '.join(map(str, recipes))}"), init)
 
-
-def _get(d: dict, dotted: str):
-    for part in dotted.split("."):
-        d = d[part]
-    return d

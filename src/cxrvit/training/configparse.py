@@ -60,13 +60,14 @@ def check_all(cfg, checks: list[tuple[str, bool, str]], what: str) -> None:
     for key, ok, why in checks:
         if not ok:
             try:
-                shown = f"{key}={_get(cfg, key)!r}"
+                shown = f"{key}={get_dotted(cfg, key)!r}"
             except AttributeError:  # a check over several fields, named in words
                 shown = key
             raise ValueError(f"{what} {shown}: {why}")
 
 
-def _get(cfg, dotted: str):
+def get_dotted(cfg, dotted: str):
+    """``cfg.a.b`` for ``"a.b"`` on a (nested) config dataclass."""
     obj = cfg
     for part in dotted.split("."):
         obj = getattr(obj, part)
