@@ -32,5 +32,9 @@ def test_allocator_bench_compares_both_settings_in_fresh_processes():
     for work in ("forward", "train"):
         system, keep = rows[(work, "system")], rows[(work, "keep")]
         assert system[1] == "" and keep[1].endswith("x")
-        assert float(keep[1][:-1]) == pytest.approx(keep[0] / system[0], abs=0.02)   # kept over system, not inverted
+        # kept over system, not inverted; the table rounds img/s and the ratio to 2 decimals, so the check allows
+        # exactly that rounding (at a few img/s under load it is worth several hundredths of the ratio)
+        k, s = keep[0], system[0]
+        rounding = 0.005 + (k / s) * (0.005 / k + 0.005 / s)
+        assert float(keep[1][:-1]) == pytest.approx(k / s, abs=rounding + 1e-9)
     assert "1 alternating process pairs x 1 timed steps after 1 warm-up" in run.stdout
