@@ -201,4 +201,3 @@ def recipes_plan(recipes, overrides=(), *, protocol: str = "auto", folds: int = 
     plan = ArmsPlan(arms=[Arm(name=n, recipe=str(r)) for n, r in zip(names, recipes)], reference=names[0],
                     overrides=list(overrides), protocol=protocol, folds=folds, seeds=[0], fold_seed=seed)
     return with_default_init(check_plan(plan, f"--recipes {' '.join(map(str, recipes))}"), init)
-
