@@ -1,11 +1,14 @@
 """cxrvit.fileio: the one atomic writer and the one NaN -> null rule every saved file goes through."""
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from cxrvit.fileio import atomic_write, json_safe
+from cxrvit.fileio import atomic_write, json_safe, pid_alive
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
@@ -26,6 +29,25 @@ def test_the_temporary_keeps_the_suffix_numpy_needs(tmp_path):
     atomic_write(target, lambda tmp: np.savez(tmp, rows=np.arange(3)), fsync=True)   # savez adds .npz otherwise
     assert np.load(target)["rows"].tolist() == [0, 1, 2]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["heldout.npz"]
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_the_next_write_removes_what_a_killed_writer_left_and_spares_a_live_one(tmp_path):
+    target = tmp_path / "last.pt"
+    target.write_bytes(b"old")
+    dead, live = _dead_pid(), os.getppid()          # a finished child; the process that runs this test run
+    assert not pid_alive(dead) and pid_alive(live)
+    (tmp_path / f"last.tmp{dead}.pt").write_bytes(b"half of a checkpoint")   # SIGKILL during torch.save
+    (tmp_path / f"last.tmp{live}.pt").write_bytes(b"another worker, mid-write")
+    (tmp_path / f"other.tmp{dead}.pt").write_bytes(b"a different file's temporary")
+    atomic_write(target, lambda tmp: tmp.write_bytes(b"new"))
+    assert target.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", f"last.tmp{live}.pt", f"other.tmp{dead}.pt"]
 
 
 def test_json_safe_turns_every_non_finite_number_into_null():

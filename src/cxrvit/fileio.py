@@ -3,10 +3,13 @@
 Every file cxrvit writes that a later step reads back (checkpoints, weights, bundles, fold
 predictions, plans, exports) goes through :func:`atomic_write`: the bytes go to a temporary name
 beside the target, then one ``os.replace`` (atomic on POSIX) puts them in place. A SIGKILL at any
-moment leaves the previous file or the new one, never a torn one.
+moment leaves the previous file or the new one, never a torn one. What a SIGKILL *can* leave is the
+temporary itself (a checkpoint's is hundreds of MB); the next write of the same file removes the
+temporaries of processes that are gone (:func:`sweep_stale_temporaries`).
 """
 from __future__ import annotations
 
+import glob
 import math
 import os
 from pathlib import Path
@@ -21,6 +24,7 @@ def atomic_write(path: os.PathLike | str, write: Callable[[Path], object], *, fs
     ``fsync`` also forces the bytes to disk before the rename (checkpoints: survive a power cut too).
     """
     path = Path(path)
+    sweep_stale_temporaries(path)
     tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
         write(tmp)
@@ -32,6 +36,36 @@ def atomic_write(path: os.PathLike | str, write: Callable[[Path], object], *, fs
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def sweep_stale_temporaries(path: os.PathLike | str) -> list[Path]:
+    """Delete the temporaries that killed writers left beside ``path``; returns what was deleted.
+
+    Only names of :func:`atomic_write`'s form (``<stem>.tmp<pid><suffix>``) whose process no longer
+    runs are touched: a live worker's temporary (another process writing the same file) is left alone.
+    """
+    path = Path(path)
+    prefix = f"{path.stem}.tmp"
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for cand in path.parent.glob(f"{glob.escape(prefix)}*{glob.escape(path.suffix)}"):
+        pid = cand.name[len(prefix):len(cand.name) - len(path.suffix)]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            cand.unlink(missing_ok=True)
+            removed.append(cand)
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (one owned by another user counts)."""
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
 
 
 def json_safe(obj):

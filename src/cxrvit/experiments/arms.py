@@ -53,7 +53,7 @@ from cxrvit.experiments.crossval import FoldPredictions, choose_protocol, git_co
 from cxrvit.experiments.identity import differing_keys, hash_matches, upgrade_identity, upgrade_pretrain_identity
 from cxrvit.experiments.plan import (Arm, ArmsPlan, PretrainSpec, arm_config, arm_dir, arm_identity, fraction_seed,
                                      pretrain_config, pretrain_identity)
-from cxrvit.fileio import atomic_write
+from cxrvit.fileio import atomic_write, pid_alive
 from cxrvit.runtime import machine_description
 import cxrvit.ssl.pretrain as ssl_pretrain   # called through the module: tests stand in a fake engine
 from cxrvit.ssl.probe import ProbeSet
@@ -77,7 +77,7 @@ class StageLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             pid = int(self.path.read_text().strip() or 0)
-            if pid and _alive(pid):
+            if pid and pid_alive(pid):
                 raise RuntimeError(f"{self.path.parent}: process {pid} is running this stage; "
                                    "give the other worker different --only arms") from None
             self.path.unlink(missing_ok=True)   # left by a killed worker: take it over
@@ -88,16 +88,6 @@ class StageLock:
 
     def __exit__(self, *exc):
         self.path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
 
 
 def run_pretrain_stage(plan: ArmsPlan, name: str, cache, train_rows: np.ndarray, heldout: np.ndarray,
