@@ -9,9 +9,12 @@ import yaml
 from cxrvit.data.preprocess import Preprocessing
 from cxrvit.evaluation import metrics as M
 from cxrvit.evaluation.evaluate import predict_rows
+import cxrvit.experiments.arms as arms_module
 from cxrvit.experiments.arms import run_arms
+from cxrvit.experiments.crossval import git_commit
 from cxrvit.experiments.plan import load_plan, with_default_init
 from cxrvit.inference.bundle import Bundle, save_bundle
+from cxrvit.runtime import machine_description
 from evalfakes import FakeCache, tiny_model
 
 TINY = ["model.arch=vit_tiny", "model.img_size=32", "schedule.epochs=1", "schedule.batch_size=16",
@@ -170,6 +173,23 @@ def test_another_reference_rescores_a_finished_benchmark_into_its_own_table(tmp_
     assert (tmp_path / "b" / "results.md").read_text() == before  # the plan's own table is left alone
     with pytest.raises(ValueError, match="reference 'nope' is not an arm of the plan"):
         run_arms(plan, "C", tmp_path / "b", cache=cache, train_fn=fake, reference="nope", **QUIET)
+
+
+def test_a_rescored_table_names_who_trained_each_arm_not_only_who_scored_it(tmp_path, monkeypatch):
+    cache = FakeCache(n_patients=12, seed=7)
+    plan = load_plan(write_plan(tmp_path / "arms.yaml", seeds=[0]))
+    run_arms(plan, "C", tmp_path / "b", cache=cache, train_fn=RecordingTrain(), **QUIET)
+    trained = f"commit {git_commit()} on {machine_description()}"
+    for path in (tmp_path / "b").glob("fold*/low-lr/heldout.npz"):    # as saved before provenance was kept
+        with np.load(path) as z:
+            old = {k: z[k] for k in z.files if k != "provenance"}
+        np.savez(path, **old)
+    monkeypatch.setattr(arms_module, "git_commit", lambda: "abc1234")   # re-scored at a later commit
+    run_arms(plan, "C", tmp_path / "b", cache=cache, train_fn=RecordingTrain(), reference="low-lr", **QUIET)
+    md = (tmp_path / "b" / "results-vs-low-lr.md").read_text()
+    assert "- scored on: " in md and "commit `abc1234`" in md
+    assert f"- trained: baseline, improved: {trained}" in md
+    assert "- trained: low-lr: not recorded" in md
 
 
 @pytest.mark.parametrize("body, message", [

@@ -200,6 +200,7 @@ def run_arms(plan: ArmsPlan, data, out, *, only=None, device=None, progress: boo
             "data": str(data),
             "cache_size": int(cache.size), "overrides": list(plan.overrides), "machine": machine_description(device),
             "commit": git_commit(), "command": command or "(library call)", "wall_seconds": time.time() - started,
+            "trained_by": {a: sorted({f.provenance for seed in per for f in per[seed]}) for a, per in results.items()},
             "pretrain_seconds": _pretrain_seconds(out, plan, indices),
             # images each arm trained on (validation carve-out included), mean over the scored folds
             "train_images": {a.name: float(np.mean([len(splits.patient_subset(folds[f][0], cache.patient_ids,

@@ -53,8 +53,9 @@ class ArmsResult:
             f"- data: `{i['data']}` ({self.scores[ref].n_images} scored predictions = images × seeds, "
             f"{self.scores[ref].n_patients} patients, cache {i['cache_size']} px); common overrides: "
             f"`{' '.join(i['overrides']) or 'none'}`",
-            f"- machine: {i['machine']}; commit `{i['commit']}`",
+            f"- scored on: {i['machine']}; commit `{i['commit']}`",
             f"- command: `{i['command']}`",
+            *self.trained_by_lines(),
             "",
             f"| arm | mean F1 [95% CI] | Δ mean F1 vs {ref} [paired 95% CI] | mean AUROC [95% CI] | "
             f"Δ mean AUROC [paired 95% CI] | "
@@ -96,6 +97,14 @@ class ArmsResult:
             for name, p in self.probes.items():
                 lines.append(f"| {name} | " + " | ".join(f"{_f(p[k][0])} -> {_f(p[k][1])}" for k in PROBE_KEYS) + " |")
         return "\n".join(lines) + "\n"
+
+    def trained_by_lines(self) -> list[str]:
+        """Who trained each arm's fold models (from its prediction files), grouped: one line per origin."""
+        groups: dict[str, list[str]] = {}
+        for arm in self.arms:
+            for origin in self.info.get("trained_by", {}).get(arm, []):
+                groups.setdefault(origin or "not recorded (predictions saved before cxrvit kept it)", []).append(arm)
+        return [f"- trained: {', '.join(arms)}: {origin}" for origin, arms in groups.items()]
 
     def scaling_markdown(self) -> str:
         """One row per arm of each data-scaling curve (arms alike but for ``train_fraction``), and each

@@ -30,7 +30,7 @@ from cxrvit.experiments.identity import config_hash, config_identity, differing_
 from cxrvit.fileio import atomic_write
 from cxrvit.inference.bundle import load_bundle
 from cxrvit.labels import SCORED_TARGETS
-from cxrvit.runtime import resolve_device
+from cxrvit.runtime import machine_description, resolve_device
 from cxrvit.training.config import config_from_dict
 from cxrvit.training.engine import train
 
@@ -45,6 +45,9 @@ class FoldPredictions:
     thresholds: np.ndarray  # [K], tuned on this fold's validation carve-out
     labels: list[str]
     seconds: float          # train + predict wall time of this fold
+    # where the fold was trained: "commit <sha> on <machine>"; "" in files saved before it was kept. A table
+    # re-scored later (another commit, another machine) still names who made each arm's predictions.
+    provenance: str = ""
 
 
 # --------------------------------------------------------------------------- plan
@@ -105,7 +108,7 @@ def run_fold(cfg, cache, train_rows, heldout, fold_dir: Path, *, device=None, pr
     check_thresholds_held_out(bundle.threshold_source, cache, heldout, run=str(run_dir))
     probs = predict_rows(bundle, cache, heldout, batch_size=cfg.eval.batch_size)
     fold = FoldPredictions(heldout, probs, bundle_thresholds(bundle, str(run_dir)), list(bundle.labels),
-                           time.time() - start)
+                           time.time() - start, f"commit {git_commit()} on {machine_description(device)}")
     save_fold(pred_path, fold, config_hash(cfg))
     return fold
 
@@ -122,13 +125,14 @@ def _config_change(fold_dir: Path, cfg) -> str:
 
 def save_fold(path: Path, fold: FoldPredictions, chash: str) -> None:
     atomic_write(path, lambda tmp: np.savez(tmp, rows=fold.rows, probs=fold.probs, thresholds=fold.thresholds,
-                                            labels=np.array(fold.labels), seconds=fold.seconds, config_hash=chash))
+                                            labels=np.array(fold.labels), seconds=fold.seconds, config_hash=chash,
+                                            provenance=fold.provenance))
 
 
 def load_fold(path: Path) -> tuple[FoldPredictions, str]:
     with np.load(path, allow_pickle=False) as z:
         fold = FoldPredictions(z["rows"], z["probs"], z["thresholds"], [str(s) for s in z["labels"]],
-                               float(z["seconds"]))
+                               float(z["seconds"]), str(z["provenance"]) if "provenance" in z.files else "")
         return fold, str(z["config_hash"])
 
 
