@@ -115,7 +115,7 @@ def _real_features(cache, rows: np.ndarray, path: Path, threads: int) -> tuple[n
     from cxrvit.data.preprocess import Preprocessing
     from cxrvit.model.vit import build_model
     from cxrvit.training.config import load_recipe
-    from cxrvit.training.linear_probe import cls_features
+    from cxrvit.training.linear_probe import head_features
 
     if path.is_file():
         with np.load(path) as z:
@@ -127,7 +127,7 @@ def _real_features(cache, rows: np.ndarray, path: Path, threads: int) -> tuple[n
     model = build_model(cfg.model.arch, num_classes=len(cfg.data.labels), attention=cfg.model.attention,
                         pos_embed=cfg.model.pos_embed)
     t = time.perf_counter()
-    feats = cls_features(model, cache, rows, cfg.model.img_size, Preprocessing(size=cfg.model.img_size))
+    feats = head_features(model, cache, rows, cfg.model.img_size, Preprocessing(size=cfg.model.img_size))
     seconds = time.perf_counter() - t
     np.savez(path, rows=rows, feats=feats, seconds=seconds)
     return feats, seconds, False

@@ -1,6 +1,7 @@
 """The ViT itself: DINO's exact state_dict, forward semantics, attention paths, helpers."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -198,6 +199,24 @@ def test_sincos_positions_let_a_frozen_random_vit_say_where():
 
     assert probe_auroc("sincos") > 0.9
     assert probe_auroc("random") < 0.7
+
+
+def test_avg_pool_reads_the_mean_of_the_patch_tokens_and_keeps_dinos_state_dict():
+    torch.manual_seed(0)
+    token = small(num_classes=3)
+    torch.manual_seed(0)
+    avg = small(num_classes=3, global_pool="avg")
+    assert token.state_dict().keys() == avg.state_dict().keys()          # no parameter depends on the read-out
+    assert all(torch.equal(v, avg.state_dict()[k]) for k, v in token.state_dict().items())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = avg.forward_features(x)
+        np.testing.assert_allclose(avg.forward_head(feats, pre_logits=True), feats[:, 1:].mean(1), atol=0)
+        assert torch.equal(token.forward_head(feats, pre_logits=True), feats[:, 0])
+        torch.testing.assert_close(avg(x), avg.head(feats[:, 1:].mean(1)))
+        assert not torch.allclose(avg(x), token(x))
+    with pytest.raises(ValueError, match="unknown global_pool 'max'"):
+        small(global_pool="max")
 
 
 def test_grey_fold_is_exact():

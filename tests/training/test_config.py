@@ -48,6 +48,7 @@ def test_overrides_are_typed():
     ("model.img_size=100", "multiple of 16"),
     ("model.attention=flash", "model.attention"),
     ("model.pos_embed=learned", "model.pos_embed"),
+    ("model.global_pool=max", "model.global_pool=.max.: must be one of token, avg"),
     ("data.labels=[Atelectasis, Cancer]", "unknown label 'Cancer'"),
     ("optim.lr", "not of the form key=value"),
 ])

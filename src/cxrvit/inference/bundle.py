@@ -2,7 +2,7 @@
 
 A bundle (a finished training run's folder, ``RUN/``) holds
 - ``model.safetensors``: the chosen (best-on-validation) weights, DINO key layout, head of K labels;
-- ``bundle.json``: ``arch``, ``labels`` (K names, head order), ``thresholds`` (label -> float, tuned
+- ``bundle.json``: ``arch``, ``global_pool`` (what the head reads), ``labels`` (K names, head order), ``thresholds`` (label -> float, tuned
   on validation data), ``threshold_source`` (which split and images they were fitted on),
   ``preprocessing`` (:class:`~cxrvit.data.preprocess.Preprocessing` as a dict), ``config`` (the
   resolved training config) and ``val_patients_hash`` (so evaluation can refuse to score the
@@ -66,6 +66,7 @@ def save_bundle(directory: os.PathLike | str, model: VisionTransformer, labels: 
     meta = {
         "format": "cxrvit-bundle/1",
         "arch": arch,
+        "global_pool": model.global_pool,   # what the head reads (model.vit.GLOBAL_POOLS); no weight says it
         "labels": list(labels),
         "thresholds": {k: float(v) for k, v in thresholds.items()},
         "threshold_source": threshold_source or {},
@@ -88,7 +89,8 @@ def load_bundle(directory: os.PathLike | str, device: str | torch.device = "cpu"
     # Built on the meta device: random initialisation of 22M parameters that the file overwrites
     # anyway was most of the load time; assign=True adopts the loaded tensors instead.
     with torch.device("meta"):
-        model = build_model(meta.get("arch", "vit_small"), num_classes=len(labels))
+        model = build_model(meta.get("arch", "vit_small"), num_classes=len(labels),
+                            global_pool=meta.get("global_pool", "token"))   # bundles before it: the CLS token
     state = load_file(str(weights_path))
     model.load_state_dict(state, strict=True, assign=True)
     model.to(device).eval()

@@ -165,7 +165,7 @@ class GreyInputViT(nn.Module):
         x = x + self._pos(h // p, w // p)
         for blk in self.vit.blocks:
             x = blk(x)
-        logits = self.vit.head(self.vit.norm(x)[:, 0])
+        logits = self.vit.forward_head(self.vit.norm(x))
         return logits, torch.sigmoid(logits)
 
 

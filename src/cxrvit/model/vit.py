@@ -111,6 +111,7 @@ class Block(nn.Module):
 
 
 POS_EMBED_INITS = ("random", "sincos")
+GLOBAL_POOLS = ("token", "avg")   # what forward_head reads: the CLS token, or the mean of the patch tokens
 
 
 def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> torch.Tensor:
@@ -149,10 +150,13 @@ class VisionTransformer(nn.Module):
                  embed_dim: int = 384, depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, eps: float = 1e-6, attention: str = "auto",
-                 pos_embed: str = "random"):
+                 pos_embed: str = "random", global_pool: str = "token"):
         super().__init__()
         if pos_embed not in POS_EMBED_INITS:
             raise ValueError(f"unknown pos_embed init {pos_embed!r}; choose from {POS_EMBED_INITS}")
+        if global_pool not in GLOBAL_POOLS:
+            raise ValueError(f"unknown global_pool {global_pool!r}; choose from {GLOBAL_POOLS}")
+        self.global_pool = global_pool
         self.num_features = self.embed_dim = embed_dim
         self.num_classes = num_classes
         self.patch_size = patch_size
@@ -219,8 +223,11 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        cls = features[:, 0]
-        return cls if pre_logits else self.head(cls)
+        # "token" reads the CLS token (DINO trains it); "avg" the mean of the patch tokens, for backbones whose
+        # objective never touches the CLS token (MAE reconstructs patches: what it learned lives in them).
+        # No parameter depends on the choice, so the state_dict is DINO's either way.
+        pooled = features[:, 1:].mean(1) if self.global_pool == "avg" else features[:, 0]
+        return pooled if pre_logits else self.head(pooled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

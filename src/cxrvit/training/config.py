@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from cxrvit.labels import DEFAULT_LABELS, SCORED_TARGETS, validate_label_names
+from cxrvit.model.vit import GLOBAL_POOLS
 from cxrvit.training.configparse import (apply_overrides, build_dataclass, check_all, copy_nested, dotted_keys, merge,
                                          parse_override)
 
@@ -30,6 +31,7 @@ class ModelConfig:
     drop_path: float = 0.0           # stochastic depth rate of the last block (linear in depth)
     attention: str = "auto"          # auto | sdpa | explicit (auto: per device and dtype, cxrvit.runtime)
     pos_embed: str = "random"        # start of pos_embed: random (DINO) | sincos (MAE's table); --init overrides
+    global_pool: str = "token"       # the head reads: token (CLS, DINO) | avg (mean of patch tokens, MAE's read-out)
 
 
 @dataclass
@@ -158,6 +160,7 @@ class TrainConfig:
             ("model.attention", self.model.attention in ("auto", "sdpa", "explicit"),
              "must be one of auto, sdpa, explicit"),
             ("model.pos_embed", self.model.pos_embed in ("random", "sincos"), "must be one of random, sincos"),
+            ("model.global_pool", self.model.global_pool in GLOBAL_POOLS, f"must be one of {', '.join(GLOBAL_POOLS)}"),
             ("schedule.epochs", self.schedule.epochs >= 1, "must be >= 1"),
             ("schedule.grad_accum", self.schedule.grad_accum >= 1, "must be >= 1"),
             ("schedule.batch_size", self.schedule.batch_size % self.schedule.grad_accum == 0,

@@ -43,10 +43,11 @@ FEATURES = "features.npz"   # resume: extraction is most of the cost, fitting ta
 
 
 @torch.no_grad()
-def cls_features(model: VisionTransformer, cache, rows: np.ndarray, size: int, prep: Preprocessing,
+def head_features(model: VisionTransformer, cache, rows: np.ndarray, size: int, prep: Preprocessing,
                  augment: BatchAugment | None = None, batch_size: int = 64, device: torch.device | str = "cpu",
                  progress=None) -> np.ndarray:
-    """``[len(rows), D]`` final-norm CLS features in fp32 -- the ``forward_head(pre_logits=True)`` input.
+    """``[len(rows), D]`` what the head reads, in fp32: ``forward_head(pre_logits=True)`` (the final-norm CLS
+    token, or the mean of the patch tokens for ``global_pool="avg"``).
 
     Without ``augment`` this is the scoring pass's view (whole image resized to ``size``), so a head fitted
     on these features sees at ``predict`` time exactly what it was fitted on.
@@ -261,7 +262,7 @@ def fit_linear_probe(cfg: TrainConfig, cache, train_rows, val_rows, out_dir, ini
     save_config(cfg, out / "config.yaml")
     torch.manual_seed(cfg.engine.seed)
     model = build_model(cfg.model.arch, num_classes=len(labels), attention=cfg.model.attention,
-                        pos_embed=cfg.model.pos_embed)
+                        pos_embed=cfg.model.pos_embed, global_pool=cfg.model.global_pool)
     init_report = None
     if init is not None:
         _, init_report = load_backbone(init, model)
@@ -322,10 +323,10 @@ def _extract(model, cache, rows, cfg: TrainConfig, prep, dev, progress: bool) ->
         from tqdm import tqdm
         bar = tqdm(total=total, unit="img", desc="features", dynamic_ncols=True)
     step = bar.update if bar is not None else None
-    parts = [cls_features(model, cache, rows, cfg.model.img_size, prep, device=dev, progress=step)]
+    parts = [head_features(model, cache, rows, cfg.model.img_size, prep, device=dev, progress=step)]
     augment = BatchAugment(cfg.augment, cfg.model.img_size, seed=cfg.engine.seed + 1)
     for _ in range(cfg.probe.views - 1):
-        parts.append(cls_features(model, cache, rows, cfg.model.img_size, prep, augment, device=dev, progress=step))
+        parts.append(head_features(model, cache, rows, cfg.model.img_size, prep, augment, device=dev, progress=step))
     if bar is not None:
         bar.close()
     return np.concatenate(parts)
@@ -337,6 +338,8 @@ def _fingerprint(cfg: TrainConfig, init) -> str:
            str(Path(init).resolve()) if init else None]
     if cfg.model.pos_embed != "random":   # appended only when set, so features cached before the key still match
         key.append(cfg.model.pos_embed)
+    if cfg.model.global_pool != "token":
+        key.append(f"pool={cfg.model.global_pool}")
     return json.dumps(key)
 
 
