@@ -47,6 +47,28 @@ def test_rollout_matches_a_plain_loop(model, x):
     np.testing.assert_allclose(hm.attention_rollout(model, x).numpy(), np.stack(expected), rtol=1e-5)
 
 
+def test_a_mean_pooled_head_gets_the_attention_into_its_pooled_output(model, x):
+    """global_pool=avg: the head reads the mean of the patch tokens, so both attention maps follow the mean of
+    the patch rows instead of the CLS row (same weights, another read-out)."""
+    avg = VisionTransformer(img_size=48, patch_size=16, embed_dim=64, depth=3, num_heads=4, num_classes=5,
+                            global_pool="avg").eval()
+    avg.load_state_dict(model.state_dict())
+    full = avg.get_last_selfattention(x)
+    torch.testing.assert_close(hm.cls_attention(avg, x).flatten(2), full[:, :, 1:, 1:].mean(2))
+    with torch.no_grad():
+        maps = [a.mean(1).double().numpy() for a in avg.get_all_selfattentions(x)]
+    n = maps[0].shape[-1]
+    expected = []
+    for b in range(x.shape[0]):
+        r = np.eye(n)
+        for a in maps:
+            a = 0.5 * a[b] + 0.5 * np.eye(n)
+            r = (a / a.sum(axis=1, keepdims=True)) @ r
+        expected.append(r[1:, 1:].mean(0).reshape(3, 3))
+    np.testing.assert_allclose(hm.attention_rollout(avg, x).numpy(), np.stack(expected), rtol=1e-5)
+    assert not np.allclose(hm.attention_rollout(avg, x).numpy(), hm.attention_rollout(model, x).numpy())
+
+
 def test_gradcam_matches_a_manual_gradient(model, x):
     target = 3
     cam = hm.grad_cam(model, x, target)

@@ -7,11 +7,15 @@
   so each block's head-averaged attention ``A`` is replaced by ``0.5 * A + 0.5 * I`` (the identity
   is the skip connection), rows re-normalised, and the blocks multiplied from first to last.
   The CLS row of the product says how much each input patch flows into the CLS output.
+
+Both attention maps follow what the head reads (``model.global_pool``): for ``avg`` (the mean of the
+patch tokens) the CLS row is replaced by the mean of the patch rows, the attention into the pooled
+output; with ``token`` they are the classic CLS maps above.
 - **Grad-CAM** (Selvaraju et al. 2017) on the tokens that enter the last block (the output of
   its ``norm1``): the gradient of one label's logit, averaged over patches, weights each feature
   channel; the weighted sum over channels, clipped at zero, is the map. This is the only one of
   the three that depends on the chosen label. (The *output* tokens of the last block cannot be
-  used: only the CLS token reaches the head, so their gradients are zero.)
+  used: with ``global_pool="token"`` only the CLS token reaches the head, so their gradients are zero.)
 
 All maps come back at the patch grid (``[B, g, g]``); :func:`to_image` upsamples and normalises
 them to the model's input size.
@@ -35,13 +39,20 @@ def _grid(model: VisionTransformer, x: torch.Tensor) -> tuple[int, int]:
     return x.shape[-2] // model.patch_size, x.shape[-1] // model.patch_size
 
 
+def _readout_row(model: VisionTransformer, attn: torch.Tensor) -> torch.Tensor:
+    """``[..., 1+N, 1+N]`` attention -> ``[..., N]``: the row of what the head reads, to the patches
+    (the CLS token's row, or for ``global_pool="avg"`` the mean of the patch tokens' rows)."""
+    return attn[..., 1:, 1:].mean(-2) if model.global_pool == "avg" else attn[..., 0, 1:]
+
+
 @torch.no_grad()
 def cls_attention(model: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
-    """Last-block CLS->patch attention per head, ``[B, heads, g, g]`` (mean over heads: ``.mean(1)``)."""
+    """Last-block attention of the read-out to the patches per head, ``[B, heads, g, g]`` (mean over heads:
+    ``.mean(1)``): the CLS row, or the patch rows' mean for a mean-pooled head."""
     model.eval()
     attn = model.get_last_selfattention(x.float())  # [B, heads, 1+N, 1+N]
     gh, gw = _grid(model, x)
-    return attn[:, :, 0, 1:].reshape(x.shape[0], -1, gh, gw)
+    return _readout_row(model, attn).reshape(x.shape[0], -1, gh, gw)
 
 
 @torch.no_grad()
@@ -59,7 +70,7 @@ def attention_rollout(model: VisionTransformer, x: torch.Tensor, residual: bool 
         a = a / a.sum(dim=-1, keepdim=True)
         rollout = a @ rollout  # later blocks act on what earlier blocks produced
     gh, gw = _grid(model, x)
-    return rollout[:, 0, 1:].reshape(x.shape[0], gh, gw)
+    return _readout_row(model, rollout).reshape(x.shape[0], gh, gw)
 
 
 def grad_cam(model: VisionTransformer, x: torch.Tensor, target: int | Sequence[int] | torch.Tensor) -> torch.Tensor:
