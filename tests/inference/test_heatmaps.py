@@ -32,7 +32,8 @@ def test_cls_attention_is_the_last_blocks_cls_row(model, x):
     torch.testing.assert_close(heads.sum(dim=(2, 3)) + full[:, :, 0, 0], torch.ones(2, 4))
 
 
-def test_rollout_matches_a_plain_loop(model, x):
+def rollout_by_loop(model, x, readout) -> np.ndarray:
+    """Attention rollout written out plainly; ``readout`` picks the row(s) of the final product."""
     with torch.no_grad():
         maps = [a.mean(1).double().numpy() for a in model.get_all_selfattentions(x)]
     n = maps[0].shape[-1]
@@ -43,8 +44,13 @@ def test_rollout_matches_a_plain_loop(model, x):
             a = 0.5 * a[b] + 0.5 * np.eye(n)
             a = a / a.sum(axis=1, keepdims=True)
             r = a @ r
-        expected.append(r[0, 1:].reshape(3, 3))
-    np.testing.assert_allclose(hm.attention_rollout(model, x).numpy(), np.stack(expected), rtol=1e-5)
+        expected.append(readout(r).reshape(3, 3))
+    return np.stack(expected)
+
+
+def test_rollout_matches_a_plain_loop(model, x):
+    expected = rollout_by_loop(model, x, lambda r: r[0, 1:])
+    np.testing.assert_allclose(hm.attention_rollout(model, x).numpy(), expected, rtol=1e-5)
 
 
 def test_a_mean_pooled_head_gets_the_attention_into_its_pooled_output(model, x):
@@ -55,17 +61,8 @@ def test_a_mean_pooled_head_gets_the_attention_into_its_pooled_output(model, x):
     avg.load_state_dict(model.state_dict())
     full = avg.get_last_selfattention(x)
     torch.testing.assert_close(hm.cls_attention(avg, x).flatten(2), full[:, :, 1:, 1:].mean(2))
-    with torch.no_grad():
-        maps = [a.mean(1).double().numpy() for a in avg.get_all_selfattentions(x)]
-    n = maps[0].shape[-1]
-    expected = []
-    for b in range(x.shape[0]):
-        r = np.eye(n)
-        for a in maps:
-            a = 0.5 * a[b] + 0.5 * np.eye(n)
-            r = (a / a.sum(axis=1, keepdims=True)) @ r
-        expected.append(r[1:, 1:].mean(0).reshape(3, 3))
-    np.testing.assert_allclose(hm.attention_rollout(avg, x).numpy(), np.stack(expected), rtol=1e-5)
+    expected = rollout_by_loop(avg, x, lambda r: r[1:, 1:].mean(0))
+    np.testing.assert_allclose(hm.attention_rollout(avg, x).numpy(), expected, rtol=1e-5)
     assert not np.allclose(hm.attention_rollout(avg, x).numpy(), hm.attention_rollout(model, x).numpy())
 
 
