@@ -121,6 +121,16 @@ def one_block(arch="vit_tiny", num_classes=0, global_pool="token", **kw):
     return VisionTransformer(embed_dim=192, depth=1, num_heads=3, num_classes=num_classes, global_pool=global_pool)
 
 
+def test_a_bundle_with_an_unknown_read_out_names_its_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(bundle_module, "build_model", one_block)
+    run = make_bundle(tmp_path / "run", one_block(num_classes=len(DEFAULT_LABELS)), 32)
+    meta = json.loads((run / "bundle.json").read_text())
+    assert meta["global_pool"] == "token"
+    (run / "bundle.json").write_text(json.dumps({**meta, "global_pool": "max"}))
+    with pytest.raises(ValueError, match=r"bundle\.json: unknown global_pool 'max'"):
+        load_bundle(run)
+
+
 @pytest.mark.parametrize("pool", ["token", "avg"])
 def test_onnx_export_dynamic_batch_and_size_matches_torch(tmp_path, monkeypatch, pool):
     ort = pytest.importorskip("onnxruntime")

@@ -89,8 +89,11 @@ def load_bundle(directory: os.PathLike | str, device: str | torch.device = "cpu"
     # Built on the meta device: random initialisation of 22M parameters that the file overwrites
     # anyway was most of the load time; assign=True adopts the loaded tensors instead.
     with torch.device("meta"):
-        model = build_model(meta.get("arch", "vit_small"), num_classes=len(labels),
-                            global_pool=meta.get("global_pool", "token"))   # bundles before it: the CLS token
+        try:
+            model = build_model(meta.get("arch", "vit_small"), num_classes=len(labels),
+                                global_pool=meta.get("global_pool", "token"))   # bundles before it: the CLS token
+        except ValueError as exc:   # an unknown arch or global_pool
+            raise ValueError(f"{meta_path}: {exc}") from None
     state = load_file(str(weights_path))
     model.load_state_dict(state, strict=True, assign=True)
     model.to(device).eval()
