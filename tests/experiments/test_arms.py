@@ -76,6 +76,7 @@ def test_arms_share_folds_and_seeds_stack_and_resume(tmp_path):
     assert res.comparisons["improved"].names == ("baseline", "improved")
     md = (tmp_path / "b" / "results.md").read_text()
     assert "| low-lr |" in md and "Trivial all-positive mean F1" in md
+    assert res.identical_seeds == [] and "Seeds that changed nothing" not in md   # the fake's seeds 0, 1 differ
     saved = json.loads((tmp_path / "b" / "results.json").read_text())
     assert saved["vs_reference"]["improved"]["a"] == "baseline"
     assert (tmp_path / "b" / "fold1" / "improved-seed1" / "heldout.npz").is_file()
@@ -173,6 +174,17 @@ def test_another_reference_rescores_a_finished_benchmark_into_its_own_table(tmp_
     assert (tmp_path / "b" / "results.md").read_text() == before  # the plan's own table is left alone
     with pytest.raises(ValueError, match="reference 'nope' is not an arm of the plan"):
         run_arms(plan, "C", tmp_path / "b", cache=cache, train_fn=fake, reference="nope", **QUIET)
+
+
+def test_seeds_that_changed_nothing_are_named(tmp_path):
+    """The fake builds its model from the seed's parity: seeds 0 and 2 make the same predictions, as a probe on
+    a fixed pre-trained backbone does; the table says those rows are one run stacked."""
+    cache = FakeCache(n_patients=12, seed=7)
+    plan = load_plan(write_plan(tmp_path / "arms.yaml", seeds=[0, 2]))
+    res = run_arms(plan, "C", tmp_path / "b", cache=cache, train_fn=RecordingTrain(), **QUIET)
+    assert res.identical_seeds == ["baseline", "improved", "low-lr"]
+    assert "Seeds that changed nothing: baseline, improved, low-lr" in (tmp_path / "b" / "results.md").read_text()
+    assert json.loads((tmp_path / "b" / "results.json").read_text())["identical_seeds"] == res.identical_seeds
 
 
 def test_a_rescored_table_names_who_trained_each_arm_not_only_who_scored_it(tmp_path, monkeypatch):

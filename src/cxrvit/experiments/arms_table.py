@@ -35,6 +35,8 @@ class ArmsResult:
     # data scaling: curve name -> [(arm, train_fraction)] by fraction, and (smallest -> largest) comparisons
     scaling: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
     scaling_gain: dict[str, Comparison] = field(default_factory=dict)
+    # arms whose seeds gave identical predictions (a probe on a fixed backbone): their stacked rows are one run
+    identical_seeds: list[str] = field(default_factory=list)
 
     def markdown(self) -> str:
         i = self.info
@@ -86,6 +88,10 @@ class ArmsResult:
                   f"({self.scores[ref].bootstrap['resamples']} resamples); Δ = arm − {ref}, paired on the same "
                   "patients. Validation AUROC: mean over folds/seeds of the scored-target mean per epoch; for a "
                   "probe, its best out-of-fold mean AUROC over the C grid and the C chosen per fold/seed."]
+        if self.identical_seeds:
+            lines += ["", f"Seeds that changed nothing: {', '.join(self.identical_seeds)} gave identical predictions for "
+                          f"every seed (nothing random is left, e.g. a probe on a fixed pre-trained backbone), so "
+                          f"their rows are one run stacked {len(self.info['seeds'])} times."]
         if self.scaling:
             lines += ["", self.scaling_markdown()]
         if self.probes:
@@ -131,7 +137,8 @@ class ArmsResult:
                 "scores": {a: s.to_json() for a, s in self.scores.items()},
                 "vs_reference": {a: c.to_json() for a, c in self.comparisons.items()},
                 "cost_minutes": self.cost_minutes, "learning": self.learning, "pretrain_probes": self.probes,
-                "scaling": self.scaling, "scaling_gain": {k: c.to_json() for k, c in self.scaling_gain.items()}}
+                "scaling": self.scaling, "scaling_gain": {k: c.to_json() for k, c in self.scaling_gain.items()},
+                "identical_seeds": self.identical_seeds}
 
 
 def _f(x) -> str:
@@ -229,8 +236,12 @@ def score_arms(plan, cache, results: dict[str, dict[int, list[FoldPredictions]]]
         (lo, _), (hi, _) = members[0], members[-1]
         gains[curve] = paired_compare(y, stacked[lo][1], stacked[lo][2], stacked[hi][1], stacked[hi][2], pids, labels,
                                       names=(lo, hi), n_resamples=n_resamples)
+    per_seed = {a: np.split(stacked[a][1], len(plan.seeds)) for a in names}
+    identical = [a for a in names if len(plan.seeds) > 1 and all(np.array_equal(p, per_seed[a][0])
+                                                                  for p in per_seed[a][1:])]
     return ArmsResult(names, plan.reference, scores, comparisons, cost, learning, info,
-                      probes=pretrain_probes(out, plan, fold_indices), scaling=scaling, scaling_gain=gains)
+                      probes=pretrain_probes(out, plan, fold_indices), scaling=scaling, scaling_gain=gains,
+                      identical_seeds=identical)
 
 
 def scaling_curves(plan) -> dict[str, list[tuple[str, float]]]:
