@@ -7,15 +7,15 @@
   so each block's head-averaged attention ``A`` is replaced by ``0.5 * A + 0.5 * I`` (the identity
   is the skip connection), rows re-normalised, and the blocks multiplied from first to last.
   The CLS row of the product says how much each input patch flows into the CLS output.
-
-Both attention maps follow what the head reads (``model.global_pool``): for ``avg`` (the mean of the
-patch tokens) the CLS row is replaced by the mean of the patch rows, the attention into the pooled
-output; with ``token`` they are the classic CLS maps above.
 - **Grad-CAM** (Selvaraju et al. 2017) on the tokens that enter the last block (the output of
   its ``norm1``): the gradient of one label's logit, averaged over patches, weights each feature
   channel; the weighted sum over channels, clipped at zero, is the map. This is the only one of
   the three that depends on the chosen label. (The *output* tokens of the last block cannot be
   used: with ``global_pool="token"`` only the CLS token reaches the head, so their gradients are zero.)
+
+Both attention maps follow what the head reads (``model.global_pool``): for ``avg`` (the mean of the
+patch tokens) the CLS row is replaced by the mean of the patch rows, the attention into the pooled
+output; with ``token`` they are the classic CLS maps.
 
 All maps come back at the patch grid (``[B, g, g]``); :func:`to_image` upsamples and normalises
 them to the model's input size.

@@ -44,8 +44,8 @@ FEATURES = "features.npz"   # resume: extraction is most of the cost, fitting ta
 
 @torch.no_grad()
 def head_features(model: VisionTransformer, cache, rows: np.ndarray, size: int, prep: Preprocessing,
-                 augment: BatchAugment | None = None, batch_size: int = 64, device: torch.device | str = "cpu",
-                 progress=None) -> np.ndarray:
+                  augment: BatchAugment | None = None, batch_size: int = 64, device: torch.device | str = "cpu",
+                  progress=None) -> np.ndarray:
     """``[len(rows), D]`` what the head reads, in fp32: ``forward_head(pre_logits=True)`` (the final-norm CLS
     token, or the mean of the patch tokens for ``global_pool="avg"``).
 
