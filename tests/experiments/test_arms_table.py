@@ -1,0 +1,77 @@
+"""What an arms table says beyond its numbers: other references, stacked copies, who trained what, how runs learned."""
+import json
+
+import numpy as np
+import pytest
+
+import cxrvit.experiments.arms as arms_module
+from cxrvit.experiments.arms import run_arms
+from cxrvit.experiments.arms_table import learning_summary
+from cxrvit.experiments.crossval import git_commit
+from cxrvit.experiments.plan import load_plan
+from cxrvit.runtime import machine_description
+from armsfakes import QUIET, RecordingTrain, write_plan
+from evalfakes import FakeCache
+
+
+def test_another_reference_rescores_a_finished_benchmark_into_its_own_table(tmp_path):
+    cache = FakeCache(n_patients=12, seed=7)
+    plan = load_plan(write_plan(tmp_path / "arms.yaml", seeds=[0]))
+    fake = RecordingTrain()
+    res = run_arms(plan, "C", tmp_path / "b", cache=cache, train_fn=fake, **QUIET)
+    before = (tmp_path / "b" / "results.md").read_text()
+    vs = run_arms(plan, "C", tmp_path / "b", cache=cache, train_fn=fake, reference="improved", **QUIET)
+    assert len(fake.calls) == 2 * 3                             # nothing trained again
+    assert set(vs.comparisons) == {"baseline", "low-lr"} and vs.comparisons["low-lr"].names == ("improved", "low-lr")
+    # the pairing is symmetric: baseline - improved is minus improved - baseline on the same resamples' patients
+    assert vs.comparisons["baseline"].diff_auroc["mean"].value == pytest.approx(
+        -res.comparisons["improved"].diff_auroc["mean"].value)
+    assert "Δ mean F1 vs improved" in (tmp_path / "b" / "results-vs-improved.md").read_text()
+    assert json.loads((tmp_path / "b" / "results-vs-improved.json").read_text())["reference"] == "improved"
+    assert (tmp_path / "b" / "results.md").read_text() == before  # the plan's own table is left alone
+    with pytest.raises(ValueError, match="reference 'nope' is not an arm of the plan"):
+        run_arms(plan, "C", tmp_path / "b", cache=cache, train_fn=fake, reference="nope", **QUIET)
+
+
+def test_seeds_that_changed_nothing_are_named(tmp_path):
+    """The fake builds its model from the seed's parity: seeds 0 and 2 make the same predictions, as a probe on
+    a fixed pre-trained backbone does; the table says those rows are one run stacked."""
+    cache = FakeCache(n_patients=12, seed=7)
+    plan = load_plan(write_plan(tmp_path / "arms.yaml", seeds=[0, 2]))
+    res = run_arms(plan, "C", tmp_path / "b", cache=cache, train_fn=RecordingTrain(), **QUIET)
+    assert res.identical_seeds == ["baseline", "improved", "low-lr"]
+    assert "Seeds that changed nothing: baseline, improved, low-lr" in (tmp_path / "b" / "results.md").read_text()
+    assert json.loads((tmp_path / "b" / "results.json").read_text())["identical_seeds"] == res.identical_seeds
+
+
+def test_a_rescored_table_names_who_trained_each_arm_not_only_who_scored_it(tmp_path, monkeypatch):
+    cache = FakeCache(n_patients=12, seed=7)
+    plan = load_plan(write_plan(tmp_path / "arms.yaml", seeds=[0]))
+    run_arms(plan, "C", tmp_path / "b", cache=cache, train_fn=RecordingTrain(), **QUIET)
+    trained = f"commit {git_commit()} on {machine_description()}"
+    for path in (tmp_path / "b").glob("fold*/low-lr/heldout.npz"):    # as saved before provenance was kept
+        with np.load(path) as z:
+            old = {k: z[k] for k in z.files if k != "provenance"}
+        np.savez(path, **old)
+    monkeypatch.setattr(arms_module, "git_commit", lambda: "abc1234")   # re-scored at a later commit
+    run_arms(plan, "C", tmp_path / "b", cache=cache, train_fn=RecordingTrain(), reference="low-lr", **QUIET)
+    md = (tmp_path / "b" / "results-vs-low-lr.md").read_text()
+    assert "- scored on: " in md and "commit `abc1234`" in md
+    assert f"- trained: baseline, improved: {trained}" in md
+    assert "- trained: low-lr: not recorded" in md
+
+
+def test_learning_summary_reads_epochs_of_fine_tuning_and_the_c_search_of_a_probe(tmp_path):
+    def run(name, records):
+        (tmp_path / name / "run").mkdir(parents=True)
+        (tmp_path / name / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        return tmp_path / name
+
+    ft = [run(f"ft{i}", [{"kind": "train", "step": 1, "loss": 1.0}] +
+              [{"kind": "val", "epoch": e, "score": s} for e, s in enumerate(scores)])
+          for i, scores in enumerate([[0.5, 0.7, 0.6], [0.5, 0.5, 0.6]])]
+    s = learning_summary(ft)
+    assert (s["epochs"], s["best_epoch"], round(s["best"], 3), round(s["last"], 3)) == (3, 2, 0.6, 0.6)
+    probes = [run(f"p{i}", [{"kind": "val", "C": c, "score": v} for c, v in grid])
+              for i, grid in enumerate([[(0.1, 0.55), (1.0, 0.60)], [(0.1, 0.58), (1.0, 0.52)]])]
+    assert learning_summary(probes) == {"probe_oof": pytest.approx(0.59), "C": [1.0, 0.1]}
