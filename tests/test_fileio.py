@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from cxrvit.fileio import atomic_write, json_safe, pid_alive
+from cxrvit.fileio import atomic_write, json_safe, owner_tag, parse_owner, pid_alive, this_host
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
@@ -42,12 +42,26 @@ def test_the_next_write_removes_what_a_killed_writer_left_and_spares_a_live_one(
     target.write_bytes(b"old")
     dead, live = _dead_pid(), os.getppid()          # a finished child; the process that runs this test run
     assert not pid_alive(dead) and pid_alive(live)
-    (tmp_path / f"last.tmp{dead}.pt").write_bytes(b"half of a checkpoint")   # SIGKILL during torch.save
-    (tmp_path / f"last.tmp{live}.pt").write_bytes(b"another worker, mid-write")
-    (tmp_path / f"other.tmp{dead}.pt").write_bytes(b"a different file's temporary")
+    here = this_host()
+    left = {f"last.tmp{dead}@{here}.pt": b"half of a checkpoint",            # SIGKILL during torch.save
+            f"last.tmp{dead}.pt": b"the same, named before hosts were recorded",
+            f"last.tmp{live}@{here}.pt": b"another worker, mid-write",
+            f"last.tmp{dead}@{here}x.pt": b"a worker on another machine of a shared filesystem",
+            f"other.tmp{dead}@{here}.pt": b"a different file's temporary"}
+    for name, data in left.items():
+        (tmp_path / name).write_bytes(data)
     atomic_write(target, lambda tmp: tmp.write_bytes(b"new"))
     assert target.read_bytes() == b"new"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", f"last.tmp{live}.pt", f"other.tmp{dead}.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["last.pt", f"last.tmp{live}@{here}.pt", f"last.tmp{dead}@{here}x.pt", f"other.tmp{dead}@{here}.pt"])
+
+
+def test_a_writer_is_named_by_process_and_host():
+    pid, host = parse_owner(owner_tag())
+    assert pid == os.getpid() and host == this_host() and "." not in host
+    assert parse_owner("123") == (123, this_host())               # a bare pid: written on this host
+    assert parse_owner("123@gpu-node-7") == (123, "gpu-node-7")
+    assert parse_owner("") == (None, "") and parse_owner("tmpfile") == (None, "")
 
 
 def test_json_safe_turns_every_non_finite_number_into_null():

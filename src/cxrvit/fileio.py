@@ -6,12 +6,18 @@ beside the target, then one ``os.replace`` (atomic on POSIX) puts them in place.
 moment leaves the previous file or the new one, never a torn one. What a SIGKILL *can* leave is the
 temporary itself (a checkpoint's is hundreds of MB); the next write of the same file removes the
 temporaries of processes that are gone (:func:`sweep_stale_temporaries`).
+
+A writer is named ``<pid>@<host>`` (:func:`owner_tag`): a process id alone says nothing on a
+filesystem that two machines share, where the other machine's processes cannot be seen. Only a
+writer on this host is ever judged gone; another host's is left for a person to judge.
 """
 from __future__ import annotations
 
 import glob
 import math
 import os
+import re
+import socket
 from pathlib import Path
 from typing import Callable
 
@@ -20,12 +26,12 @@ def atomic_write(path: os.PathLike | str, write: Callable[[Path], object], *, fs
     """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it over ``path``.
 
     The temporary name keeps the target's suffix (``np.savez`` would otherwise append ``.npz``) and
-    carries the process id, so two workers writing the same file never share a temporary.
+    carries the writer (:func:`owner_tag`), so two workers writing the same file never share a temporary.
     ``fsync`` also forces the bytes to disk before the rename (checkpoints: survive a power cut too).
     """
     path = Path(path)
     sweep_stale_temporaries(path)
-    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}{path.suffix}")
+    tmp = path.with_name(f"{path.stem}.tmp{owner_tag()}{path.suffix}")
     try:
         write(tmp)
         if fsync:
@@ -41,8 +47,8 @@ def atomic_write(path: os.PathLike | str, write: Callable[[Path], object], *, fs
 def sweep_stale_temporaries(path: os.PathLike | str) -> list[Path]:
     """Delete the temporaries that killed writers left beside ``path``; returns what was deleted.
 
-    Only names of :func:`atomic_write`'s form (``<stem>.tmp<pid><suffix>``) whose process no longer
-    runs are touched: a live worker's temporary (another process writing the same file) is left alone.
+    Only names of :func:`atomic_write`'s form (``<stem>.tmp<writer><suffix>``) whose writer ran on this
+    host and no longer runs are touched: a live worker's temporary, or another machine's, is left alone.
     """
     path = Path(path)
     prefix = f"{path.stem}.tmp"
@@ -50,11 +56,33 @@ def sweep_stale_temporaries(path: os.PathLike | str) -> list[Path]:
     if not path.parent.is_dir():
         return removed
     for cand in path.parent.glob(f"{glob.escape(prefix)}*{glob.escape(path.suffix)}"):
-        pid = cand.name[len(prefix):len(cand.name) - len(path.suffix)]
-        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+        pid, host = parse_owner(cand.name[len(prefix):len(cand.name) - len(path.suffix)])
+        if pid is not None and host == this_host() and pid != os.getpid() and not pid_alive(pid):
             cand.unlink(missing_ok=True)
             removed.append(cand)
     return removed
+
+
+def this_host() -> str:
+    """This machine's name as it may stand in a file name (anything but letters, digits, ``_`` and ``-``
+    becomes ``_``)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "localhost"
+
+
+def owner_tag() -> str:
+    """This process as a writer: ``<pid>@<host>``."""
+    return f"{os.getpid()}@{this_host()}"
+
+
+def parse_owner(tag: str) -> tuple[int | None, str]:
+    """``(pid, host)`` of an :func:`owner_tag`; ``pid`` is None when ``tag`` is not one.
+
+    A bare pid (what cxrvit wrote before hosts were recorded) is read as this host's.
+    """
+    pid, _, host = tag.strip().partition("@")
+    if not pid.isdigit():
+        return None, ""
+    return int(pid), host or this_host()
 
 
 def pid_alive(pid: int) -> bool:

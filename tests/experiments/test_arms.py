@@ -1,13 +1,17 @@
 """`cxrvit bench arms`: N arms on the same folds and seeds, per-fold pre-training, stacking, resume."""
 import json
+import os
 from pathlib import Path
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import yaml
 
-from cxrvit.experiments.arms import run_arms
+from cxrvit.experiments.arms import StageLock, run_arms
 from cxrvit.experiments.plan import load_plan, with_default_init
+from cxrvit.fileio import this_host
 import cxrvit.ssl.pretrain as pretrain_mod
 from cxrvit.training.config import recipe_path
 from armsfakes import QUIET, TINY, RecordingTrain, patients_of, write_plan
@@ -295,3 +299,23 @@ def test_bad_training_shares_are_refused_with_the_file(tmp_path, arm, pretrain, 
     with pytest.raises(ValueError, match=message) as exc:
         load_plan(path)
     assert str(path) in str(exc.value)
+
+
+def test_a_stage_lock_refuses_a_live_worker_or_another_host_and_takes_over_a_dead_one(tmp_path):
+    lock = tmp_path / "stage" / ".running"
+    with StageLock(lock.parent):
+        assert lock.read_text() == f"{os.getpid()}@{this_host()}"
+        with pytest.raises(RuntimeError, match=r"is running this stage; give the other worker different --only"):
+            StageLock(lock.parent).__enter__()
+    assert not lock.exists()
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    for left in (f"{finished.pid}@{this_host()}", str(finished.pid), ""):   # killed workers, old and new form
+        lock.write_text(left)
+        with StageLock(lock.parent):
+            assert lock.read_text().startswith(f"{os.getpid()}@")
+    lock.write_text(f"{finished.pid}@{this_host()}-elsewhere")
+    with pytest.raises(RuntimeError, match=rf"{lock}: process {finished.pid} on host .*-elsewhere .*delete the file"):
+        StageLock(lock.parent).__enter__()
+    assert lock.read_text().endswith("-elsewhere")                  # left for a person to judge
+

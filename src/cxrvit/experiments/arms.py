@@ -53,7 +53,7 @@ from cxrvit.experiments.crossval import FoldPredictions, choose_protocol, git_co
 from cxrvit.experiments.identity import differing_keys, hash_matches, upgrade_identity, upgrade_pretrain_identity
 from cxrvit.experiments.plan import (Arm, ArmsPlan, PretrainSpec, arm_config, arm_dir, arm_identity, fraction_seed,
                                      pretrain_config, pretrain_identity)
-from cxrvit.fileio import atomic_write, pid_alive
+from cxrvit.fileio import atomic_write, owner_tag, parse_owner, pid_alive, this_host
 from cxrvit.runtime import machine_description
 import cxrvit.ssl.pretrain as ssl_pretrain   # called through the module: tests stand in a fake engine
 from cxrvit.ssl.probe import ProbeSet
@@ -66,7 +66,12 @@ IDENTITY_FILE = "identity.yaml"
 
 
 class StageLock:
-    """Refuse to run a stage that a live process already runs (two workers on one OUT)."""
+    """Refuse to run a stage that a live process already runs (two workers on one OUT).
+
+    The lock file names its writer as ``<pid>@<host>``. A lock left by a process of this host that is
+    gone is taken over; one from another host cannot be checked from here, so it is refused with the
+    file to delete once that run is known to have ended.
+    """
 
     def __init__(self, folder: Path):
         self.path = folder / ".running"
@@ -76,13 +81,16 @@ class StageLock:
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            pid = int(self.path.read_text().strip() or 0)
-            if pid and pid_alive(pid):
+            pid, host = parse_owner(self.path.read_text())
+            if pid is not None and host != this_host():
+                raise RuntimeError(f"{self.path}: process {pid} on host {host} runs this stage, and this machine "
+                                   "cannot see it; if that run has ended, delete the file") from None
+            if pid is not None and pid_alive(pid):
                 raise RuntimeError(f"{self.path.parent}: process {pid} is running this stage; "
                                    "give the other worker different --only arms") from None
-            self.path.unlink(missing_ok=True)   # left by a killed worker: take it over
+            self.path.unlink(missing_ok=True)   # left by a killed worker (or unreadable): take it over
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        os.write(fd, str(os.getpid()).encode())
+        os.write(fd, owner_tag().encode())
         os.close(fd)
         return self
 
