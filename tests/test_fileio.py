@@ -4,11 +4,14 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
-from cxrvit.fileio import atomic_write, json_safe, owner_tag, parse_owner, pid_alive, this_host
+import cxrvit.fileio as fileio
+from cxrvit.fileio import (LockHeld, atomic_write, exclusive_lock, json_safe, owner_tag, parse_owner, pid_alive,
+                           this_host)
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
@@ -46,22 +49,57 @@ def test_the_next_write_removes_what_a_killed_writer_left_and_spares_a_live_one(
     left = {f"last.tmp{dead}@{here}.pt": b"half of a checkpoint",            # SIGKILL during torch.save
             f"last.tmp{dead}.pt": b"the same, named before hosts were recorded",
             f"last.tmp{live}@{here}.pt": b"another worker, mid-write",
-            f"last.tmp{dead}@{here}x.pt": b"a worker on another machine of a shared filesystem",
+            f"last.tmp{dead}@{here}x.pt": b"a worker on another machine of a shared filesystem, mid-write",
+            f"last.tmp{dead}@{here}y.pt": b"another machine's, killed two hours ago",
             f"other.tmp{dead}@{here}.pt": b"a different file's temporary"}
     for name, data in left.items():
         (tmp_path / name).write_bytes(data)
+    two_hours_ago = time.time() - 2 * fileio.STALE_AFTER_S
+    os.utime(tmp_path / f"last.tmp{dead}@{here}y.pt", (two_hours_ago, two_hours_ago))
     atomic_write(target, lambda tmp: tmp.write_bytes(b"new"))
     assert target.read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["last.pt", f"last.tmp{live}@{here}.pt", f"last.tmp{dead}@{here}x.pt", f"other.tmp{dead}@{here}.pt"])
 
 
-def test_a_writer_is_named_by_process_and_host():
+def test_a_writer_is_named_by_process_and_host(monkeypatch):
     pid, host = parse_owner(owner_tag())
-    assert pid == os.getpid() and host == this_host() and "." not in host
+    assert pid == os.getpid() and host == this_host()
     assert parse_owner("123") == (123, this_host())               # a bare pid: written on this host
     assert parse_owner("123@gpu-node-7") == (123, "gpu-node-7")
-    assert parse_owner("") == (None, "") and parse_owner("tmpfile") == (None, "")
+    for not_a_writer in ("", "tmpfile", "0", "12a", "\u00b2", "-5"):
+        assert parse_owner(not_a_writer) == (None, ""), not_a_writer
+    monkeypatch.setattr(fileio.socket, "gethostname", lambda: "node7.example.org")
+    assert this_host() == "node7_example_org"                   # a dot would read as a suffix in a file name
+    monkeypatch.setattr(fileio.socket, "gethostname", lambda: "")
+    assert this_host() == "localhost"
+
+
+HOLD = """
+import sys, time
+from cxrvit.fileio import exclusive_lock
+with exclusive_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_lock_is_refused_while_held_and_taken_once_its_holder_is_killed(tmp_path):
+    lock = tmp_path / "stage" / ".lock"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockHeld) as exc:
+            with exclusive_lock(lock):
+                pass
+        assert exc.value.holder == f"{holder.pid}@{this_host()}" and str(lock) in str(exc.value)
+    finally:
+        holder.kill()                                            # SIGKILL: no exit code runs
+        holder.wait()
+    assert lock.exists()                                         # left behind by the killed holder...
+    with exclusive_lock(lock):                                   # ...and taken: the kernel dropped its lock
+        assert lock.read_text() == owner_tag()
+    assert not lock.exists()
 
 
 def test_json_safe_turns_every_non_finite_number_into_null():

@@ -8,18 +8,32 @@ temporary itself (a checkpoint's is hundreds of MB); the next write of the same 
 temporaries of processes that are gone (:func:`sweep_stale_temporaries`).
 
 A writer is named ``<pid>@<host>`` (:func:`owner_tag`): a process id alone says nothing on a
-filesystem that two machines share, where the other machine's processes cannot be seen. Only a
-writer on this host is ever judged gone; another host's is left for a person to judge.
+filesystem that two machines share, where the other machine's processes cannot be seen. A writer on
+this host is gone when its process is; another host's temporary is judged by its age instead (no
+write takes an hour). A bare pid, as cxrvit named temporaries before it recorded hosts, is this host's.
+
+:func:`exclusive_lock` is the one lock: held by the kernel (``flock``), so a killed holder releases
+it at once, on any machine that shares the filesystem's locks.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 import glob
 import math
 import os
 import re
 import socket
+import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:   # Windows: exclusive_lock falls back to exclusive creation
+    fcntl = None
+
+#: A temporary of another host older than this is a killed writer's (a checkpoint is written in seconds).
+STALE_AFTER_S = 3600.0
 
 
 def atomic_write(path: os.PathLike | str, write: Callable[[Path], object], *, fsync: bool = False) -> Path:
@@ -47,8 +61,9 @@ def atomic_write(path: os.PathLike | str, write: Callable[[Path], object], *, fs
 def sweep_stale_temporaries(path: os.PathLike | str) -> list[Path]:
     """Delete the temporaries that killed writers left beside ``path``; returns what was deleted.
 
-    Only names of :func:`atomic_write`'s form (``<stem>.tmp<writer><suffix>``) whose writer ran on this
-    host and no longer runs are touched: a live worker's temporary, or another machine's, is left alone.
+    Only names of :func:`atomic_write`'s form (``<stem>.tmp<writer><suffix>``) are touched: this host's
+    when their process no longer runs, another host's once older than :data:`STALE_AFTER_S`. A live
+    worker's temporary is left alone.
     """
     path = Path(path)
     prefix = f"{path.stem}.tmp"
@@ -57,10 +72,65 @@ def sweep_stale_temporaries(path: os.PathLike | str) -> list[Path]:
         return removed
     for cand in path.parent.glob(f"{glob.escape(prefix)}*{glob.escape(path.suffix)}"):
         pid, host = parse_owner(cand.name[len(prefix):len(cand.name) - len(path.suffix)])
-        if pid is not None and host == this_host() and pid != os.getpid() and not pid_alive(pid):
+        if pid is None or (host == this_host() and pid == os.getpid()):
+            continue
+        try:
+            gone = not pid_alive(pid) if host == this_host() else time.time() - cand.stat().st_mtime > STALE_AFTER_S
+        except FileNotFoundError:   # its writer finished meanwhile
+            continue
+        if gone:
             cand.unlink(missing_ok=True)
             removed.append(cand)
     return removed
+
+
+class LockHeld(RuntimeError):
+    """Another live process holds the lock; ``holder`` is its :func:`owner_tag` ("" if unknown)."""
+
+    def __init__(self, path: Path, holder: str):
+        self.path, self.holder = path, holder
+        super().__init__(f"{path}: held by process {holder or '(unknown)'}")
+
+
+@contextmanager
+def exclusive_lock(path: os.PathLike | str) -> Iterator[Path]:
+    """Hold an exclusive lock on ``path`` for the block, or raise :class:`LockHeld` at once.
+
+    The file records its holder (:func:`owner_tag`) and is removed on exit. A file that a killed
+    holder left is simply taken: the kernel dropped its lock with the process. Without ``fcntl``
+    (Windows) the file's existence is the lock, and one left by a killed holder must be deleted by hand.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            raise LockHeld(path, path.read_text(errors="replace").strip()) from None
+    else:
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 256).decode(errors="replace").strip()
+                os.close(fd)
+                raise LockHeld(path, holder) from None
+            # The holder before us removes the file on exit: if it did so between our open and our lock,
+            # we hold a name nobody can find. Lock the file that is there now instead.
+            try:
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+    os.write(fd, owner_tag().encode())
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)   # before closing: nobody can lock this file after we let it go
+        os.close(fd)
 
 
 def this_host() -> str:
@@ -80,7 +150,7 @@ def parse_owner(tag: str) -> tuple[int | None, str]:
     A bare pid (what cxrvit wrote before hosts were recorded) is read as this host's.
     """
     pid, _, host = tag.strip().partition("@")
-    if not pid.isdigit():
+    if not re.fullmatch(r"[1-9][0-9]*", pid, re.ASCII):
         return None, ""
     return int(pid), host or this_host()
 

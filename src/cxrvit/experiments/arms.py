@@ -32,12 +32,12 @@ the arms file or to the config's list of fields (a field added at its default ch
 and refuses one whose identity changed, naming it and the keys that differ.
 
 Two processes may work on one OUT at the same time on disjoint arms (``--only``); a stage that
-another live process is running is refused, never run twice.
+another live process is running is refused, never run twice (``<stage>/.lock``, a kernel lock that a
+killed worker releases with its process).
 """
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -53,7 +53,7 @@ from cxrvit.experiments.crossval import FoldPredictions, choose_protocol, git_co
 from cxrvit.experiments.identity import differing_keys, hash_matches, upgrade_identity, upgrade_pretrain_identity
 from cxrvit.experiments.plan import (Arm, ArmsPlan, PretrainSpec, arm_config, arm_dir, arm_identity, fraction_seed,
                                      pretrain_config, pretrain_identity)
-from cxrvit.fileio import atomic_write, owner_tag, parse_owner, pid_alive, this_host
+from cxrvit.fileio import LockHeld, atomic_write, exclusive_lock
 from cxrvit.runtime import machine_description
 import cxrvit.ssl.pretrain as ssl_pretrain   # called through the module: tests stand in a fake engine
 from cxrvit.ssl.probe import ProbeSet
@@ -68,34 +68,25 @@ IDENTITY_FILE = "identity.yaml"
 class StageLock:
     """Refuse to run a stage that a live process already runs (two workers on one OUT).
 
-    The lock file names its writer as ``<pid>@<host>``. A lock left by a process of this host that is
-    gone is taken over; one from another host cannot be checked from here, so it is refused with the
-    file to delete once that run is known to have ended.
+    ``<stage>/.lock`` is held through :func:`~cxrvit.fileio.exclusive_lock`: a worker that was killed
+    released it with its process, so its stage is simply taken up again by the next run.
     """
 
     def __init__(self, folder: Path):
-        self.path = folder / ".running"
+        self.path = folder / ".lock"
+        self._held = None
 
     def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._held = exclusive_lock(self.path)
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            pid, host = parse_owner(self.path.read_text())
-            if pid is not None and host != this_host():
-                raise RuntimeError(f"{self.path}: process {pid} on host {host} runs this stage, and this machine "
-                                   "cannot see it; if that run has ended, delete the file") from None
-            if pid is not None and pid_alive(pid):
-                raise RuntimeError(f"{self.path.parent}: process {pid} is running this stage; "
-                                   "give the other worker different --only arms") from None
-            self.path.unlink(missing_ok=True)   # left by a killed worker (or unreadable): take it over
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        os.write(fd, owner_tag().encode())
-        os.close(fd)
+            self._held.__enter__()
+        except LockHeld as exc:
+            raise RuntimeError(f"{self.path.parent}: process {exc.holder or '(unknown)'} is running this stage; "
+                               "give the other worker different --only arms") from None
         return self
 
     def __exit__(self, *exc):
-        self.path.unlink(missing_ok=True)
+        return self._held.__exit__(*exc)
 
 
 def run_pretrain_stage(plan: ArmsPlan, name: str, cache, train_rows: np.ndarray, heldout: np.ndarray,

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cxrvit.fileio import atomic_write
+
 CURVES = "learning_curves.png"
 
 
@@ -33,7 +35,5 @@ def plot_learning_curves(records: list[dict], path: Path, scored: list[str]) -> 
     ax.set_ylabel("validation AUROC")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)
-    tmp.replace(path)
