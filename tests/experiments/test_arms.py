@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from cxrvit.experiments.arms import StageLock, run_arms
-from cxrvit.experiments.plan import load_plan, with_default_init
+from cxrvit.experiments.plan import load_plan, pretrain_config, pretrain_identity, with_default_init
 from cxrvit.fileio import owner_tag
 import cxrvit.ssl.pretrain as pretrain_mod
 from cxrvit.training.config import recipe_path
@@ -45,6 +45,54 @@ def test_arms_share_folds_and_seeds_stack_and_resume(tmp_path):
     again = run_arms(plan, "C", tmp_path / "b", cache=cache, train_fn=fake, **QUIET)
     assert len(fake.calls) == 12                                # resumed: nothing retrained
     assert again.comparisons["improved"].diff_f1["mean"] == res.comparisons["improved"].diff_f1["mean"]
+
+
+def test_a_per_seed_stage_pre_trains_once_per_fold_and_seed_and_each_seed_reads_its_own(tmp_path, monkeypatch):
+    """Without per_seed every seed of an arm reads one backbone per fold (a probe's seeds are then copies);
+    with it the seeds vary the pre-training too, and seed 0 is the stage exactly as it runs alone."""
+    cache = FakeCache(n_patients=12, seed=6)
+    seen = []
+
+    class Result:
+        def __init__(self, out):
+            self.backbone, self.steps = out / "backbone.safetensors", 3
+            self.history = [{"epoch": 0, "linear_mean_auroc": 0.5}, {"epoch": 3, "linear_mean_auroc": 0.6}]
+
+    def fake_pretrain(cfg, caches, out_dir, rows=None, probe=None, resume=True, quiet=False):
+        seen.append((Path(out_dir).relative_to(tmp_path / "b").as_posix(), cfg.engine.seed))
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "backbone.safetensors").write_bytes(b"weights")
+        return Result(Path(out_dir))
+
+    monkeypatch.setattr(pretrain_mod, "pretrain", fake_pretrain)
+    stages = {"once": {"method": "mae", "overrides": ["schedule.epochs=3"]},
+              "each": {"method": "mae", "overrides": ["schedule.epochs=3"], "per_seed": True}}
+    plan = load_plan(write_plan(tmp_path / "arms.yaml", seeds=[0, 2], pretrain=stages,
+                                arms=[{"name": "baseline", "recipe": "baseline"},
+                                      {"name": "mae-once", "recipe": "improved", "pretrain": "once"},
+                                      {"name": "mae-each", "recipe": "improved", "pretrain": "each"}]))
+    base = pretrain_config(plan.pretrain["once"]).engine.seed
+    fake = RecordingTrain()
+    res = run_arms(plan, "C", tmp_path / "b", cache=cache, train_fn=fake, **QUIET)
+    assert sorted(seen) == sorted([("fold0/pretrain-once", base), ("fold1/pretrain-once", base),
+                                   ("fold0/pretrain-each", base), ("fold1/pretrain-each", base),
+                                   ("fold0/pretrain-each-seed2", base + 2), ("fold1/pretrain-each-seed2", base + 2)])
+    reads = {Path(c["dir"]).parent.relative_to(tmp_path / "b").as_posix(): c["init"] for c in fake.calls if c["init"]}
+    assert reads["fold1/mae-once-seed2"].endswith("fold1/pretrain-once/backbone.safetensors")
+    assert reads["fold1/mae-each"].endswith("fold1/pretrain-each/backbone.safetensors")
+    assert reads["fold1/mae-each-seed2"].endswith("fold1/pretrain-each-seed2/backbone.safetensors")
+    assert res.probes["each"]["linear_mean_auroc"] == pytest.approx([0.5, 0.6])    # mean over folds and seeds
+    # per_seed is part of what the stage is, and left out of the identity at its default (older OUTs keep theirs)
+    assert pretrain_identity(plan.pretrain["each"])["per_seed"] is True
+    assert "per_seed" not in pretrain_identity(plan.pretrain["once"])
+    stages["once"]["per_seed"] = True
+    with pytest.raises(ValueError, match="pre-training 'once' changed"):
+        run_arms(load_plan(write_plan(tmp_path / "arms.yaml", seeds=[0, 2], pretrain=stages, arms=plan_arms(plan))),
+                 "C", tmp_path / "b", cache=cache, train_fn=fake, **QUIET)
+
+
+def plan_arms(plan):
+    return [{k: v for k, v in vars(a).items() if v not in (None, [], 1.0)} for a in plan.arms]
 
 
 def test_only_runs_a_subset_and_scores_when_complete(tmp_path):
@@ -126,6 +174,12 @@ def test_pretraining_runs_per_fold_on_training_images_only(tmp_path, monkeypatch
     ({"arms": [{"name": "baseline", "recipe": "baseline", "colour": 1}, {"name": "x", "recipe": "improved"}]},
      "colour"),
     ({"epochs": 3, "arms": []}, "unknown keys"),
+    ({"pretrain": {"mae": {"method": "mae", "per_seed": "yes"}},
+      "arms": [{"name": "baseline", "recipe": "baseline"}, {"name": "x", "recipe": "improved", "pretrain": "mae"}]},
+     "per_seed must be true or false"),
+    ({"pretrain": {"mae-seed1": {"method": "mae"}},
+      "arms": [{"name": "baseline", "recipe": "baseline"}, {"name": "x", "recipe": "improved", "pretrain": "mae-seed1"}]},
+     "may not contain"),
 ])
 def test_bad_arms_files_name_the_file_and_the_problem(tmp_path, body, message):
     path = tmp_path / "bad.yaml"

@@ -21,6 +21,7 @@ is finished, and a killed stage resumes from its checkpoint)::
     OUT/identity.yaml                      what each arm and pre-training stage is: its resolved
                                            config with defaults left out (plan.py, identity.py)
     OUT/fold<f>/pretrain-<name>/           pre-training run on fold f's training images
+    OUT/fold<f>/pretrain-<name>-seed<s>/   ... for seed s > 0 of a ``per_seed`` stage
     OUT/fold<f>/<arm>[-seed<s>]/run/       the fold model (bundle, metrics.jsonl)
     OUT/fold<f>/<arm>[-seed<s>]/heldout.npz
     OUT/results.md, OUT/results.json       the table
@@ -52,7 +53,7 @@ from cxrvit.experiments.arms_table import score_arms
 from cxrvit.experiments.crossval import FoldPredictions, choose_protocol, git_commit, load_fold, plan_folds, run_fold
 from cxrvit.experiments.identity import differing_keys, hash_matches, upgrade_identity, upgrade_pretrain_identity
 from cxrvit.experiments.plan import (Arm, ArmsPlan, PretrainSpec, arm_config, arm_dir, arm_identity, fraction_seed,
-                                     pretrain_config, pretrain_identity)
+                                     pretrain_config, pretrain_dir, pretrain_dirs, pretrain_identity)
 from cxrvit.fileio import LockHeld, atomic_write, exclusive_lock
 from cxrvit.runtime import machine_description
 import cxrvit.ssl.pretrain as ssl_pretrain   # called through the module: tests stand in a fake engine
@@ -90,14 +91,14 @@ class StageLock:
 
 
 def run_pretrain_stage(plan: ArmsPlan, name: str, cache, train_rows: np.ndarray, heldout: np.ndarray,
-                       folder: Path, *, device=None, quiet: bool = False, log=print) -> Path:
+                       folder: Path, *, seed: int = 0, device=None, quiet: bool = False, log=print) -> Path:
     """Pre-train on this fold's training images (+ extra caches); returns the backbone file."""
     backbone = folder / "backbone.safetensors"
     cost = folder / "cost.json"
     if backbone.is_file() and cost.is_file():
         return backbone
     spec = plan.pretrain[name]
-    cfg = pretrain_config(spec, device)
+    cfg = pretrain_config(spec, device, seed)
     extra = [CXRCache(p) for p in spec.extra_data]
     held_names = set(np.asarray(cache.index["image"])[heldout].astype(str)) if "image" in cache.index else set()
     for path, c in zip(spec.extra_data, extra):
@@ -135,8 +136,8 @@ def run_arm_fold(plan: ArmsPlan, arm: Arm, seed: int, cache, fold: int, train_ro
     init = arm.init
     if arm.pretrain:
         init = str(run_pretrain_stage(plan, arm.pretrain, cache, train_rows, heldout,
-                                      out / f"fold{fold}" / f"pretrain-{arm.pretrain}", device=device,
-                                      quiet=quiet, log=log))
+                                      pretrain_dir(out, fold, arm.pretrain, plan.pretrain[arm.pretrain], seed),
+                                      seed=seed, device=device, quiet=quiet, log=log))
     log(f"[arms] fold {fold} arm {arm.name} seed {seed}: train {len(train_rows)} images, held out {len(heldout)}")
     with StageLock(folder):
         return run_fold(cfg, cache, train_rows, heldout, folder, device=device, progress=progress,
@@ -219,10 +220,9 @@ def run_arms(plan: ArmsPlan, data, out, *, only=None, device=None, progress: boo
 def _pretrain_seconds(out: Path, plan: ArmsPlan, fold_indices: list[int]) -> dict[str, float]:
     total = {}
     for name in plan.pretrain:
-        for f in fold_indices:
-            cost = out / f"fold{f}" / f"pretrain-{name}" / "cost.json"
-            if cost.is_file():
-                total[name] = total.get(name, 0.0) + json.loads(cost.read_text())["seconds"]
+        for folder in pretrain_dirs(out, plan, name, fold_indices):
+            if (folder / "cost.json").is_file():
+                total[name] = total.get(name, 0.0) + json.loads((folder / "cost.json").read_text())["seconds"]
     return total
 
 

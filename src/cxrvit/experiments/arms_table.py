@@ -15,7 +15,7 @@ from cxrvit.evaluation.bootstrap import DEFAULT_RESAMPLES
 from cxrvit.evaluation.compare import Comparison, paired_compare
 from cxrvit.evaluation.evaluate import EvalResult, score_predictions
 from cxrvit.experiments.crossval import FoldPredictions, pool
-from cxrvit.experiments.plan import arm_dir, scaling_key
+from cxrvit.experiments.plan import arm_dir, pretrain_dirs, scaling_key
 from cxrvit.labels import SCORED_TARGETS
 from cxrvit.engine.runlog import METRICS, read_metrics
 
@@ -179,12 +179,13 @@ def learning_summary(run_dirs: list[Path]) -> dict:
 
 
 def pretrain_probes(out: Path, plan, fold_indices) -> dict[str, dict]:
-    """Each pre-training stage's first and last probe (saved in its ``cost.json``), mean over folds."""
+    """Each pre-training stage's first and last probe (saved in its ``cost.json``), mean over folds (and
+    seeds, for a ``per_seed`` stage)."""
     found = {}
     for name in plan.pretrain:
         pairs = []
-        for f in fold_indices:
-            cost = out / f"fold{f}" / f"pretrain-{name}" / "cost.json"
+        for folder in pretrain_dirs(out, plan, name, fold_indices):
+            cost = folder / "cost.json"
             probes = json.loads(cost.read_text()).get("probes") if cost.is_file() else None
             if probes:
                 pairs.append(probes)

@@ -27,6 +27,9 @@ class PretrainSpec:
     overrides: list[str] = field(default_factory=list)
     extra_data: list[str] = field(default_factory=list)   # other caches (never the scored images)
     train_fraction: float = 1.0                       # share of each fold's training patients it sees
+    # Pre-train once per fold *and seed* (engine.seed + seed; seed 0 is the stage as it would run alone), so
+    # the seeds of an arm reading it vary the backbone too: without it every seed reads one backbone per fold.
+    per_seed: bool = False
 
 
 @dataclass
@@ -89,6 +92,10 @@ def check_plan(plan: ArmsPlan, source: str) -> ArmsPlan:
     if plan.reference not in names:
         raise ValueError(f"{source}: reference arm {plan.reference!r} is not among the arms {names}")
     for name, spec in plan.pretrain.items():
+        if not isinstance(spec.per_seed, bool):
+            raise ValueError(f"{source}: pre-training {name!r}: per_seed must be true or false, got {spec.per_seed!r}")
+        if "-seed" in name or "/" in name:
+            raise ValueError(f"{source}: pre-training name {name!r} may not contain '/' or '-seed'")
         if not _is_share(spec.train_fraction):
             raise ValueError(f"{source}: pre-training {name!r}: train_fraction must be a number in (0, 1], "
                              f"got {spec.train_fraction!r}")
@@ -123,9 +130,26 @@ def arm_config(plan: ArmsPlan, arm: Arm, seed: int):
     return load_recipe(arm.recipe, overrides=list(arm.overrides) + [f"engine.seed={seed}"], shared=list(plan.overrides))
 
 
-def pretrain_config(spec: PretrainSpec, device: str | None = None):
+def pretrain_config(spec: PretrainSpec, device: str | None = None, seed: int = 0):
+    """The stage's config; for a ``per_seed`` stage and plan seed ``seed`` > 0, its engine seed moved by ``seed``."""
     overrides = list(spec.overrides) + ([f"engine.device={device}"] if device else [])
-    return load_pretrain_recipe(spec.recipe or spec.method, overrides, method=spec.method)
+    cfg = load_pretrain_recipe(spec.recipe or spec.method, overrides, method=spec.method)
+    if spec.per_seed and seed:
+        cfg = load_pretrain_recipe(spec.recipe or spec.method, overrides + [f"engine.seed={cfg.engine.seed + seed}"],
+                                   method=spec.method)
+    return cfg
+
+
+def pretrain_dir(out: Path, fold: int, name: str, spec: PretrainSpec, seed: int) -> Path:
+    """Where fold ``fold``'s stage ``name`` runs for plan seed ``seed`` (one folder per fold unless ``per_seed``)."""
+    return Path(out) / f"fold{fold}" / (f"pretrain-{name}" if seed == 0 or not spec.per_seed
+                                         else f"pretrain-{name}-seed{seed}")
+
+
+def pretrain_dirs(out: Path, plan: ArmsPlan, name: str, folds) -> list[Path]:
+    """Every folder stage ``name`` runs in over ``folds`` and the plan's seeds."""
+    spec = plan.pretrain[name]
+    return list(dict.fromkeys(pretrain_dir(out, f, name, spec, s) for f in folds for s in plan.seeds))
 
 
 def arm_dir(out: Path, fold: int, arm: Arm, seed: int) -> Path:
@@ -166,6 +190,8 @@ def pretrain_identity(spec: PretrainSpec) -> dict:
         ident["extra_data"] = [str(p) for p in spec.extra_data]
     if spec.train_fraction != 1.0:
         ident["train_fraction"] = spec.train_fraction
+    if spec.per_seed:                           # left out at its default: earlier stages keep their identity
+        ident["per_seed"] = True
     return ident
 
 
