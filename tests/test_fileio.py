@@ -110,3 +110,18 @@ def test_json_safe_turns_every_non_finite_number_into_null():
                    "none": None}
     json.dumps(out, allow_nan=False)
     assert not math.isnan(json_safe(1.5))
+
+
+def test_without_fcntl_the_lock_is_the_file_and_a_leftover_one_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(fileio, "fcntl", None)                  # as on Windows
+    lock = tmp_path / ".lock"
+    with exclusive_lock(lock):
+        with pytest.raises(LockHeld) as exc:
+            with exclusive_lock(lock):
+                pass
+        assert exc.value.holder == owner_tag()
+    assert not lock.exists()
+    lock.write_text("4242@elsewhere")                           # a killed holder's: only a person can judge it
+    with pytest.raises(LockHeld, match="4242@elsewhere"):
+        with exclusive_lock(lock):
+            pass

@@ -17,13 +17,13 @@ it at once, on any machine that shares the filesystem's locks.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 import glob
 import math
 import os
 import re
 import socket
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -129,8 +129,12 @@ def exclusive_lock(path: os.PathLike | str) -> Iterator[Path]:
     try:
         yield path
     finally:
-        path.unlink(missing_ok=True)   # before closing: nobody can lock this file after we let it go
-        os.close(fd)
+        if fcntl is None:              # Windows cannot remove a file that is still open
+            os.close(fd)
+            path.unlink(missing_ok=True)
+        else:
+            path.unlink(missing_ok=True)   # before closing: nobody can lock this file after we let it go
+            os.close(fd)
 
 
 def this_host() -> str:
