@@ -67,10 +67,9 @@ def test_a_per_seed_stage_pre_trains_once_per_fold_and_seed_and_each_seed_reads_
     monkeypatch.setattr(pretrain_mod, "pretrain", fake_pretrain)
     stages = {"once": {"method": "mae", "overrides": ["schedule.epochs=3"]},
               "each": {"method": "mae", "overrides": ["schedule.epochs=3"], "per_seed": True}}
-    plan = load_plan(write_plan(tmp_path / "arms.yaml", seeds=[0, 2], pretrain=stages,
-                                arms=[{"name": "baseline", "recipe": "baseline"},
-                                      {"name": "mae-once", "recipe": "improved", "pretrain": "once"},
-                                      {"name": "mae-each", "recipe": "improved", "pretrain": "each"}]))
+    arms = [{"name": "baseline", "recipe": "baseline"}, {"name": "mae-once", "recipe": "improved", "pretrain": "once"},
+            {"name": "mae-each", "recipe": "improved", "pretrain": "each"}]
+    plan = load_plan(write_plan(tmp_path / "arms.yaml", seeds=[0, 2], pretrain=stages, arms=arms))
     base = pretrain_config(plan.pretrain["once"]).engine.seed
     fake = RecordingTrain()
     res = run_arms(plan, "C", tmp_path / "b", cache=cache, train_fn=fake, **QUIET)
@@ -87,12 +86,8 @@ def test_a_per_seed_stage_pre_trains_once_per_fold_and_seed_and_each_seed_reads_
     assert "per_seed" not in pretrain_identity(plan.pretrain["once"])
     stages["once"]["per_seed"] = True
     with pytest.raises(ValueError, match="pre-training 'once' changed"):
-        run_arms(load_plan(write_plan(tmp_path / "arms.yaml", seeds=[0, 2], pretrain=stages, arms=plan_arms(plan))),
+        run_arms(load_plan(write_plan(tmp_path / "arms.yaml", seeds=[0, 2], pretrain=stages, arms=arms)),
                  "C", tmp_path / "b", cache=cache, train_fn=fake, **QUIET)
-
-
-def plan_arms(plan):
-    return [{k: v for k, v in vars(a).items() if v not in (None, [], 1.0)} for a in plan.arms]
 
 
 def test_only_runs_a_subset_and_scores_when_complete(tmp_path):
