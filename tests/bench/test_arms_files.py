@@ -6,6 +6,7 @@ and check that each arm gets the settings it names.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,16 @@ def test_round_one_and_issue_20_fine_tune_arms_keep_their_settings():
         probe = arm_config(p, p.arm("probe-random"), 0)
         assert (probe.name, probe.strategy, probe.model.img_size) == ("probe-random", "linear_probe", 224)
 
+
+
+def test_the_shipped_mae224_recipe_is_the_stage_that_won_the_cv():
+    """`cxrvit pretrain --recipe mae224` (the product's pre-training) resolves to exactly the CV plan's
+    `mae224` stage: the backbone users make is the one the table measured, up to the recipe's name."""
+    from cxrvit.experiments.arms import pretrain_config
+    from cxrvit.ssl.config import load_pretrain_recipe
+
+    learned = load_plan(REPO / "bench" / "arms" / "sample-cv2-learned.yaml")
+    shipped = dataclasses.asdict(load_pretrain_recipe("mae224", method="mae"))
+    stage = dataclasses.asdict(pretrain_config(learned.pretrain["mae224"], None))
+    assert (shipped.pop("name"), stage.pop("name")) == ("mae224", "mae-small")
+    assert shipped == stage

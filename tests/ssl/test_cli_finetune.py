@@ -1,9 +1,11 @@
 """End to end on a real prepared cache: `cxrvit pretrain` -> backbone (the SSL arms: tests/experiments/test_ssl_arms.py)."""
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from cxrvit.cli import main
@@ -28,7 +30,7 @@ def test_pretrain_cli_exports_a_strict_backbone(fixture_cache, tmp_path, capsys)
 
     run = tmp_path / "mae"
     rc = main(["pretrain", "--method", "mae", "--data", str(fixture_cache.root), "--out", str(run), "--quiet",
-               *sum((["--set", s] for s in TINY), [])])
+               "--half", str(tmp_path / "ship" / "half.safetensors"), *sum((["--set", s] for s in TINY), [])])
     assert rc == 0
     summary = json.loads((run / "pretrain.json").read_text())
     n_train_val = int((fixture_cache.index["official_split"] != "test").sum())
@@ -38,6 +40,29 @@ def test_pretrain_cli_exports_a_strict_backbone(fixture_cache, tmp_path, capsys)
     backbone = run / "backbone.safetensors"
     model, report = load_backbone(backbone, vit_tiny(), strict=True)
     assert torch.equal(model.blocks[0].attn.qkv.weight, load_file(str(backbone))["blocks.0.attn.qkv.weight"])
+
+    # --half: the float16 copy the repository ships -- every tensor the float32 one rounded, its source named
+    half = tmp_path / "ship" / "half.safetensors"
+    full, small = load_file(str(backbone)), load_file(str(half))
+    assert full.keys() == small.keys() and all(v.dtype == torch.float16 for v in small.values())
+    assert all(torch.equal(small[k], full[k].half()) for k in full)
+    with safe_open(str(half), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["source_sha256"] == hashlib.sha256(backbone.read_bytes()).hexdigest() and meta["method"] == "mae"
+    halved, _ = load_backbone(half, vit_tiny(), strict=True)           # loads back as float32
+    assert halved.blocks[0].attn.qkv.weight.dtype == torch.float32
+    assert torch.equal(halved.blocks[0].attn.qkv.weight, full["blocks.0.attn.qkv.weight"].half().float())
+
+
+def test_half_copy_refuses_values_float16_cannot_hold(tmp_path):
+    from safetensors.torch import save_file
+
+    from cxrvit.ssl.encoder import write_half_copy
+
+    save_file({"w": torch.tensor([1.0, 7e4])}, str(tmp_path / "b.safetensors"))
+    with pytest.raises(ValueError, match=r"b.safetensors: w holds values beyond float16"):
+        write_half_copy(tmp_path / "b.safetensors", tmp_path / "h.safetensors")
+    assert not (tmp_path / "h.safetensors").exists()
 
 
 def test_pretrain_cli_names_a_bad_override(fixture_cache, tmp_path, capsys):

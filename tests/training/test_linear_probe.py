@@ -207,3 +207,32 @@ def test_probe_strategies_refuse_torchrun(tiny_cache, tmp_path, monkeypatch):
             train(load_recipe(PROBE_RECIPE, PROBE[:2] + [f"strategy={strategy}"]), tiny_cache, *_rows(tiny_cache),
                   tmp_path / strategy, progress=False)
     assert not (tmp_path / "linear_probe").exists()
+
+
+def test_recipe_model_init_is_the_start_unless_init_is_given(tiny_cache, tmp_path, one_thread, monkeypatch):
+    """``model.init`` (how `improved` names its learned backbone) is loaded when no --init is given, read from
+    the current directory; an explicit init replaces it; a recipe file that is not there is an error naming it."""
+    from cxrvit.inference.bundle import load_bundle
+    from cxrvit.ssl.encoder import build_encoder, export_backbone
+    from cxrvit.training.engine import train
+
+    torch.manual_seed(7)
+    export_backbone(build_encoder("vit_tiny", depth=12), tmp_path / "bb" / "backbone.safetensors", arch="vit_tiny",
+                    method="mae", cls_token="test")
+    monkeypatch.chdir(tmp_path)
+    tr, va = _rows(tiny_cache)
+    cfg = load_recipe(PROBE_RECIPE, PROBE + ["model.init=bb/backbone.safetensors"])
+    via_recipe = load_bundle(train(cfg, tiny_cache, tr, va, tmp_path / "a", progress=False))
+    plain = load_recipe(PROBE_RECIPE, PROBE)
+    via_init = load_bundle(train(plain, tiny_cache, tr, va, tmp_path / "b", init="bb/backbone.safetensors",
+                                 progress=False))
+    for a, b in zip(via_recipe.model.state_dict().values(), via_init.model.state_dict().values()):
+        assert torch.equal(a, b)
+    # an explicit init wins over the recipe's (here: a missing recipe file is never opened)
+    gone = load_recipe(PROBE_RECIPE, PROBE + ["model.init=nowhere/backbone.safetensors"])
+    over = load_bundle(train(gone, tiny_cache, tr, va, tmp_path / "c", init="bb/backbone.safetensors",
+                             progress=False))
+    assert torch.equal(over.model.blocks[0].attn.qkv.weight, via_init.model.blocks[0].attn.qkv.weight)
+    with pytest.raises(FileNotFoundError, match=r"model.init=nowhere/backbone.safetensors.*--init FILE"):
+        train(gone, tiny_cache, tr, va, tmp_path / "d", progress=False)
+    assert not (tmp_path / "d").exists()    # refused before anything is written

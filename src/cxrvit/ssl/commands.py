@@ -34,6 +34,9 @@ def register(subparsers) -> None:
     p.add_argument("--no-resume", dest="resume", action="store_false",
                    help="the default: start fresh (a RUN that already holds last.pt is refused, never overwritten)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: engine.device)")
+    p.add_argument("--half", default=None, metavar="FILE",
+                   help="also write a float16 copy of the backbone to FILE (ViT-S/16: 44 MB; how the product's "
+                        "shipped backbone is made, sample/README.md)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run_pretrain)
 
@@ -58,6 +61,7 @@ def probe_rows(cache, seed: int = 0):
 def run_pretrain(args: argparse.Namespace) -> int:
     from cxrvit.data.cache import CXRCache
     from cxrvit.ssl.config import load_pretrain_recipe
+    from cxrvit.ssl.encoder import write_half_copy
     from cxrvit.ssl.pretrain import pretrain
     from cxrvit.ssl.probe import ProbeSet
 
@@ -90,6 +94,15 @@ def run_pretrain(args: argparse.Namespace) -> int:
     except (ValueError, FileExistsError, FloatingPointError) as exc:
         print(f"cxrvit pretrain: {exc}", file=sys.stderr)
         return 1
+    if args.half:
+        try:
+            half = write_half_copy(result.backbone, args.half)
+        except (OSError, ValueError) as exc:
+            print(f"cxrvit pretrain: --half {args.half}: {exc} (the float32 backbone is kept: {result.backbone})",
+                  file=sys.stderr)
+            return 1
+        if not args.quiet:
+            print(f"float16 copy: {half} ({half.stat().st_size / 2**20:.1f} MiB)")
     if not args.quiet:
         print(f"{result.backbone} ({result.steps} steps): fine-tune with "
               f"`cxrvit train --recipe finetune --init {result.backbone} ...`, or read it out with the "

@@ -7,12 +7,14 @@ run it on a *subset* of patch tokens; :func:`encode` does that with the model's 
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cxrvit.fileio import atomic_write
@@ -90,3 +92,22 @@ def export_backbone(vit: VisionTransformer, path: os.PathLike | str, *, arch: st
             "patch_size": str(vit.patch_size), "method": method, "cls_token": cls_token,
             **{k: str(v) for k, v in (extra or {}).items()}}
     return atomic_write(path, lambda tmp: save_file(backbone_state(vit), str(tmp), metadata=meta))
+
+
+def write_half_copy(backbone: os.PathLike | str, out: os.PathLike | str) -> Path:
+    """A float16 copy of an exported ``backbone.safetensors`` (atomic): half the bytes (ViT-S/16: 44 MB, what
+    a repository can ship), metadata kept plus the source file's sha256. Loading casts back to the model's
+    dtype. float16 rather than bfloat16: its 10-bit mantissa keeps weights ~8x closer than bf16's 7 bits,
+    and a ViT's weights stay far inside its range (checked: a value that would overflow is an error)."""
+    backbone, out = Path(backbone), Path(out)
+    with safe_open(str(backbone), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    state = load_file(str(backbone))
+    for key, t in state.items():
+        if t.is_floating_point() and t.abs().max().item() >= torch.finfo(torch.float16).max:
+            raise ValueError(f"{backbone}: {key} holds values beyond float16's range; keep the float32 file")
+    half = {k: (t.to(torch.float16) if t.is_floating_point() else t).contiguous() for k, t in state.items()}
+    digest = hashlib.sha256(backbone.read_bytes()).hexdigest()
+    meta.update(dtype="float16", source=backbone.name, source_sha256=digest)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(out, lambda tmp: save_file(half, str(tmp), metadata=meta))

@@ -32,6 +32,8 @@ class ModelConfig:
     attention: str = "auto"          # auto | sdpa | explicit (auto: per device and dtype, cxrvit.runtime)
     pos_embed: str = "random"        # start of pos_embed: random (DINO) | sincos (MAE's table); --init overrides
     global_pool: str = "token"       # the head reads: token (CLS, DINO) | avg (mean of patch tokens, MAE's read-out)
+    init: str = ""                   # backbone file the recipe starts from ("" = pos_embed's start); --init, an
+                                     # arm's init or pre-training stage replace it; relative = from the cwd
 
 
 @dataclass

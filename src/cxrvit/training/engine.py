@@ -66,6 +66,21 @@ class Progress:
                    int(d["best_epoch"]), json.loads(d["history"]))
 
 
+def resolve_init(cfg: TrainConfig, init=None) -> str | None:
+    """The backbone file a run starts from: ``init`` (``--init``, an arm's init or pre-training stage) when
+    given, else the recipe's ``model.init`` (``improved`` names the shipped learned backbone), else None.
+    A recipe's file that is not there is an error naming it and the ways to get it."""
+    if init is not None or not cfg.model.init:
+        return init
+    path = Path(cfg.model.init)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"recipe {cfg.name!r} starts from model.init={cfg.model.init}, which is not a file here (relative paths "
+            f"are read from the current directory, {Path.cwd()}): run from the repository root, give --init FILE, "
+            f"or --set model.init= to start from the recipe's own initialisation")
+    return str(path)
+
+
 def train(cfg: TrainConfig, cache, train_rows, val_rows, out_dir, init=None, device=None,
           resume: bool = False, progress: bool = True) -> Path:
     """Train, validate every epoch, keep the best-on-validation weights, write the bundle to ``out_dir``.
@@ -74,6 +89,7 @@ def train(cfg: TrainConfig, cache, train_rows, val_rows, out_dir, init=None, dev
     ``last.pt`` is refused; on, the run continues from it (same config) or starts fresh without one.
     """
     cfg.validate()
+    init = resolve_init(cfg, init)
     start_from = None
     if cfg.strategy in ("linear_probe", "lp_ft"):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
