@@ -9,6 +9,7 @@ from sklearn.metrics import roc_auc_score
 
 from cxrvit.evaluation.evaluate import (ThresholdLeakError, check_thresholds_held_out, evaluate_run,
                                         predict_rows, score_predictions, select_rows)
+from cxrvit.evaluation.report import markdown
 from cxrvit.inference.bundle import load_bundle
 
 from evalfakes import LABELS, FakeCache, make_bundle
@@ -106,3 +107,10 @@ def test_score_predictions_per_image_thresholds():
         tp = (pred[:, k] & (y[:, k] == 1)).sum()
         assert res.targets[name]["tp"] == tp
         assert res.targets[name]["threshold_range"] == [0.3, 0.7]
+    # findings per image: calls at the (per-image) thresholds against the labels each image carries
+    scored = [LABELS.index(n) for n in ("Atelectasis", "Effusion", "Mass/Nodule")]
+    assert res.per_image == pytest.approx({
+        "labels": len(LABELS), "called": pred.sum(1).mean(), "carried": y.sum(1).mean(),
+        "scored_called": pred[:, scored].sum(1).mean(), "scored_carried": y[:, scored].sum(1).mean()})
+    assert res.to_json()["per_image"] == res.per_image
+    assert f"**{res.per_image['called']:.2f} called** of 4 labels" in markdown(res)

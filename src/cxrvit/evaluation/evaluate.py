@@ -138,6 +138,7 @@ class EvalResult:
     n_images: int
     n_patients: int
     bootstrap: dict
+    per_image: dict = field(default_factory=dict)   # findings called vs carried per image (see score_predictions)
     # Kept for plots, not written to JSON.
     y_true: np.ndarray = field(repr=False, default=None)
     y_prob: np.ndarray = field(repr=False, default=None)
@@ -158,6 +159,7 @@ class EvalResult:
             "mean_f1_scored": json_safe(self.mean_f1_scored),
             "headline": {k: v.to_dict() for k, v in self.headline.items()},
             "threshold_source": self.provenance,
+            "per_image": self.per_image,
             "bootstrap": self.bootstrap,
             "targets": self.targets,
         }
@@ -222,12 +224,18 @@ def score_predictions(y_true: np.ndarray, y_prob: np.ndarray, thresholds: np.nda
             **{n_: int(round(v[k])) for n_, v in c.items()},
             "ece": json_safe(M.expected_calibration_error(y_true[:, k], y_prob[:, k])),
         }
+    # What a reader meets per film: how many findings the operating points call against how many the image
+    # carries (issue 20: a weak model at F1-tuned thresholds calls several times too many).
+    n = max(len(y_true), 1)
+    per_image = {"labels": len(labels), "called": float((c["tp"] + c["fp"]).sum() / n),
+                 "carried": float(y_true.sum() / n), "scored_called": float((c["tp"] + c["fp"])[si].sum() / n),
+                 "scored_carried": float(y_true[:, si].sum() / n)}
     headline = {name: est[name][0] for name in ("mean_f1_scored", "mean_auroc_scored", "mean_trivial_f1_scored")}
     return EvalResult(
         labels=labels, scored=scored, targets=targets, headline=headline, provenance=provenance, split=split,
         n_images=int(len(y_true)), n_patients=int(len(np.unique(np.asarray(patient_ids).astype(str)))),
         bootstrap={"unit": "patient", "resamples": n_resamples, "seed": seed, "interval": "percentile 95%"},
-        y_true=y_true, y_prob=y_prob, thresholds=np.array(thr), info=dict(info or {}),
+        per_image=per_image, y_true=y_true, y_prob=y_prob, thresholds=np.array(thr), info=dict(info or {}),
     )
 
 

@@ -80,6 +80,11 @@ def markdown(result, title: str = "cxrvit evaluation", plots: bool = True) -> st
     lines += ["", "Scored targets in bold. Predicted positive means probability ≥ threshold. "
               "Trivial F1 = F1 of calling every image positive (2·prev/(1+prev)): an F1 at or below it is no "
               "better than not looking at the image."]
+    per = result.per_image
+    if per:
+        lines += ["", f"Findings per image: **{per['called']:.2f} called** of {per['labels']} labels, where the images "
+                      f"carry {per['carried']:.2f}; scored targets {per['scored_called']:.2f} called vs "
+                      f"{per['scored_carried']:.2f} carried (Mass/Nodule counts beside Mass and Nodule)."]
     if plots:
         lines += ["", "![ROC](roc.png)", "![PR](pr.png)", "![reliability](reliability.png)",
                   "![F1 vs trivial](f1_vs_trivial.png)"]
