@@ -89,7 +89,7 @@ def test_probe_random_reads_what_improved_read_before_issue_21():
     # everything the linear probe reads is as it was; only sections it never read went back to defaults
     assert read_by_strategy(load_recipe("probe-random")) == dict(read_by_strategy(config_from_dict(_old_saved())),
                                                                   name="probe-random")
-    assert config_to_dict(imp)["augment"] == _old_saved()["augment"]   # part of the probe's feature-cache key
+    assert config_to_dict(load_recipe("probe-random"))["augment"] == _old_saved()["augment"]   # feature-cache key
 
 
 def test_a_base_recipe_is_merged_under_the_file(tmp_path):
