@@ -115,3 +115,8 @@ def test_cli_errors_are_clear_and_exit_2(tiny_cache_dir, tmp_path, capsys):
     assert "cannot open the cache" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "never-ran")]) == 2
     assert "config.yaml not found" in capsys.readouterr().err
+    # a recipe's backbone file (model.init) that is not there: named, and nothing written
+    assert main(["train", "--recipe", "probe-random", "--data", str(tiny_cache_dir), "--out", str(tmp_path / "c"),
+                 "--set", "model.init=nowhere/backbone.safetensors"]) == 2
+    assert "model.init=nowhere/backbone.safetensors, which is not a file here" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()

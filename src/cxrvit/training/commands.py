@@ -53,7 +53,7 @@ def choose_rows(cache, val_fraction: float, seed: int) -> tuple[np.ndarray, np.n
 def run_train(args: argparse.Namespace) -> int:
     from cxrvit.data.cache import CXRCache
     from cxrvit.training.config import config_from_dict, load_recipe
-    from cxrvit.training.engine import NonFiniteLossError, train
+    from cxrvit.training.engine import NonFiniteLossError, resolve_init, train
 
     import yaml
 
@@ -89,6 +89,11 @@ def run_train(args: argparse.Namespace) -> int:
     if not data:
         print("cxrvit train: --data CACHE is required", file=sys.stderr)
         return 2
+    try:
+        resolve_init(cfg, init)          # a recipe's backbone file that is not here: refused before any writing
+    except FileNotFoundError as exc:
+        print(f"cxrvit train: {exc}", file=sys.stderr)
+        return 2
 
     try:
         cache = CXRCache(data)
@@ -104,8 +109,10 @@ def run_train(args: argparse.Namespace) -> int:
         if cfg.strategy == "linear_probe":
             how += (f"; linear probe: frozen backbone, head and thresholds cross-fitted over all "
                     f"{len(train_rows) + len(val_rows)} training images ({cfg.probe.cv_folds} patient folds)")
+        start = (f"--init {init}" if init else f"model.init {cfg.model.init}" if cfg.model.init
+                 else f"{cfg.model.pos_embed} init, seed {cfg.engine.seed}")
         print(f"cxrvit train [{cfg.name}]: {how}; {len(train_rows)} train / {len(val_rows)} val images; "
-              f"{len(cfg.data.labels)} labels; out {out}", flush=True)
+              f"{len(cfg.data.labels)} labels; backbone from {start}; out {out}", flush=True)
         out.mkdir(parents=True, exist_ok=True)
         if not resume:
             (out / RUN_FILE).write_text(json.dumps({
