@@ -35,7 +35,7 @@ def register(subparsers) -> None:
                    help="the default: start fresh (a RUN that already holds last.pt is refused, never overwritten)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: engine.device)")
     p.add_argument("--half", default=None, metavar="FILE",
-                   help="also write a float16 copy of the backbone to FILE (ViT-S/16: 44 MB; how the product's "
+                   help="also write a float16 copy of the backbone to FILE (ViT-S/16: 43 MB; how the product's "
                         "shipped backbone is made, sample/README.md)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run_pretrain)

@@ -95,7 +95,7 @@ def export_backbone(vit: VisionTransformer, path: os.PathLike | str, *, arch: st
 
 
 def write_half_copy(backbone: os.PathLike | str, out: os.PathLike | str) -> Path:
-    """A float16 copy of an exported ``backbone.safetensors`` (atomic): half the bytes (ViT-S/16: 44 MB, what
+    """A float16 copy of an exported ``backbone.safetensors`` (atomic): half the bytes (ViT-S/16: 43 MB, what
     a repository can ship), metadata kept plus the source file's sha256. Loading casts back to the model's
     dtype. float16 rather than bfloat16: its 10-bit mantissa keeps weights ~8x closer than bf16's 7 bits,
     and a ViT's weights stay far inside its range (checked: a value that would overflow is an error)."""
