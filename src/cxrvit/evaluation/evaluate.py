@@ -226,7 +226,7 @@ def score_predictions(y_true: np.ndarray, y_prob: np.ndarray, thresholds: np.nda
         }
     # What a reader meets per film: how many findings the operating points call against how many the image
     # carries (issue 20: a weak model at F1-tuned thresholds calls several times too many).
-    n = max(len(y_true), 1)
+    n = len(y_true)                   # > 0: an empty set was refused above
     per_image = {"labels": len(labels), "called": float((c["tp"] + c["fp"]).sum() / n),
                  "carried": float(y_true.sum() / n), "scored_called": float((c["tp"] + c["fp"])[si].sum() / n),
                  "scored_carried": float(y_true[:, si].sum() / n)}
