@@ -1,39 +1,68 @@
 #!/usr/bin/env bash
-# The main job on the embedded real sample, end to end: prepare -> train (improved) -> evaluate on NIH's
-# official test images -> predict with heat-maps. About 3 minutes on 2 CPU cores (README).
+# The main job on the embedded real sample, end to end: prepare -> (pre-train) -> train (improved) -> evaluate on
+# NIH's official test images -> predict with heat-maps.
 #
-#   bash scripts/run_sample.sh [DATA_DIR] [OUT_DIR] [extra `cxrvit train --set` overrides...]
+#   bash scripts/run_sample.sh [--pretrain] [DATA_DIR] [OUT_DIR] [extra `cxrvit train --set` overrides...]
 #
 # DATA_DIR defaults to sample/nih-sample (shipped with the repository); OUT_DIR to runs/sample.
+# `improved` reads out a ViT-S/16 that MAE pre-trained on the sample's train_val images. By default that is the
+# backbone the repository ships (sample/backbones/, made by the same pre-training: sample/README.md), and the
+# job takes a few minutes on 2 CPU cores. --pretrain runs the pre-training here instead (`cxrvit pretrain
+# --recipe mae224` on OUT_DIR/cache: ~3.5 h on 2 cores with native bf16, longer without), resumes it when
+# killed, reuses it when finished, and reads out that backbone (README: cost).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PRETRAIN=0
+if [ "${1:-}" = "--pretrain" ]; then PRETRAIN=1; shift; fi
 DATA=${1:-sample/nih-sample}
 OUT=${2:-runs/sample}
 shift $(( $# > 2 ? 2 : $# ))
 CXRVIT=${CXRVIT:-.venv/bin/cxrvit}
+INIT=()
+RUN="$OUT/run"
 
-echo "== 1/4 prepare: decode $DATA once into a 160-px cache"
+echo "== 1/5 prepare: decode $DATA once into a 160-px cache"
 "$CXRVIT" prepare --data "$DATA" --out "$OUT/cache" --size 160
 "$CXRVIT" data-summary "$OUT/cache"
 
-if [ -f "$OUT/run/bundle.json" ]; then
-  echo "== 2/4 train: $OUT/run is finished (delete it to train again)"
-elif [ -f "$OUT/run/config.yaml" ]; then
-  echo "== 2/4 train: resuming the interrupted run in $OUT/run with its saved config"
-  "$CXRVIT" train --resume "$OUT/run"
+if [ "$PRETRAIN" = 1 ]; then
+  SSL="$OUT/pretrain-mae224"
+  RUN="$OUT/run-own-backbone"          # never mixed up with a run on the shipped backbone
+  INIT=(--init "$SSL/backbone.safetensors")
+  if [ -f "$SSL/pretrain.json" ] && [ -f "$SSL/backbone.safetensors" ]; then
+    echo "== 2/5 pre-train: $SSL is finished (delete it to pre-train again)"
+  else
+    RESUME=(); [ -f "$SSL/last.pt" ] && RESUME=(--resume)
+    echo "== 2/5 pre-train: MAE (recipe mae224) on the train_val images of $OUT/cache -> $SSL ${RESUME[*]:-}"
+    "$CXRVIT" pretrain --method mae --recipe mae224 --data "$OUT/cache" --out "$SSL" "${RESUME[@]}"
+  fi
 else
-  echo "== 2/4 train: the improved recipe (frozen ViT-S/16 + cross-fitted linear head, 224 px) on NIH's train_val images"
-  "$CXRVIT" train --recipe improved --data "$OUT/cache" --out "$OUT/run" "$@"
+  echo "== 2/5 pre-train: using the shipped backbone (improved's model.init; --pretrain makes your own)"
 fi
 
-echo "== 3/4 evaluate on NIH's official test images (never used for training or thresholds)"
-"$CXRVIT" eval --model "$OUT/run" --data "$OUT/cache" --split test --json "$OUT/test_metrics.json" --report "$OUT/report"
+if [ "$PRETRAIN" = 0 ] && [ -f "$RUN/config.yaml" ] && ! grep -q "init: sample/backbones/" "$RUN/config.yaml"; then
+  echo "error: $RUN was trained without the shipped learned backbone (an earlier improved recipe?); delete it," \
+       "or give another OUT_DIR" >&2
+  exit 2
+fi
+if [ -f "$RUN/bundle.json" ]; then
+  echo "== 3/5 train: $RUN is finished (delete it to train again)"
+elif [ -f "$RUN/config.yaml" ]; then
+  echo "== 3/5 train: resuming the interrupted run in $RUN with its saved config"
+  "$CXRVIT" train --resume "$RUN"
+else
+  echo "== 3/5 train: the improved recipe (frozen MAE ViT-S/16 + cross-fitted linear head, 224 px) on NIH's train_val images"
+  "$CXRVIT" train --recipe improved --data "$OUT/cache" --out "$RUN" "${INIT[@]}" "$@"
+fi
 
-echo "== 4/4 predict: official test images, with explanation heat-maps for the first 8"
+echo "== 4/5 evaluate on NIH's official test images (never used for pre-training, training or thresholds)"
+"$CXRVIT" eval --model "$RUN" --data "$OUT/cache" --split test --json "$OUT/test_metrics.json" --report "$OUT/report"
+
+echo "== 5/5 predict: official test images, with explanation heat-maps for the first 8"
 IMAGES=$(cd "$DATA/images" && pwd)   # absolute: paths in a list file are read relative to the list
 awk -v d="$IMAGES" '{print d "/" $1}' "$DATA/test_list.txt" > "$OUT/test_images.txt"
 head -n 8 "$OUT/test_images.txt" > "$OUT/heatmap_images.txt"
-"$CXRVIT" predict --model "$OUT/run" "$OUT/test_images.txt" --out "$OUT/predictions.csv"
-"$CXRVIT" predict --model "$OUT/run" "$OUT/heatmap_images.txt" --out "$OUT/heatmap_predictions.csv" --heatmaps "$OUT/heatmaps"
+"$CXRVIT" predict --model "$RUN" "$OUT/test_images.txt" --out "$OUT/predictions.csv"
+"$CXRVIT" predict --model "$RUN" "$OUT/heatmap_images.txt" --out "$OUT/heatmap_predictions.csv" --heatmaps "$OUT/heatmaps"
 
 echo "done: $OUT/test_metrics.json, $OUT/report/report.md, $OUT/predictions.csv, $OUT/heatmaps/"

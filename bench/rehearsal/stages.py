@@ -107,9 +107,10 @@ def stage_loader(cache, args) -> dict:
 
 
 def _real_features(cache, rows: np.ndarray, path: Path, threads: int) -> tuple[np.ndarray, float, bool]:
-    """A short real feature pass: the ``improved`` recipe's frozen backbone (as ``cxrvit train --recipe
-    improved`` builds it) over ``rows`` of the full cache, saved to ``path`` so that the two probe sizes
-    fit on the same features. Returns (features, seconds, reused)."""
+    """A short real feature pass: the ``probe-random`` recipe's frozen backbone (as ``cxrvit train --recipe
+    probe-random`` builds it; ``improved`` runs the same ViT-S/16 at the same size, from its learned weights)
+    over ``rows`` of the full cache, saved to ``path`` so that the two probe sizes fit on the same features.
+    Returns (features, seconds, reused)."""
     import torch
 
     from cxrvit.data.preprocess import Preprocessing
@@ -121,7 +122,7 @@ def _real_features(cache, rows: np.ndarray, path: Path, threads: int) -> tuple[n
         with np.load(path) as z:
             if np.array_equal(z["rows"], rows):
                 return z["feats"], float(z["seconds"]), True
-    cfg = load_recipe("improved")
+    cfg = load_recipe("probe-random")
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.engine.seed)
     model = build_model(cfg.model.arch, num_classes=len(cfg.data.labels), attention=cfg.model.attention,
@@ -142,7 +143,7 @@ def stage_probe(cache, args) -> dict:
     from cxrvit.training.config import load_recipe
     from cxrvit.training.linear_probe import cross_fit_path, fit_head
 
-    cfg = load_recipe("improved")
+    cfg = load_recipe("probe-random")     # improved's probe settings are probe-random's (its base)
     labels, p = list(cfg.data.labels), cfg.probe
     _, train_rows, _ = _official(cache)
     rows = np.sort(train_rows)[: args.rows]
@@ -169,7 +170,7 @@ def stage_probe(cache, args) -> dict:
             "final_head_s": head_s, "wall_s": wall, "img_per_s": len(rows) / wall,
             "feature_rows": args.feature_rows, "feature_pass_s": feature_s, "features_reused": reused,
             "inputs": f"first official train_val rows' real labels and patients; real CLS features of "
-                      f"{args.feature_rows} of them (improved recipe, random init) repeated"}
+                      f"{args.feature_rows} of them (probe-random recipe, random init) repeated"}
 
 
 def stage_eval(cache, args) -> dict:

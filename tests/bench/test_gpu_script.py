@@ -125,13 +125,15 @@ def test_gpu_arms_file_is_the_cpu_comparison_at_224(tmp_path):
     from cxrvit.experiments.plan import load_plan
 
     gpu, cpu = load_plan(GPU_ARMS), load_plan(ROOT / "bench" / "arms" / "sample-cv2.yaml")
-    assert [(a.name, a.pretrain) for a in gpu.arms] == [(a.name, a.pretrain) for a in cpu.arms]
-    # The same recipes, except that the CPU table's two `improved` arms ran improved's fine-tuning sections (round
-    # 1), which issue 21 moved to the `finetune` recipe; the GPU file's `improved` arms run the product recipe.
-    moved = {"improved", "mae+improved"}
+    # The same arms, except that the CPU table's two `improved` arms ran improved's fine-tuning sections (round
+    # 1), which issue 21 moved to the `finetune` recipe; the GPU file runs the random probe (`improved` until
+    # issue 20, so renamed) and the product's read-out on the fold's MAE backbone.
+    gpu_arms = [(a.name, a.pretrain) for a in gpu.arms]
+    assert gpu_arms == [("probe-random", None) if a.name == "improved" else (a.name, a.pretrain) for a in cpu.arms]
+    moved = {"improved", "probe-random", "mae+improved"}
     assert [(a.name, a.recipe) for a in gpu.arms if a.name not in moved] == [
         (a.name, a.recipe) for a in cpu.arms if a.name not in moved]
-    assert {a.recipe for a in gpu.arms if a.name in moved} == {"improved"}
+    assert [a.recipe for a in gpu.arms if a.name in moved] == ["probe-random", "improved"]
     assert {a.recipe for a in cpu.arms if a.name in moved} == {"finetune"}
     assert (gpu.protocol, gpu.folds, gpu.reference) == (cpu.protocol, cpu.folds, cpu.reference)
     assert "model.img_size=224" in gpu.overrides

@@ -37,7 +37,7 @@ class RecordingTrain:
 
 def write_plan(path: Path, **extra) -> Path:
     plan = {"reference": "baseline", "protocol": "cv", "folds": 2, "seeds": [0, 1], "overrides": TINY,
-            "arms": [{"name": "baseline", "recipe": "baseline"}, {"name": "improved", "recipe": "improved"},
+            "arms": [{"name": "baseline", "recipe": "baseline"}, {"name": "improved", "recipe": "probe-random"},
                      {"name": "low-lr", "recipe": "baseline", "overrides": ["optim.lr=1e-5"]}]}
     plan.update(extra)
     path.write_text(yaml.safe_dump(plan))

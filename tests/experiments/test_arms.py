@@ -161,12 +161,12 @@ def test_pretraining_runs_per_fold_on_training_images_only(tmp_path, monkeypatch
 
 @pytest.mark.parametrize("body, message", [
     ({"arms": [{"name": "baseline", "recipe": "baseline"}]}, "at least two arms"),
-    ({"arms": [{"name": "a", "recipe": "baseline"}, {"name": "b", "recipe": "improved"}]}, "reference arm"),
+    ({"arms": [{"name": "a", "recipe": "baseline"}, {"name": "b", "recipe": "probe-random"}]}, "reference arm"),
     ({"arms": [{"name": "baseline", "recipe": "baseline"}, {"name": "x", "recipe": "improved", "pretrain": "dino"}]},
      "not defined"),
     ({"arms": [{"name": "baseline", "recipe": "baseline"}, {"name": "x", "recipe": "improved", "init": "/nope.pt"}]},
      "does not exist"),
-    ({"arms": [{"name": "baseline", "recipe": "baseline", "colour": 1}, {"name": "x", "recipe": "improved"}]},
+    ({"arms": [{"name": "baseline", "recipe": "baseline", "colour": 1}, {"name": "x", "recipe": "probe-random"}]},
      "colour"),
     ({"epochs": 3, "arms": []}, "unknown keys"),
     ({"pretrain": {"mae": {"method": "mae", "per_seed": "yes"}},
@@ -200,7 +200,7 @@ def test_one_flag_starts_every_plain_arm_from_a_checkpoint(tmp_path):
 def test_a_changed_pretraining_recipe_is_refused(tmp_path):
     cache = FakeCache(n_patients=12, seed=7)
     fake = RecordingTrain()
-    arms = [{"name": "baseline", "recipe": "baseline"}, {"name": "improved", "recipe": "improved"}]
+    arms = [{"name": "baseline", "recipe": "baseline"}, {"name": "improved", "recipe": "probe-random"}]
     run_arms(load_plan(write_plan(tmp_path / "a.yaml", seeds=[0], arms=arms,
                                   pretrain={"mae": {"method": "mae", "overrides": ["schedule.epochs=3"]}})),
              "C", tmp_path / "b", cache=cache, train_fn=fake, **QUIET)
@@ -213,7 +213,7 @@ def test_a_changed_pretraining_recipe_is_refused(tmp_path):
 def test_run_folds_scores_a_patient_wise_hold_out_and_reuses_it_later(tmp_path):
     cache = FakeCache(n_patients=14, seed=8)
     fake = RecordingTrain()
-    arms = [{"name": "baseline", "recipe": "baseline"}, {"name": "improved", "recipe": "improved"}]
+    arms = [{"name": "baseline", "recipe": "baseline"}, {"name": "improved", "recipe": "probe-random"}]
     half = run_arms(load_plan(write_plan(tmp_path / "a.yaml", seeds=[0], arms=arms, run_folds=[0])), "C",
                     tmp_path / "b", cache=cache, train_fn=fake, **QUIET)
     assert len(fake.calls) == 2 and half.info["scored_folds"] == [0]
@@ -303,7 +303,7 @@ def test_data_scaling_arms_train_on_nested_patient_shares_and_are_scored_on_the_
     arms = [{"name": "baseline", "recipe": "baseline"},
             {"name": "baseline-q25", "recipe": "baseline", "train_fraction": 0.25},
             {"name": "baseline-q50", "recipe": "baseline", "train_fraction": 0.5},
-            {"name": "improved", "recipe": "improved"}]
+            {"name": "improved", "recipe": "probe-random"}]
     res = run_arms(load_plan(write_plan(tmp_path / "a.yaml", seeds=[0], arms=arms)), "C", tmp_path / "b",
                    cache=cache, train_fn=fake, **QUIET)
     seen = {}

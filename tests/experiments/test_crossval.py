@@ -47,8 +47,8 @@ def _patients(cache, rows):
 
 
 def run_recipes(out, cache, overrides=TINY, **kwargs):
-    """What `cxrvit bench recipes --folds 2` runs: baseline (reference) vs improved, plots included."""
-    plan = recipes_plan(["baseline", "improved"], overrides, folds=2)
+    """What `cxrvit bench recipes --folds 2` runs: baseline (reference) vs probe-random, plots included."""
+    plan = recipes_plan(["baseline", "probe-random"], overrides, folds=2)
     return run_arms(plan, "C", out, cache=cache, progress=False, reports=True, log=lambda _m: None, **kwargs)
 
 
@@ -77,7 +77,7 @@ def test_folds_are_patient_disjoint_and_pooling_covers_every_image_once(tmp_path
             assert not _patients(cache, fit) & _patients(cache, val)
             assert set(fit) | set(val) == set(train_rows)
     # both recipes saw the same images; pooled scores use each fold's own thresholds
-    assert [c[0] for c in fake.calls] == ["baseline", "improved"] * 2
+    assert [c[0] for c in fake.calls] == ["baseline", "probe-random"] * 2
     s = res.scores["baseline"]
     assert s.n_images == len(cache)
     per_image_thr = s.thresholds[:, s.labels.index("Effusion")]
@@ -85,16 +85,16 @@ def test_folds_are_patient_disjoint_and_pooling_covers_every_image_once(tmp_path
     k = list(f0["labels"]).index("Effusion")
     assert np.allclose(per_image_thr[f0["rows"]], f0["thresholds"][k])
     md = (tmp_path / "b" / "results.md").read_text()
-    assert "| improved |" in md and "Δ mean F1 vs baseline" in md
-    assert (tmp_path / "b" / "report-improved" / "pr.png").is_file()
+    assert "| probe-random |" in md and "Δ mean F1 vs baseline" in md
+    assert (tmp_path / "b" / "report-probe-random" / "pr.png").is_file()
     out = json.loads((tmp_path / "b" / "results.json").read_text())
-    vs = out["vs_reference"]["improved"]
+    vs = out["vs_reference"]["probe-random"]
     assert vs["a"] == "baseline" and "diff_f1" in vs["mean"]
 
     # resume: a second run trains nothing and reproduces the numbers
     again = run_recipes(tmp_path / "b", cache, n_resamples=30, train_fn=fake)
     assert len(fake.calls) == 4
-    assert again.comparisons["improved"].diff_f1["mean"] == res.comparisons["improved"].diff_f1["mean"]
+    assert again.comparisons["probe-random"].diff_f1["mean"] == res.comparisons["probe-random"].diff_f1["mean"]
     # ... but not with another config in the same folder: refused, naming the arm and the key
     with pytest.raises(ValueError, match=r"arm 'baseline' changed since it was run .*schedule\.epochs: 1 -> 2"):
         run_recipes(tmp_path / "b", cache, overrides=TINY + ["schedule.epochs=2"], n_resamples=30, train_fn=fake)
@@ -143,12 +143,38 @@ def test_protocol_choice():
 def test_real_training_two_folds(tmp_path, nih_tiny_cache):
     """The real engine end to end: 2 folds x 2 recipes, vit_tiny, 32 px, 1 epoch, on real NIH images."""
     res = run_recipes(tmp_path / "b", nih_tiny_cache, n_resamples=50)
-    assert res.scores["baseline"].n_images == len(nih_tiny_cache) == res.scores["improved"].n_images
+    assert res.scores["baseline"].n_images == len(nih_tiny_cache) == res.scores["probe-random"].n_images
     folds = heldout_folds(tmp_path / "b", nih_tiny_cache)
-    for r in ("baseline", "improved"):
+    for r in ("baseline", "probe-random"):
         for f in range(2):
             meta = json.loads((tmp_path / "b" / f"fold{f}" / r / "run" / "bundle.json").read_text())
             tuned_on = set(meta["threshold_source"]["images"])
             held = set(nih_tiny_cache.index["image"].to_numpy()[folds[f][1]])
             assert tuned_on and not tuned_on & held
-    assert np.isfinite(res.comparisons["improved"].diff_f1["mean"].value)
+    assert np.isfinite(res.comparisons["probe-random"].diff_f1["mean"].value)
+
+
+def test_bench_recipes_runs_improved_end_to_end_and_no_plan_reads_a_shipped_backbone_unasked(tmp_path):
+    """`improved` starts from a backbone pre-trained on the sample's train_val images. In patient folds of those
+    images it would have seen the held-out half, so `bench recipes` pre-trains it inside each fold (the stage
+    that made the file), and an arms plan that leaves an arm's start to such a recipe is refused before any work."""
+    from cxrvit.experiments.plan import Arm, ArmsPlan
+
+    plan = recipes_plan(["baseline", "improved"], folds=2)
+    assert [(a.name, a.pretrain) for a in plan.arms] == [("baseline", None), ("improved", "mae224")]
+    assert (plan.pretrain["mae224"].method, plan.pretrain["mae224"].recipe) == ("mae", "mae224")
+    backbone = tmp_path / "mine.safetensors"
+    backbone.write_bytes(b"")
+    given = recipes_plan(["baseline", "improved"], folds=2, init=str(backbone))   # --init: the user's file instead
+    assert not given.pretrain and all(a.init == str(backbone) and not a.pretrain for a in given.arms)
+
+    cache, fake = FakeCache(n_patients=8), RecordingTrain()
+    unasked = ArmsPlan(arms=[Arm("baseline", "baseline"), Arm("improved", "improved")], folds=2)
+    with pytest.raises(ValueError, match=r"arm 'improved': recipe improved starts from model.init=sample/backbones/"):
+        run_arms(unasked, "C", tmp_path / "u", cache=cache, train_fn=fake, progress=False, log=lambda _m: None)
+    assert not fake.calls and not (tmp_path / "u").exists()
+    # said knowingly (here: the random start), it runs
+    knowingly = ArmsPlan(arms=[Arm("baseline", "baseline"), Arm("improved", "improved", ["model.init="])], folds=2)
+    run_arms(knowingly, "C", tmp_path / "k", cache=cache, train_fn=fake, progress=False, log=lambda _m: None,
+             n_resamples=10)
+    assert len(fake.calls) == 4

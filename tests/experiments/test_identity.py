@@ -142,9 +142,9 @@ def test_the_legacy_hash_survives_the_removal_of_a_field_nothing_read():
 
 
 def test_only_what_the_strategy_reads_and_not_the_recipe_name_identify_an_arm():
-    """`improved` (base: probe-random) and `probe-random` train the same probe; fine-tuning settings given to a
+    """A recipe that is probe-random under another name trains the same probe; fine-tuning settings given to a
     probe through a CV plan's shared overrides are not read by it, so they do not make it another arm."""
-    probe, improved = load_recipe("probe-random"), load_recipe("improved")
+    probe, improved = load_recipe("probe-random"), load_recipe("probe-random", ["name=improved"])
     assert probe.name != improved.name and config_hash(probe) == config_hash(improved)
     shared = load_recipe("probe-random", shared=["schedule.epochs=30", "model.img_size=128"])
     assert differing_keys(config_identity(probe), config_identity(shared)) == ["model.img_size: '<default>' -> 128"]

@@ -29,24 +29,24 @@ def fixture_cache(tmp_path_factory):
 
 def test_ssl_arms_file_pools_every_arm_on_the_same_folds(fixture_cache, tmp_path):
     shipped = load_plan(ROOT / "bench" / "arms" / "ssl.yaml")
-    assert shipped.reference == "improved" and set(shipped.pretrain) == {"dino", "mae", "ijepa"}
+    assert shipped.reference == "probe-random" and set(shipped.pretrain) == {"dino", "mae", "ijepa"}
     # The shipped plan cut to one method and a CPU budget.
     plan = replace(shipped, folds=2, overrides=FINETUNE,
-                   arms=[a for a in shipped.arms if a.name in ("baseline", "improved", "mae+improved")],
+                   arms=[a for a in shipped.arms if a.name in ("baseline", "probe-random", "mae+improved")],
                    pretrain={"mae": replace(shipped.pretrain["mae"], overrides=MAE)})
     res = run_arms(plan, fixture_cache.root, tmp_path / "bench", cache=fixture_cache, n_resamples=20,
                    progress=False, log=lambda s: None)
-    assert res.arms == ["baseline", "improved", "mae+improved"]
+    assert res.arms == ["baseline", "probe-random", "mae+improved"]
     assert all(res.scores[a].n_images == len(fixture_cache) for a in res.arms)
     # Pre-training saw the training folds only: fewer images than the cache, once per fold.
     seen = [json.loads((tmp_path / "bench" / f"fold{f}" / "pretrain-mae" / "pretrain.json").read_text())["images"]
             for f in range(2)]
     assert sum(seen) == len(fixture_cache)          # 2 folds: each image is a training image exactly once
-    # Each SSL arm is compared with scratch improved, and so is baseline (Δ = baseline − improved).
-    assert res.comparisons["mae+improved"].names == ("improved", "mae+improved")
-    assert res.comparisons["baseline"].names == ("improved", "baseline")
+    # Each SSL arm is compared with the random start, and so is baseline (Δ = baseline − probe-random).
+    assert res.comparisons["mae+improved"].names == ("probe-random", "mae+improved")
+    assert res.comparisons["baseline"].names == ("probe-random", "baseline")
     md = (tmp_path / "bench" / "results.md").read_text()
-    assert "| mae+improved |" in md and "Δ mean F1 vs improved" in md and "| mae |" in md   # + its probe row
+    assert "| mae+improved |" in md and "Δ mean F1 vs probe-random" in md and "| mae |" in md   # + its probe row
     # The SSL arm's fine-tune started from that fold's backbone: MAE's sin-cos positions (values up
     # to 1) survive one fine-tuning epoch almost unchanged; a random start (std 0.02) would be ~1 away.
     start = load_file(str(tmp_path / "bench" / "fold0" / "pretrain-mae" / "backbone.safetensors"))

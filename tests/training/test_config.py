@@ -15,8 +15,10 @@ def test_shipped_recipes_load_and_differ_where_documented():
     # baseline fine-tunes; improved is the frozen-backbone linear probe at 224 px (issue 10's winner)
     assert base.strategy == "finetune" and imp.strategy == "linear_probe" and imp.model.img_size == 224
     assert imp.probe.views == 1 and imp.probe.cv_folds >= 5   # views did not help the sin-cos start
-    # round 3: improved's frozen random backbone starts from sin-cos positions; baseline stays DINO's init
-    assert imp.model.pos_embed == "sincos" and base.model.pos_embed == "random"
+    # round 3: the frozen random backbone starts from sin-cos positions; baseline stays DINO's init. Issue 20:
+    # improved reads out the shipped MAE backbone (its own positions) at the mean of the patch tokens
+    assert probe.model.pos_embed == "sincos" and base.model.pos_embed == "random" and not probe.model.init
+    assert imp.model.init.endswith(".safetensors") and imp.model.global_pool == "avg" and not base.model.init
     # the baseline is the documented plain recipe
     assert (base.loss.kind, base.ema.enabled, base.optim.layer_decay, base.model.drop_path) == ("bce", False, 1.0, 0.0)
     assert base.augment.hflip == 0.5 and base.augment.scale == [0.08, 1.0]

@@ -75,12 +75,21 @@ def test_shared_overrides_skip_a_recipe_that_does_not_read_them():
     assert load_recipe("improved", ["strategy=lp_ft"], shared=shared).schedule.epochs == 20
 
 
-def test_improved_is_probe_random_and_reads_what_it_read_before_issue_21():
+def test_improved_is_probe_random_on_the_shipped_learned_backbone_read_at_the_patch_mean():
+    """Issue 20: `improved` = probe-random's probe, started from the shipped MAE backbone, mean-pool read-out."""
     imp, probe = load_recipe("improved"), load_recipe("probe-random")
-    assert config_to_dict(imp) == dict(config_to_dict(probe), name="improved")
+    shipped = "sample/backbones/vit_small-mae224-nih-sample.safetensors"
+    expected = config_to_dict(probe)
+    expected["model"].update(global_pool="avg", init=shipped)
+    assert config_to_dict(imp) == dict(expected, name="improved")
+    assert (REPO / shipped).is_file()     # the file ships with the repository (sample/README.md)
+
+
+def test_probe_random_reads_what_improved_read_before_issue_21():
     # everything the linear probe reads is as it was; only sections it never read went back to defaults
-    assert read_by_strategy(imp) == read_by_strategy(config_from_dict(_old_saved()))
-    assert config_to_dict(imp)["augment"] == _old_saved()["augment"]   # part of the probe's feature-cache key
+    assert read_by_strategy(load_recipe("probe-random")) == dict(read_by_strategy(config_from_dict(_old_saved())),
+                                                                  name="probe-random")
+    assert config_to_dict(load_recipe("probe-random"))["augment"] == _old_saved()["augment"]   # feature-cache key
 
 
 def test_a_base_recipe_is_merged_under_the_file(tmp_path):

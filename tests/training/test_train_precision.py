@@ -57,9 +57,9 @@ def test_probe_scores_in_fp32_on_a_bf16_machine(tiny_cache, tmp_path, monkeypatc
     """The probe has no training precision (its features are the fp32 scoring pass), so asking for one is
     an error naming the key, and on a machine where ``auto`` means bf16 the bundle still says fp32."""
     with pytest.raises(ValueError, match=r"engine\.precision.*not read by strategy linear_probe"):
-        load_recipe("improved", STRATEGIES["linear_probe"] + ["engine.precision=bf16"])
+        load_recipe("probe-random", STRATEGIES["linear_probe"] + ["engine.precision=bf16"])
     monkeypatch.setenv(FORCE_BF16_ENV, "1")
-    meta, _ = _train(load_recipe("improved", STRATEGIES["linear_probe"]), tiny_cache, tmp_path)
+    meta, _ = _train(load_recipe("probe-random", STRATEGIES["linear_probe"]), tiny_cache, tmp_path)
     assert meta["training"]["precision"] == "fp32"
 
 

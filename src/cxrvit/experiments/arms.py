@@ -52,8 +52,8 @@ from cxrvit.evaluation.report import write_report
 from cxrvit.experiments.arms_table import score_arms
 from cxrvit.experiments.crossval import FoldPredictions, choose_protocol, git_commit, load_fold, plan_folds, run_fold
 from cxrvit.experiments.identity import differing_keys, hash_matches, upgrade_identity, upgrade_pretrain_identity
-from cxrvit.experiments.plan import (Arm, ArmsPlan, PretrainSpec, arm_config, arm_dir, arm_identity, fraction_seed,
-                                     pretrain_config, pretrain_dir, pretrain_dirs, pretrain_identity)
+from cxrvit.experiments.plan import (Arm, ArmsPlan, PretrainSpec, arm_config, arm_dir, arm_identity, check_starts,
+                                     fraction_seed, pretrain_config, pretrain_dir, pretrain_dirs, pretrain_identity)
 from cxrvit.fileio import LockHeld, atomic_write, exclusive_lock
 from cxrvit.runtime import machine_description
 import cxrvit.ssl.pretrain as ssl_pretrain   # called through the module: tests stand in a fake engine
@@ -160,6 +160,7 @@ def run_arms(plan: ArmsPlan, data, out, *, only=None, device=None, progress: boo
     """
     started = time.time()
     out = Path(out)
+    check_starts(plan)
     reference = reference or plan.reference
     if reference not in [a.name for a in plan.arms]:
         raise ValueError(f"reference {reference!r} is not an arm of the plan ({', '.join(a.name for a in plan.arms)})")

@@ -206,6 +206,27 @@ def with_default_init(plan: ArmsPlan, init: str | None) -> ArmsPlan:
     return ArmsPlan(**{**asdict(plan), "arms": arms, "pretrain": plan.pretrain})
 
 
+def check_starts(plan: ArmsPlan) -> ArmsPlan:
+    """Every arm states where its backbone starts. A recipe's own ``model.init`` (``improved``: the backbone the
+    repository ships, pre-trained on the sample's train_val images) is refused in a comparison unless the arm
+    says so: in patient folds of those images it would have seen the held-out half, unlabelled."""
+    for a in plan.arms:
+        if a.init or a.pretrain:
+            continue
+        cfg = arm_config(plan, a, seed=plan.seeds[0])
+        if cfg.model.init and not any(o.split("=", 1)[0] == "model.init" for o in a.overrides):
+            raise ValueError(
+                f"arm {a.name!r}: recipe {a.recipe} starts from model.init={cfg.model.init}, a backbone pre-trained "
+                f"outside this plan's folds; give the arm `pretrain: STAGE` (pre-trained inside each fold, e.g. "
+                f"the product's: {{method: mae, recipe: mae224}}), `init: FILE`, or overrides [model.init=...] "
+                f"to use a file knowingly (model.init= for the random start)")
+    return plan
+
+
+#: ``cxrvit bench recipes`` runs a recipe that starts from a shipped backbone end to end: the backbone is
+#: pre-trained inside each fold by the stage that made it, instead of read from the file.
+SHIPPED_BACKBONE_STAGES = {"improved": ("mae224", PretrainSpec(method="mae", recipe="mae224"))}
+
 # A two-recipe comparison (``cxrvit bench recipes``) is only fair when these agree.
 SHARED_KEYS = ("schedule.epochs", "model.img_size", "model.arch")
 
@@ -224,6 +245,12 @@ def recipes_plan(recipes, overrides=(), *, protocol: str = "auto", folds: int = 
             raise ValueError(f"recipes differ in {key} ({values}): a fair comparison needs the same value; "
                              f"set it for both with --set {key}=...")
     names = [Path(r).stem if str(r).endswith((".yaml", ".yml")) else str(r) for r in recipes]
-    plan = ArmsPlan(arms=[Arm(name=n, recipe=str(r)) for n, r in zip(names, recipes)], reference=names[0],
-                    overrides=list(overrides), protocol=protocol, folds=folds, seeds=[0], fold_seed=seed)
+    arms, stages = [], {}
+    for n, r in zip(names, recipes):
+        stage = None if init else SHIPPED_BACKBONE_STAGES.get(str(r)) if cfgs[r].model.init else None
+        if stage:
+            stages[stage[0]] = stage[1]
+        arms.append(Arm(name=n, recipe=str(r), pretrain=stage[0] if stage else None))
+    plan = ArmsPlan(arms=arms, reference=names[0], pretrain=stages, overrides=list(overrides), protocol=protocol,
+                    folds=folds, seeds=[0], fold_seed=seed)
     return with_default_init(check_plan(plan, f"--recipes {' '.join(map(str, recipes))}"), init)

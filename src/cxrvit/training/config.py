@@ -211,7 +211,7 @@ def config_from_dict(d: dict, *, source: str = "config") -> TrainConfig:
 # -- recipes and overrides -----------------------------------------------------------------------
 
 #: Shipped recipes (``training/recipes/NAME.yaml``). ``improved`` is the product: a recipe file that names
-#: its ``base`` (today ``probe-random``), so pointing the product at another recipe is a one-line change.
+#: its ``base`` (``probe-random``) plus the learned backbone it starts from (``model.init``) and its read-out.
 RECIPES = ("baseline", "improved", "probe-random", "finetune")
 
 _PROBE_HAS_NO = "a frozen backbone with a logistic head has no optimiser, loss, schedule or EMA"
