@@ -71,15 +71,15 @@ def test_predictions_hashed_before_identities_still_match():
     cfg = load_recipe("baseline", ["model.img_size=128"])
     legacy = config_to_dict(cfg)          # the dict as it was before the later keys were added
     del legacy["model"]["attention"], legacy["model"]["pos_embed"], legacy["model"]["global_pool"]
-    del legacy["model"]["init"], legacy["strategy"], legacy["probe"]
+    del legacy["model"]["n_last_blocks"], legacy["model"]["init"], legacy["strategy"], legacy["probe"]
     legacy["engine"]["workers"] = 0       # a field it held then, removed since (issue 21): hashed as it was
-    assert set(LATER_KEYS) == {"model.attention", "model.pos_embed", "model.global_pool", "model.init", "strategy",
-                               "probe"}
+    assert set(LATER_KEYS) == {"model.attention", "model.pos_embed", "model.global_pool", "model.n_last_blocks",
+                               "model.init", "strategy", "probe"}
     old = hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:16]
     assert legacy_config_hash(cfg) == old and hash_matches(old, cfg) and hash_matches(config_hash(cfg), cfg)
     # (strategy lp_ft reads the fine-tuning sections and the probe's alike: baseline.yaml takes it, issue 21)
     for override in ("strategy=lp_ft", "model.attention=explicit", "model.pos_embed=sincos", "model.global_pool=avg",
-                     "model.init=backbone.safetensors"):
+                     "model.n_last_blocks=4", "model.init=backbone.safetensors"):
         other = load_recipe("baseline", ["model.img_size=128", override])
         assert legacy_config_hash(other) != old and config_hash(other) != config_hash(cfg)
         assert not hash_matches(old, other)

@@ -116,9 +116,10 @@ def test_select_labels_keeps_requested_order():
         select_labels(model, ["a", "b", "c", "d"], ["a", "a"])
 
 
-def one_block(arch="vit_tiny", num_classes=0, global_pool="token", **kw):
-    """A 1-block ViT-Tiny: the ONNX exporter costs seconds per block on 2 shared cores."""
-    return VisionTransformer(embed_dim=192, depth=1, num_heads=3, num_classes=num_classes, global_pool=global_pool)
+def one_block(arch="vit_tiny", num_classes=0, global_pool="token", n_last_blocks=1, **kw):
+    """A ViT-Tiny with as few blocks as the read-out needs: the ONNX exporter costs seconds per block."""
+    return VisionTransformer(embed_dim=192, depth=n_last_blocks, num_heads=3, num_classes=num_classes,
+                             global_pool=global_pool, n_last_blocks=n_last_blocks)
 
 
 def test_a_bundle_with_an_unknown_read_out_names_its_file(tmp_path, monkeypatch):
@@ -131,21 +132,24 @@ def test_a_bundle_with_an_unknown_read_out_names_its_file(tmp_path, monkeypatch)
         load_bundle(run)
 
 
-@pytest.mark.parametrize("pool", ["token", "avg"])
-def test_onnx_export_dynamic_batch_and_size_matches_torch(tmp_path, monkeypatch, pool):
+@pytest.mark.parametrize("pool,blocks", [("token", 1), ("avg", 1), ("avg", 2)])
+def test_onnx_export_dynamic_batch_and_size_matches_torch(tmp_path, monkeypatch, pool, blocks):
     ort = pytest.importorskip("onnxruntime")
     monkeypatch.setattr(bundle_module, "build_model", one_block)  # load_bundle builds the 1-block model
     torch.manual_seed(0)
-    run = make_bundle(tmp_path / "run_t", one_block(num_classes=len(DEFAULT_LABELS), global_pool=pool), 32)
+    run = make_bundle(tmp_path / "run_t", one_block(num_classes=len(DEFAULT_LABELS), global_pool=pool,
+                                                       n_last_blocks=blocks), 32)
     out = tmp_path / "model.onnx"
     assert main(["export", "--model", str(run), "--format", "onnx", "--labels", ",".join(CHOSEN),
                  "--dynamic-size", "--out", str(out)]) == 0
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["labels"] == CHOSEN and meta["onnx"]["max_abs_diff_vs_torch"] < 1e-4
+    assert meta["read_out"] == {"global_pool": pool, "n_last_blocks": blocks}
     assert meta["onnx"]["checked_sizes"] == [[32, 32], [64, 48]]
     # our own check: other batch sizes and non-square multiple-of-16 sizes
     bundle = load_bundle(run)
-    assert bundle.model.global_pool == pool    # the read-out travels in bundle.json (no weight says it)
+    # the read-out travels in bundle.json (no weight says it)
+    assert bundle.model.global_pool == pool and bundle.model.n_last_blocks == blocks
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     cols = [bundle.labels.index(c) for c in CHOSEN]
     for b, h, w in [(1, 32, 32), (5, 48, 32), (2, 224, 224)]:

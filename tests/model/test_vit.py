@@ -219,6 +219,29 @@ def test_avg_pool_reads_the_mean_of_the_patch_tokens_and_keeps_dinos_state_dict(
         small(global_pool="max")
 
 
+def test_n_last_blocks_reads_each_of_the_last_blocks_pooled_side_by_side():
+    one = small(depth=4, num_classes=3, global_pool="avg")
+    four = small(depth=4, num_classes=3, global_pool="avg", n_last_blocks=4)
+    d = one.embed_dim
+    # the backbone is the same either way (same seed, same parameters); only the head is wider (4 x D)
+    backbone = {k: v for k, v in one.state_dict().items() if not k.startswith("head")}
+    assert all(torch.equal(v, four.state_dict()[k]) for k, v in backbone.items())
+    assert four.num_features == 4 * d and four.head.weight.shape == (3, 4 * d)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = four.forward_features(x)
+        layers = four.get_intermediate_layers(x, n=4)      # DINO's own read of the last 4 blocks, oldest first
+        assert feats.shape == (2, 5, 4 * d)
+        torch.testing.assert_close(feats, torch.cat(layers, dim=-1), rtol=0, atol=0)
+        torch.testing.assert_close(feats[..., -d:], one.forward_features(x), rtol=0, atol=0)  # last = n=1's
+        pooled = four.forward_head(feats, pre_logits=True)
+        torch.testing.assert_close(pooled, torch.cat([t[:, 1:].mean(1) for t in layers], dim=-1))
+        assert four(x).shape == (2, 3)
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match=f"n_last_blocks {bad} must be in 1..4"):
+            small(depth=4, n_last_blocks=bad)
+
+
 def test_grey_fold_is_exact():
     """Folded 1-channel filter on raw grey == 3-channel filter on repeated, normalised grey."""
     model = small(depth=1)

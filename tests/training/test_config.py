@@ -51,6 +51,7 @@ def test_overrides_are_typed():
     ("model.attention=flash", "model.attention"),
     ("model.pos_embed=learned", "model.pos_embed"),
     ("model.global_pool=max", "model.global_pool=.max.: must be one of token, avg"),
+    ("model.n_last_blocks=0", "model.n_last_blocks=0: must be in 1..12"),
     ("data.labels=[Atelectasis, Cancer]", "unknown label 'Cancer'"),
     ("optim.lr", "not of the form key=value"),
 ])

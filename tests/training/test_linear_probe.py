@@ -93,19 +93,20 @@ def test_one_class_label_gets_a_finite_prior_bias():
     assert np.all(w == 0) and np.isfinite(b[0]) and b[0] < -3
 
 
-@pytest.mark.parametrize("pool", ["token", "avg"])
-def test_probe_bundle_scores_as_fitted_and_thresholds_are_cross_fitted(tiny_cache, tmp_path, one_thread, pool):
+@pytest.mark.parametrize("pool,blocks", [("token", 1), ("avg", 1), ("avg", 3)])
+def test_probe_bundle_scores_as_fitted_and_thresholds_are_cross_fitted(tiny_cache, tmp_path, one_thread, pool,
+                                                                       blocks):
     from cxrvit.data.preprocess import Preprocessing
     from cxrvit.evaluation.evaluate import predict_rows
     from cxrvit.inference.bundle import load_bundle
     from cxrvit.training.engine import train
     from cxrvit.training.linear_probe import head_features
 
-    cfg = load_recipe(PROBE_RECIPE, PROBE + [f"model.global_pool={pool}"])
+    cfg = load_recipe(PROBE_RECIPE, PROBE + [f"model.global_pool={pool}", f"model.n_last_blocks={blocks}"])
     tr, va = _rows(tiny_cache)
     out = train(cfg, tiny_cache, tr, va, tmp_path / "run", progress=False)
     meta = json.loads((out / "bundle.json").read_text())
-    assert meta["global_pool"] == pool
+    assert meta["global_pool"] == pool and meta["n_last_blocks"] == blocks
     rows = np.sort(np.concatenate([tr, va]))
     names = set(tiny_cache.index["image"].to_numpy()[rows].astype(str))
     # Every training image (train and validation rows) tuned the thresholds; none of the test split did.
@@ -116,7 +117,7 @@ def test_probe_bundle_scores_as_fitted_and_thresholds_are_cross_fitted(tiny_cach
 
     # The bundle is an ordinary DINO-layout ViT whose head maps the frozen CLS features exactly as fitted.
     bundle = load_bundle(out)
-    assert bundle.model.global_pool == pool
+    assert bundle.model.global_pool == pool and bundle.model.head.in_features == blocks * bundle.model.embed_dim
     test = np.setdiff1d(np.arange(len(tiny_cache)), rows)
     probs = predict_rows(bundle, tiny_cache, test)
     feats = head_features(bundle.model, tiny_cache, test, 32, Preprocessing(size=32))

@@ -98,7 +98,8 @@ def config_hash(cfg) -> str:
 
 # Keys added to TrainConfig after held-out predictions were first hashed, which the hash before
 # identities left out at their defaults (docs/history/benchmarks.md tables were made with it).
-LATER_KEYS = ("model.attention", "model.pos_embed", "model.global_pool", "model.init", "strategy", "probe")
+LATER_KEYS = ("model.attention", "model.pos_embed", "model.global_pool", "model.n_last_blocks", "model.init",
+              "strategy", "probe")
 
 
 # REMOVED_KEYS (training.config): keys removed from TrainConfig since then, with their default (no shipped

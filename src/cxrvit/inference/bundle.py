@@ -67,6 +67,7 @@ def save_bundle(directory: os.PathLike | str, model: VisionTransformer, labels: 
         "format": "cxrvit-bundle/1",
         "arch": arch,
         "global_pool": model.global_pool,   # what the head reads (model.vit.GLOBAL_POOLS); no weight says it
+        "n_last_blocks": model.n_last_blocks,   # blocks the head reads (the head's width says it, the name does not)
         "labels": list(labels),
         "thresholds": {k: float(v) for k, v in thresholds.items()},
         "threshold_source": threshold_source or {},
@@ -91,7 +92,8 @@ def load_bundle(directory: os.PathLike | str, device: str | torch.device = "cpu"
     with torch.device("meta"):
         try:
             model = build_model(meta.get("arch", "vit_small"), num_classes=len(labels),
-                                global_pool=meta.get("global_pool", "token"))   # bundles before it: the CLS token
+                                global_pool=meta.get("global_pool", "token"),   # bundles before it: the CLS token
+                                n_last_blocks=int(meta.get("n_last_blocks", 1)))
         except ValueError as exc:   # an unknown arch or global_pool
             raise ValueError(f"{meta_path}: {exc}") from None
     state = load_file(str(weights_path))

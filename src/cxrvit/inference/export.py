@@ -76,6 +76,8 @@ def export_metadata(bundle: Bundle, chosen: list[str], fmt: str) -> dict:
         "layout": "dino",
         "labels": chosen,
         "thresholds": {c: float(bundle.thresholds[c]) for c in chosen if c in bundle.thresholds},
+        # what the head reads; no weight says it (a DINO-layout loader defaults to the last block's CLS token)
+        "read_out": {"global_pool": bundle.model.global_pool, "n_last_blocks": bundle.model.n_last_blocks},
         "preprocessing": {
             "input_size": [pre.size, pre.size],
             "mean": list(pre.mean),
@@ -110,7 +112,7 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike, fmt: str = "di
         return ExportResult(out, meta)
     # onnx: a copy of the model holding exactly the exported head
     model = copy.deepcopy(bundle.model).float().cpu()
-    model.head = nn.Linear(model.embed_dim, len(chosen))
+    model.head = nn.Linear(model.num_features, len(chosen))
     model.load_state_dict(state, strict=True)
     size = bundle.preprocessing.size
     export_onnx(model, out, bundle.preprocessing, size=size, dynamic_size=dynamic_size, opset=opset)
@@ -163,9 +165,7 @@ class GreyInputViT(nn.Module):
         x = self.grey_proj(grey).flatten(2).transpose(1, 2)
         x = torch.cat((self.vit.cls_token.expand(b, -1, -1), x), dim=1)
         x = x + self._pos(h // p, w // p)
-        for blk in self.vit.blocks:
-            x = blk(x)
-        logits = self.vit.forward_head(self.vit.norm(x))
+        logits = self.vit.forward_head(self.vit.forward_blocks(x))
         return logits, torch.sigmoid(logits)
 
 

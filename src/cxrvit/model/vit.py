@@ -150,14 +150,18 @@ class VisionTransformer(nn.Module):
                  embed_dim: int = 384, depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, eps: float = 1e-6, attention: str = "auto",
-                 pos_embed: str = "random", global_pool: str = "token"):
+                 pos_embed: str = "random", global_pool: str = "token", n_last_blocks: int = 1):
         super().__init__()
         if pos_embed not in POS_EMBED_INITS:
             raise ValueError(f"unknown pos_embed init {pos_embed!r}; choose from {POS_EMBED_INITS}")
         if global_pool not in GLOBAL_POOLS:
             raise ValueError(f"unknown global_pool {global_pool!r}; choose from {GLOBAL_POOLS}")
+        if not 1 <= n_last_blocks <= depth:
+            raise ValueError(f"n_last_blocks {n_last_blocks} must be in 1..{depth} (the model has {depth} blocks)")
         self.global_pool = global_pool
-        self.num_features = self.embed_dim = embed_dim
+        self.n_last_blocks = n_last_blocks
+        self.embed_dim = embed_dim
+        self.num_features = embed_dim * n_last_blocks   # what the head reads (forward_features' last axis)
         self.num_classes = num_classes
         self.patch_size = patch_size
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
@@ -171,6 +175,12 @@ class VisionTransformer(nn.Module):
         )
         self.norm = nn.LayerNorm(embed_dim, eps=eps)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0 and n_last_blocks > 1:
+            # A wider head drawn from the global generator would shift every draw after it (positions, CLS,
+            # all blocks): the same seed must give the same backbone whatever the head reads, so that a
+            # random-backbone control differs from its twin only in the read-out.
+            with torch.random.fork_rng(devices=[]):
+                self.head = nn.Linear(self.num_features, num_classes)
         if pos_embed == "sincos":
             # Random positions at std 0.02 are ~30x smaller than the patch tokens (std ~0.7), so an untrained
             # ViT is a bag of patches: its features cannot say *where* an opacity is. The sin-cos table
@@ -216,11 +226,20 @@ class VisionTransformer(nn.Module):
 
     # -- timm-style API ------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """All tokens after the final norm, ``[B, 1 + N, D]``."""
-        x = self.prepare_tokens(x)
-        for blk in self.blocks:
+        """All tokens after the final norm, ``[B, 1 + N, D]``; with ``n_last_blocks`` = n > 1 the normed
+        outputs of the last n blocks side by side, ``[B, 1 + N, n * D]`` (oldest first)."""
+        return self.forward_blocks(self.prepare_tokens(x))
+
+    def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward_features`` from prepared tokens (patches embedded, positions added)."""
+        kept = []
+        for i, blk in enumerate(self.blocks):
             x = blk(x)
-        return self.norm(x)
+            # MAE with a shallow decoder leaves its last encoder blocks busy reconstructing pixels, so a probe
+            # reads earlier blocks too (DINO's linear evaluation of ViT-S concatenates the last 4).
+            if len(self.blocks) - i <= self.n_last_blocks:
+                kept.append(self.norm(x))
+        return kept[0] if len(kept) == 1 else torch.cat(kept, dim=-1)
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         # "token" reads the CLS token (DINO trains it); "avg" the mean of the patch tokens, for backbones whose

@@ -32,6 +32,8 @@ class ModelConfig:
     attention: str = "auto"          # auto | sdpa | explicit (auto: per device and dtype, cxrvit.runtime)
     pos_embed: str = "random"        # start of pos_embed: random (DINO) | sincos (MAE's table); --init overrides
     global_pool: str = "token"       # the head reads: token (CLS, DINO) | avg (mean of patch tokens, MAE's read-out)
+    n_last_blocks: int = 1           # the head reads the last n blocks' normed outputs, each pooled, side by side
+                                     # (DINO's linear evaluation: 4); the head's width is n x 384
     init: str = ""                   # backbone file the recipe starts from ("" = pos_embed's start); --init, an
                                      # arm's init or pre-training stage replace it; relative = from the cwd
 
@@ -163,6 +165,7 @@ class TrainConfig:
              "must be one of auto, sdpa, explicit"),
             ("model.pos_embed", self.model.pos_embed in ("random", "sincos"), "must be one of random, sincos"),
             ("model.global_pool", self.model.global_pool in GLOBAL_POOLS, f"must be one of {', '.join(GLOBAL_POOLS)}"),
+            ("model.n_last_blocks", 1 <= self.model.n_last_blocks <= 12, "must be in 1..12 (ViT-S/16 has 12 blocks)"),
             ("schedule.epochs", self.schedule.epochs >= 1, "must be >= 1"),
             ("schedule.grad_accum", self.schedule.grad_accum >= 1, "must be >= 1"),
             ("schedule.batch_size", self.schedule.batch_size % self.schedule.grad_accum == 0,

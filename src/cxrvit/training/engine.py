@@ -145,7 +145,8 @@ class Trainer:
         # -- model, optimizer, loss -----------------------------------------------------------
         model = build_model(cfg.model.arch, num_classes=len(self.labels), drop_path_rate=cfg.model.drop_path,
                             attention=cfg.model.attention, pos_embed=cfg.model.pos_embed,
-                            global_pool=cfg.model.global_pool)
+                            global_pool=cfg.model.global_pool,
+                        n_last_blocks=cfg.model.n_last_blocks)
         self.init_report = None
         if init is not None and state is None:
             _, self.init_report = load_backbone(init, model)

@@ -262,7 +262,8 @@ def fit_linear_probe(cfg: TrainConfig, cache, train_rows, val_rows, out_dir, ini
     save_config(cfg, out / "config.yaml")
     torch.manual_seed(cfg.engine.seed)
     model = build_model(cfg.model.arch, num_classes=len(labels), attention=cfg.model.attention,
-                        pos_embed=cfg.model.pos_embed, global_pool=cfg.model.global_pool)
+                        pos_embed=cfg.model.pos_embed, global_pool=cfg.model.global_pool,
+                        n_last_blocks=cfg.model.n_last_blocks)
     init_report = None
     if init is not None:
         _, init_report = load_backbone(init, model)
@@ -340,6 +341,8 @@ def _fingerprint(cfg: TrainConfig, init) -> str:
         key.append(cfg.model.pos_embed)
     if cfg.model.global_pool != "token":
         key.append(f"pool={cfg.model.global_pool}")
+    if cfg.model.n_last_blocks != 1:
+        key.append(f"blocks={cfg.model.n_last_blocks}")
     return json.dumps(key)
 
 
