@@ -22,10 +22,15 @@ from cxrvit.evaluation.compare import paired_compare
 from cxrvit.experiments.crossval import load_fold, pool
 
 
-def pooled_arm(out: Path, arm: str, seed: int):
-    """rows, probs, per-image thresholds and labels of one arm, pooled over every fold folder of ``out``."""
+def pooled_arm(out: Path, arm: str, seed: int, folds: list[int] | None = None):
+    """rows, probs, per-image thresholds and labels of one arm, pooled over its fold folders in ``out``
+    (every ``fold*`` folder, or only ``folds``)."""
     folder = arm if seed == 0 else f"{arm}-seed{seed}"
-    paths = sorted(out.glob(f"fold*/{folder}/heldout.npz"))
+    paths = (sorted(out.glob(f"fold*/{folder}/heldout.npz")) if folds is None
+             else [out / f"fold{f}" / folder / "heldout.npz" for f in folds])
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise SystemExit(f"{missing[0]}: missing (is the arm finished on that fold?)")
     if not paths:
         raise SystemExit(f"{out}: no fold*/{folder}/heldout.npz (is the arm finished?)")
     folds = [load_fold(p)[0] for p in paths]
@@ -42,12 +47,14 @@ def main(argv=None) -> int:
     ap.add_argument("arm_b")
     ap.add_argument("--data", required=True, help="a cache holding the labels and patient IDs of the rows")
     ap.add_argument("--seed", type=int, default=0, help="which seed's folders to pool (default 0)")
+    ap.add_argument("--folds", type=int, nargs="+", default=None,
+                    help="pool only these folds (default: every fold folder; e.g. an arm finished on fold 0 only)")
     ap.add_argument("--names", nargs=2, default=None, help="column names for A and B")
     ap.add_argument("--json", type=Path, default=None, help="also write the comparison here")
     args = ap.parse_args(argv)
     cache = CXRCache(args.data)
-    ra, pa, ta, la = pooled_arm(args.out_a, args.arm_a, args.seed)
-    rb, pb, tb, lb = pooled_arm(args.out_b, args.arm_b, args.seed)
+    ra, pa, ta, la = pooled_arm(args.out_a, args.arm_a, args.seed, args.folds)
+    rb, pb, tb, lb = pooled_arm(args.out_b, args.arm_b, args.seed, args.folds)
     if not np.array_equal(ra, rb):
         raise SystemExit(f"{args.arm_a} ({args.out_a}) and {args.arm_b} ({args.out_b}) were scored on different "
                          "images: not the same folds")
