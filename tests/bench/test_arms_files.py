@@ -91,3 +91,17 @@ def test_the_shipped_mae224_recipe_is_the_stage_that_won_the_cv():
     stage = dataclasses.asdict(pretrain_config(learned.pretrain["mae224"], None))
     assert (shipped.pop("name"), stage.pop("name")) == ("mae224", "mae-small")
     assert shipped == stage
+
+
+@pytest.mark.parametrize("path", ARMS_FILES, ids=[p.stem for p in ARMS_FILES])
+def test_every_pretraining_stage_of_a_shipped_plan_resolves_with_its_overrides(path):
+    from cxrvit.experiments.arms import pretrain_config
+
+    plan = load_plan(path)
+    for name, spec in plan.pretrain.items():
+        cfg = dataclasses.asdict(pretrain_config(spec, None))     # raises on an unknown key or a bad value
+        assert cfg["method"] == spec.method, name
+        for item in spec.overrides:
+            key, value = item.split("=", 1)
+            got = _value(cfg, key)
+            assert (list(got) if isinstance(got, tuple) else got) == yaml.safe_load(value), (name, item)
