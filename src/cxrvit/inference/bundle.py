@@ -94,7 +94,7 @@ def load_bundle(directory: os.PathLike | str, device: str | torch.device = "cpu"
             model = build_model(meta.get("arch", "vit_small"), num_classes=len(labels),
                                 global_pool=meta.get("global_pool", "token"),   # bundles before it: the CLS token
                                 n_last_blocks=int(meta.get("n_last_blocks", 1)))
-        except ValueError as exc:   # an unknown arch or global_pool
+        except ValueError as exc:   # an unknown arch or global_pool, or n_last_blocks beyond the depth
             raise ValueError(f"{meta_path}: {exc}") from None
     state = load_file(str(weights_path))
     model.load_state_dict(state, strict=True, assign=True)
