@@ -38,17 +38,21 @@ def _train_losses(run) -> list[float]:
 
 
 @pytest.mark.parametrize("precision,resolved", PRECISIONS, ids=[p for p, _ in PRECISIONS])
-@pytest.mark.parametrize("recipe,strategy,pool", [("baseline", "finetune", "token"), ("finetune", "finetune", "token"),
-                                                  ("finetune", "lp_ft", "token"), ("finetune", "lp_ft", "avg")])
-def test_each_strategy_trains_at_each_precision(recipe, strategy, pool, precision, resolved, tiny_cache, tmp_path,
-                                                 monkeypatch, one_thread):
+@pytest.mark.parametrize("recipe,strategy,pool,blocks", [("baseline", "finetune", "token", 1),
+                                                         ("finetune", "finetune", "token", 1),
+                                                         ("finetune", "lp_ft", "token", 1), ("finetune", "lp_ft", "avg", 1),
+                                                         ("finetune", "lp_ft", "avg", 4)])
+def test_each_strategy_trains_at_each_precision(recipe, strategy, pool, blocks, precision, resolved, tiny_cache,
+                                                 tmp_path, monkeypatch, one_thread):
     monkeypatch.setenv(FORCE_BF16_ENV, "1")   # this CPU acts as a bf16 one: auto -> bf16
     # The finetune recipe with every piece on (ALL_ON: ASL, layer decay 0.75), as improved's fine-tuning sections were.
     extra = ALL_ON if recipe == FT_RECIPE else []
     cfg = load_recipe(recipe, STRATEGIES[strategy] + extra + [f"engine.precision={precision}",
-                                                              f"model.global_pool={pool}"])
+                                                              f"model.global_pool={pool}",
+                                                              f"model.n_last_blocks={blocks}"])
     meta, out = _train(cfg, tiny_cache, tmp_path)
     assert meta["training"]["precision"] == resolved and meta["global_pool"] == pool
+    assert meta["n_last_blocks"] == blocks
     losses = _train_losses(out)
     assert losses and all(math.isfinite(v) for v in losses)
 
