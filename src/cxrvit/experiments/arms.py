@@ -91,14 +91,25 @@ class StageLock:
 
 
 def run_pretrain_stage(plan: ArmsPlan, name: str, cache, train_rows: np.ndarray, heldout: np.ndarray,
-                       folder: Path, *, seed: int = 0, device=None, quiet: bool = False, log=print) -> Path:
-    """Pre-train on this fold's training images (+ extra caches); returns the backbone file."""
+                       out: Path, fold: int, *, seed: int = 0, device=None, quiet: bool = False, log=print) -> Path:
+    """Pre-train on this fold's training images (+ extra caches); returns the backbone file. A stage that
+    continues another (``init_from``) runs that one first, in the same fold and seed, and starts from its
+    ``last.pt``."""
+    spec = plan.pretrain[name]
+    folder = pretrain_dir(out, fold, name, spec, seed)
     backbone = folder / "backbone.safetensors"
     cost = folder / "cost.json"
     if backbone.is_file() and cost.is_file():
         return backbone
-    spec = plan.pretrain[name]
     cfg = pretrain_config(spec, device, seed)
+    if spec.init_from:
+        parent = run_pretrain_stage(plan, spec.init_from, cache, train_rows, heldout, out, fold, seed=seed,
+                                    device=device, quiet=quiet, log=log).parent / "last.pt"
+        if not parent.is_file():
+            raise FileNotFoundError(f"pre-training {name!r} continues {spec.init_from!r}, whose {parent} is missing "
+                                    "(only its exported backbone is there); delete that stage's backbone.safetensors "
+                                    "and cost.json to pre-train it again")
+        cfg = replace(cfg, init=str(parent))
     extra = [CXRCache(p) for p in spec.extra_data]
     held_names = set(np.asarray(cache.index["image"])[heldout].astype(str)) if "image" in cache.index else set()
     for path, c in zip(spec.extra_data, extra):
@@ -109,6 +120,7 @@ def run_pretrain_stage(plan: ArmsPlan, name: str, cache, train_rows: np.ndarray,
     p_train, p_val = splits.carve_validation(train_rows, cache.patient_ids, fraction=0.2, seed=cfg.engine.seed)
     probe = ProbeSet(cache, np.asarray(p_train), np.asarray(p_val))
     log(f"[arms] pre-training {name} ({spec.method}) in {folder}: {len(train_rows)} fold-training images"
+        + (f", continuing {spec.init_from}" if spec.init_from else "")
         + "".join(f" + {len(c)} from {p}" for p, c in zip(spec.extra_data, extra)))
     start = time.time()
     with StageLock(folder):
@@ -135,8 +147,7 @@ def run_arm_fold(plan: ArmsPlan, arm: Arm, seed: int, cache, fold: int, train_ro
         return run_fold(cfg, cache, train_rows, heldout, folder)
     init = arm.init
     if arm.pretrain:
-        init = str(run_pretrain_stage(plan, arm.pretrain, cache, train_rows, heldout,
-                                      pretrain_dir(out, fold, arm.pretrain, plan.pretrain[arm.pretrain], seed),
+        init = str(run_pretrain_stage(plan, arm.pretrain, cache, train_rows, heldout, out, fold,
                                       seed=seed, device=device, quiet=quiet, log=log))
     log(f"[arms] fold {fold} arm {arm.name} seed {seed}: train {len(train_rows)} images, held out {len(heldout)}")
     with StageLock(folder):

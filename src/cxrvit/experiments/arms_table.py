@@ -178,6 +178,15 @@ def learning_summary(run_dirs: list[Path]) -> dict:
             "curve": [round(float(v), 4) for v in mean]}
 
 
+def stage_chain(plan, name: str | None) -> list[str]:
+    """Stage ``name`` and every stage it continues (``init_from``): what an arm reading it paid for."""
+    chain = []
+    while name is not None:
+        chain.append(name)
+        name = plan.pretrain[name].init_from
+    return chain
+
+
 def pretrain_probes(out: Path, plan, fold_indices) -> dict[str, dict]:
     """Each pre-training stage's first and last probe (saved in its ``cost.json``), mean over folds (and
     seeds, for a ``per_seed`` stage)."""
@@ -228,7 +237,7 @@ def score_arms(plan, cache, results: dict[str, dict[int, list[FoldPredictions]]]
     cost, learning = {}, {}
     for arm in plan.arms:
         train_s = sum(fp.seconds for s in plan.seeds for fp in results[arm.name][s])
-        cost[arm.name] = {"train": train_s / 60, "pretrain": pre.get(arm.pretrain, 0.0) / 60 if arm.pretrain else 0.0}
+        cost[arm.name] = {"train": train_s / 60, "pretrain": sum(pre.get(n, 0.0) for n in stage_chain(plan, arm.pretrain)) / 60}
         learning[arm.name] = learning_summary([arm_dir(out, f, arm, s) for f in fold_indices
                                                for s in plan.seeds])
     scaling = scaling_curves(plan)

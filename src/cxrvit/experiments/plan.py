@@ -30,6 +30,9 @@ class PretrainSpec:
     # Pre-train once per fold *and seed* (engine.seed + seed; seed 0 is the stage as it would run alone), so
     # the seeds of an arm reading it vary the backbone too: without it every seed reads one backbone per fold.
     per_seed: bool = False
+    # Continued pre-training: start from another stage's result (its ``last.pt`` in the same fold and, if that
+    # stage is ``per_seed``, the same seed); this stage's ``schedule.epochs`` are the epochs added.
+    init_from: str | None = None
 
 
 @dataclass
@@ -99,6 +102,7 @@ def check_plan(plan: ArmsPlan, source: str) -> ArmsPlan:
         if not _is_share(spec.train_fraction):
             raise ValueError(f"{source}: pre-training {name!r}: train_fraction must be a number in (0, 1], "
                              f"got {spec.train_fraction!r}")
+        _check_init_from(plan, name, source)
     for a in plan.arms:
         if a.pretrain and a.pretrain not in plan.pretrain:
             raise ValueError(f"{source}: arm {a.name!r} names pre-training {a.pretrain!r}, which is not defined "
@@ -119,6 +123,23 @@ def check_plan(plan: ArmsPlan, source: str) -> ArmsPlan:
     if not plan.seeds:
         raise ValueError(f"{source}: 'seeds' is empty")
     return plan
+
+
+def _check_init_from(plan: ArmsPlan, name: str, source: str) -> None:
+    """A stage continued from another: that stage exists, sees the same images, and no chain loops."""
+    seen, here = [name], plan.pretrain[name]
+    while here.init_from is not None:
+        parent = here.init_from
+        if parent not in plan.pretrain:
+            raise ValueError(f"{source}: pre-training {seen[-1]!r} continues {parent!r}, which is not defined "
+                             f"under 'pretrain:' ({sorted(plan.pretrain)})")
+        if parent in seen:
+            raise ValueError(f"{source}: pre-training {name!r}: init_from loops ({' -> '.join(seen + [parent])})")
+        if (plan.pretrain[parent].method, plan.pretrain[parent].train_fraction) != (here.method, here.train_fraction):
+            raise ValueError(f"{source}: pre-training {seen[-1]!r} continues {parent!r}, which has another method "
+                             "or train_fraction; a continued stage must see the same images with the same method")
+        seen.append(parent)
+        here = plan.pretrain[parent]
 
 
 def _is_share(value) -> bool:
@@ -192,6 +213,8 @@ def pretrain_identity(spec: PretrainSpec) -> dict:
         ident["train_fraction"] = spec.train_fraction
     if spec.per_seed:                           # left out at its default: earlier stages keep their identity
         ident["per_seed"] = True
+    if spec.init_from:                          # the stage it continues is checked by its own name
+        ident["init_from"] = spec.init_from
     return ident
 
 

@@ -33,6 +33,9 @@ def register(subparsers) -> None:
                         "without it a RUN that holds last.pt is refused")
     p.add_argument("--no-resume", dest="resume", action="store_false",
                    help="the default: start fresh (a RUN that already holds last.pt is refused, never overwritten)")
+    p.add_argument("--init", default=None, metavar="LAST_PT",
+                   help="continue an earlier pre-training: start from its RUN/last.pt (same method and model; "
+                        "optimizer and schedules start fresh, --set schedule.epochs counts the epochs added)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: engine.device)")
     p.add_argument("--half", default=None, metavar="FILE",
                    help="also write a float16 copy of the backbone to FILE (ViT-S/16: 43 MB; how the product's "
@@ -67,6 +70,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
     args.quiet = args.quiet or int(os.environ.get("RANK", "0")) != 0   # torchrun: one rank talks
     overrides = list(args.overrides) + ([f"engine.device={args.device}"] if args.device else [])
+    overrides += [f"init={args.init}"] if args.init else []
     try:
         cfg = load_pretrain_recipe(args.recipe or args.method, overrides, method=args.method)
         caches = [CXRCache(d) for d in args.data]

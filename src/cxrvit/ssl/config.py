@@ -76,6 +76,10 @@ NOT_THE_BACKBONE = ("name", "engine.device", "engine.log_every", "engine.checkpo
 class PretrainConfig:
     name: str = "custom"
     method: str = "dino"
+    # Continued pre-training: the ``last.pt`` of an earlier run of the same method and shapes. The method's
+    # weights (encoder and decoder / teacher / predictor) start from it; optimizer, step and schedules start
+    # fresh, so ``schedule.epochs`` are *more* epochs (with their own warm-up and cosine). "" = a random start.
+    init: str = ""
     model: SSLModelConfig = field(default_factory=SSLModelConfig)
     optim: SSLOptimConfig = field(default_factory=SSLOptimConfig)
     schedule: SSLScheduleConfig = field(default_factory=SSLScheduleConfig)

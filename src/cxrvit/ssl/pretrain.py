@@ -28,6 +28,7 @@ from torch import nn
 
 from cxrvit.data.preprocess import Preprocessing, resize_batch, to_float
 from cxrvit.engine import distributed as dist_
+from cxrvit.engine.checkpoint import load_checkpoint
 from cxrvit.engine.core import Engine, NonFiniteLossError
 from cxrvit.engine.optim import apply_schedule, param_groups, warmup_cosine
 from cxrvit.model.vit import set_attention
@@ -40,8 +41,15 @@ from cxrvit.ssl.mae import MAE
 from cxrvit.ssl.probe import ProbeSet, run_probes
 
 #: Config keys a resume may change: where and how often it runs, the monitoring, and how far it goes (the
-#: schedules span all ``schedule.epochs`` whatever ``max_steps`` says); nothing that is computed.
-RESUMABLE_CHANGES = NOT_THE_BACKBONE + ("schedule.max_steps",)
+#: schedules span all ``schedule.epochs`` whatever ``max_steps`` says); nothing that is computed. ``init`` is
+#: read at step 0 only (a resume starts from its own ``last.pt``), so a moved file does not block a resume.
+RESUMABLE_CHANGES = NOT_THE_BACKBONE + ("schedule.max_steps", "init")
+
+#: What :func:`pretrain`'s checkpoints say they are (``format``): the only files ``init`` accepts.
+CHECKPOINT_FORMAT = "cxrvit-pretrain-checkpoint/1"
+#: Config keys that must equal the ``init`` run's for its weights to mean the same thing here (the method's own
+#: shapes, e.g. ``mae.size`` or the decoder's width, are checked by loading the weights).
+SAME_AS_INIT = ("method", "model.arch", "model.depth", "model.patch_size")
 
 
 def build_method(cfg: PretrainConfig) -> nn.Module:
@@ -115,6 +123,38 @@ class PretrainResult:
 
 # -- the loop -------------------------------------------------------------------------------------
 
+def load_init(method: nn.Module, cfg: PretrainConfig) -> int:
+    """Load ``cfg.init`` (an earlier pre-training's ``last.pt``) into ``method``; returns the steps it had run.
+
+    Refused, naming the file: another format, another method or model, or weights whose names or shapes
+    differ (e.g. another ``mae.size``: the position table has another length)."""
+    path = Path(cfg.init)
+    if not path.is_file():
+        raise ValueError(f"init {path}: no such file (continued pre-training starts from an earlier run's last.pt)")
+    state = load_checkpoint(path)   # weights_only=True: a checkpoint is data, never code
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"init {path}: not a cxrvit pre-training checkpoint (format {state.get('format')!r}); "
+                         f"init takes a pre-training run's last.pt")
+    saved, mine = state.get("config") or {}, config_to_dict(cfg)
+    for key in SAME_AS_INIT:
+        theirs, ours = _dotted(saved, key), _dotted(mine, key)
+        if theirs != ours:
+            raise ValueError(f"init {path}: was pre-trained with {key} {theirs!r}, this run has {ours!r}; "
+                             f"continued pre-training needs the same {', '.join(SAME_AS_INIT)}")
+    try:
+        method.load_state_dict(state["method"])
+    except RuntimeError as exc:   # names/shapes: torch lists every mismatch
+        raise ValueError(f"init {path}: its weights do not fit this {cfg.method} ({exc})") from None
+    return int(state.get("step", 0))
+
+
+def _dotted(d: dict, key: str):
+    """``d["a"]["b"]`` for ``"a.b"``; None where a level is missing (a checkpoint from an older config)."""
+    for part in key.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
 def pretrain(cfg: PretrainConfig, caches: Sequence, out_dir: os.PathLike | str, *,
              rows: Sequence[np.ndarray | None] | None = None, probe: ProbeSet | None = None,
              resume: bool = False, on_step: Callable[[int], None] | None = None,
@@ -165,6 +205,8 @@ def _pretrain(cfg, caches, out: Path, ctx: dist_.DistContext, rows, probe, resum
         method.load_state_dict(state["method"])
         step, history = int(state["step"]), list(state["probes"])
         say(f"resumed {engine.last} at step {step}/{last}")
+    elif cfg.init:
+        say(f"continuing the pre-training of {cfg.init} ({load_init(method, cfg)} steps there) for {last} more steps")
     engine.start(state, views)
     # Decided from the checkpoint, which every rank read, so every rank agrees (save() is collective).
     final_probe_done = bool(history) and history[-1]["step"] == last
@@ -176,7 +218,7 @@ def _pretrain(cfg, caches, out: Path, ctx: dist_.DistContext, rows, probe, resum
     net = engine.wrap(method, broadcast_buffers=False)
 
     def checkpoint() -> None:
-        engine.save({"format": "cxrvit-pretrain-checkpoint/1", "config": config_to_dict(cfg),
+        engine.save({"format": CHECKPOINT_FORMAT, "config": config_to_dict(cfg),
                      "method": method.state_dict(), "step": step, "probes": history}, views)
 
     def probe_now(epoch: int) -> None:
