@@ -4,7 +4,7 @@ import torch
 
 from cxrvit.engine.checkpoint import load_checkpoint
 from cxrvit.ssl.pretrain import build_method, pretrain
-from conftest import tiny_config
+from sslfakes import tiny_config
 
 
 def _method_weights(run):

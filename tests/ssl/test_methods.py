@@ -4,7 +4,7 @@ import torch
 
 from cxrvit.engine.optim import param_groups
 from cxrvit.ssl.pretrain import build_method
-from conftest import tiny_config
+from sslfakes import tiny_config
 
 
 @pytest.mark.parametrize("method", ["dino", "mae", "ijepa"])

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from cxrvit.model.vit import vit_tiny
 from cxrvit.engine.checkpoint import load_checkpoint
 from cxrvit.ssl.pretrain import UnlabelledImages, pretrain
-from conftest import ArrayCache, tiny_config
+from sslfakes import ArrayCache, tiny_config
 
 
 class Killed(Exception):

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from cxrvit.runtime import FORCE_BF16_ENV
 from cxrvit.ssl.pretrain import build_method, pretrain
-from conftest import tiny_config
+from sslfakes import tiny_config
 
 pytestmark = pytest.mark.precision
 
