@@ -24,7 +24,8 @@ def test_a_continued_stage_runs_after_its_parent_in_the_same_fold_and_seed_and_s
 
     class Result:
         def __init__(self, out):
-            self.backbone, self.steps, self.history = out / "backbone.safetensors", 3, []
+            self.backbone, self.steps = out / "backbone.safetensors", 3
+            self.history = [{"epoch": 0, "linear_mean_auroc": 0.6}, {"epoch": 3, "linear_mean_auroc": 0.65}]
 
     def fake_pretrain(cfg, caches, out_dir, rows=None, probe=None, resume=True, quiet=False):
         seen.append((Path(out_dir).relative_to(tmp_path / "b").as_posix(), cfg.schedule.epochs, cfg.init))
@@ -49,6 +50,9 @@ def test_a_continued_stage_runs_after_its_parent_in_the_same_fold_and_seed_and_s
     assert len(seen) == 4
     assert res.cost_minutes["more-probe"]["pretrain"] == pytest.approx(2 * (600 + 300) / 60)
     assert res.cost_minutes["mae-probe"]["pretrain"] == pytest.approx(2 * 600 / 60)
+    # Its monitor's first probe is where the parent ended, not a random init, and the table says so.
+    md = (tmp_path / "b" / "results.md").read_text()
+    assert "| more (starts where mae ended) | " in md and "| mae | " in md
     # What it continues is part of what it is (by name; the parent's own identity is checked by its name).
     assert pretrain_identity(plan.pretrain["more"])["init_from"] == "mae"
     assert "init_from" not in pretrain_identity(plan.pretrain["mae"])

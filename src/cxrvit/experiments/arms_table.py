@@ -101,7 +101,8 @@ class ArmsResult:
                       "| pre-training | k-NN CLS | k-NN mean-pool | linear CLS | linear mean-pool |",
                       "| --- | --- | --- | --- | --- |"]
             for name, p in self.probes.items():
-                lines.append(f"| {name} | " + " | ".join(f"{_f(p[k][0])} -> {_f(p[k][1])}" for k in PROBE_KEYS) + " |")
+                start = f" (starts where {p['continues']} ended)" if p.get("continues") else ""
+                lines.append(f"| {name}{start} | " + " | ".join(f"{_f(p[k][0])} -> {_f(p[k][1])}" for k in PROBE_KEYS) + " |")
         return "\n".join(lines) + "\n"
 
     def trained_by_lines(self) -> list[str]:
@@ -200,6 +201,8 @@ def pretrain_probes(out: Path, plan, fold_indices) -> dict[str, dict]:
                 pairs.append(probes)
         if pairs:
             found[name] = {k: [_mean([(p[i] or {}).get(k) for p in pairs]) for i in (0, 1)] for k in PROBE_KEYS}
+            if plan.pretrain[name].init_from:      # its first probe is not a random init's
+                found[name]["continues"] = plan.pretrain[name].init_from
     return found
 
 

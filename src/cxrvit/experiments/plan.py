@@ -130,7 +130,7 @@ def _check_init_from(plan: ArmsPlan, name: str, source: str) -> None:
     seen, here = [name], plan.pretrain[name]
     while here.init_from is not None:
         parent = here.init_from
-        if parent not in plan.pretrain:
+        if not isinstance(parent, str) or parent not in plan.pretrain:
             raise ValueError(f"{source}: pre-training {seen[-1]!r} continues {parent!r}, which is not defined "
                              f"under 'pretrain:' ({sorted(plan.pretrain)})")
         if parent in seen:
