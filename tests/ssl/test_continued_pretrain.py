@@ -45,14 +45,17 @@ def test_a_continued_run_resumes_even_when_its_init_file_has_moved(tiny_cache, t
     assert done.steps == 6
 
 
+ONE_EPOCH = {"epochs": 1, "batch_size": 16}
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda tmp, cache: tmp / "missing.pt", "no such file"),
-    (lambda tmp, cache: _saved(tmp, {"format": "cxrvit-checkpoint/1", "model": {}}), "not a cxrvit pre-training checkpoint"),
-    (lambda tmp, cache: _run(tmp, cache, tiny_config("dino", schedule={"epochs": 1, "batch_size": 16})), "method 'dino'"),
-    (lambda tmp, cache: _run(tmp, cache, tiny_config("mae", model={"depth": 1}, schedule={"epochs": 1, "batch_size": 16})),
-     "model.depth 1"),
+    (lambda tmp, cache: _saved(tmp, {"format": "cxrvit-checkpoint/1", "model": {}}),
+     "not a cxrvit pre-training checkpoint"),
+    (lambda tmp, cache: _run(tmp, cache, tiny_config("dino", schedule=ONE_EPOCH)), "method 'dino'"),
+    (lambda tmp, cache: _run(tmp, cache, tiny_config("mae", model={"depth": 1}, schedule=ONE_EPOCH)), "model.depth 1"),
     (lambda tmp, cache: _run(tmp, cache, tiny_config("mae", mae={"decoder_dim": 32, "decoder_heads": 4},
-                                       schedule={"epochs": 1, "batch_size": 16})), "do not fit"),
+                                                     schedule=ONE_EPOCH)), "do not fit"),
 ])
 def test_an_init_that_cannot_continue_is_refused_naming_the_file_before_anything_is_written(
         tiny_cache, tmp_path, make, message):

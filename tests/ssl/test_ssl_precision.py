@@ -105,3 +105,20 @@ def test_cli_pretrain_at_the_default_precision_then_fine_tune_the_backbone(metho
     key = "blocks.0.attn.qkv.weight"
     start, final = load_file(str(run / "backbone.safetensors"))[key], load_file(str(tuned / "model.safetensors"))[key]
     assert (final - start).abs().max() < 1e-2
+
+
+@pytest.mark.parametrize("first,then", [("auto", "fp32"), ("fp32", "auto")])
+def test_a_continued_pretraining_crosses_precisions(first, then, tiny_cache, tmp_path, monkeypatch):
+    """A last.pt written in bf16 (a GPU, a CPU with native bf16) continues on a machine without it, and the other
+    way round: the run's own precision is resolved afresh (it is a new run, not a resume) and its steps stay finite."""
+    monkeypatch.setenv(FORCE_BF16_ENV, "1")
+    pretrain(tiny_config("mae", schedule={"epochs": 1, "batch_size": 8, "max_steps": 2},
+                         engine={"precision": first, "checkpoint_every": 0}), [tiny_cache], tmp_path / "a", quiet=True)
+    cfg = tiny_config("mae", init=str(tmp_path / "a" / "last.pt"),
+                      schedule={"epochs": 1, "batch_size": 8, "max_steps": 2}, engine={"precision": then, "checkpoint_every": 0})
+    pretrain(cfg, [tiny_cache], tmp_path / "b", quiet=True)
+    summary = json.loads((tmp_path / "b" / "pretrain.json").read_text())
+    assert summary["precision"] == ("bf16" if then == "auto" else "fp32")
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["kind"] == "train"]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)

@@ -102,7 +102,8 @@ class ArmsResult:
                       "| --- | --- | --- | --- | --- |"]
             for name, p in self.probes.items():
                 start = f" (starts where {p['continues']} ended)" if p.get("continues") else ""
-                lines.append(f"| {name}{start} | " + " | ".join(f"{_f(p[k][0])} -> {_f(p[k][1])}" for k in PROBE_KEYS) + " |")
+                cells = " | ".join(f"{_f(p[k][0])} -> {_f(p[k][1])}" for k in PROBE_KEYS)
+                lines.append(f"| {name}{start} | {cells} |")
         return "\n".join(lines) + "\n"
 
     def trained_by_lines(self) -> list[str]:
@@ -240,7 +241,8 @@ def score_arms(plan, cache, results: dict[str, dict[int, list[FoldPredictions]]]
     cost, learning = {}, {}
     for arm in plan.arms:
         train_s = sum(fp.seconds for s in plan.seeds for fp in results[arm.name][s])
-        cost[arm.name] = {"train": train_s / 60, "pretrain": sum(pre.get(n, 0.0) for n in stage_chain(plan, arm.pretrain)) / 60}
+        pretrain_s = sum(pre.get(n, 0.0) for n in stage_chain(plan, arm.pretrain))
+        cost[arm.name] = {"train": train_s / 60, "pretrain": pretrain_s / 60}
         learning[arm.name] = learning_summary([arm_dir(out, f, arm, s) for f in fold_indices
                                                for s in plan.seeds])
     scaling = scaling_curves(plan)
