@@ -1,5 +1,7 @@
-"""The arms tests' stand-ins: a training function that writes real bundles, and a small arms file."""
+"""The arms tests' stand-ins: a training function that writes real bundles, a pre-training that writes files, and a
+small arms file."""
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import yaml
@@ -33,6 +35,23 @@ class RecordingTrain:
         return save_bundle(out_dir, model, labels, dict(zip(labels, thr.tolist())), Preprocessing(size=32),
                            arch="vit_tiny", threshold_source={
                                "split": "val", "images": cache.index["image"].to_numpy()[val_rows].tolist()})
+
+
+class RecordingPretrain:
+    """Stands in for ssl.pretrain.pretrain: writes a backbone and a last.pt, records each call's folder and config."""
+
+    def __init__(self, history=None):
+        self.calls = []
+        self.history = history if history is not None else [{"epoch": 0, "linear_mean_auroc": 0.5},
+                                                            {"epoch": 3, "linear_mean_auroc": 0.6}]
+
+    def __call__(self, cfg, caches, out_dir, rows=None, probe=None, resume=True, quiet=False):
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("backbone.safetensors", "last.pt"):
+            (out / name).write_bytes(b"weights")
+        self.calls.append((out, cfg))
+        return SimpleNamespace(backbone=out / "backbone.safetensors", steps=3, history=list(self.history))
 
 
 def write_plan(path: Path, **extra) -> Path:

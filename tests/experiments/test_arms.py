@@ -12,7 +12,7 @@ from cxrvit.experiments.plan import load_plan, pretrain_config, pretrain_identit
 from cxrvit.fileio import owner_tag
 import cxrvit.ssl.pretrain as pretrain_mod
 from cxrvit.training.config import recipe_path
-from armsfakes import QUIET, TINY, RecordingTrain, patients_of, write_plan
+from armsfakes import QUIET, TINY, RecordingPretrain, RecordingTrain, patients_of, write_plan
 from evalfakes import FakeCache
 
 
@@ -51,20 +51,8 @@ def test_a_per_seed_stage_pre_trains_once_per_fold_and_seed_and_each_seed_reads_
     """Without per_seed every seed of an arm reads one backbone per fold (a probe's seeds are then copies);
     with it the seeds vary the pre-training too, and seed 0 is the stage exactly as it runs alone."""
     cache = FakeCache(n_patients=12, seed=6)
-    seen = []
-
-    class Result:
-        def __init__(self, out):
-            self.backbone, self.steps = out / "backbone.safetensors", 3
-            self.history = [{"epoch": 0, "linear_mean_auroc": 0.5}, {"epoch": 3, "linear_mean_auroc": 0.6}]
-
-    def fake_pretrain(cfg, caches, out_dir, rows=None, probe=None, resume=True, quiet=False):
-        seen.append((Path(out_dir).relative_to(tmp_path / "b").as_posix(), cfg.engine.seed))
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / "backbone.safetensors").write_bytes(b"weights")
-        return Result(Path(out_dir))
-
-    monkeypatch.setattr(pretrain_mod, "pretrain", fake_pretrain)
+    pretrainer = RecordingPretrain()
+    monkeypatch.setattr(pretrain_mod, "pretrain", pretrainer)
     stages = {"once": {"method": "mae", "overrides": ["schedule.epochs=3"]},
               "each": {"method": "mae", "overrides": ["schedule.epochs=3"], "per_seed": True}}
     arms = [{"name": "baseline", "recipe": "baseline"}, {"name": "mae-once", "recipe": "improved", "pretrain": "once"},
@@ -73,6 +61,7 @@ def test_a_per_seed_stage_pre_trains_once_per_fold_and_seed_and_each_seed_reads_
     base = pretrain_config(plan.pretrain["once"]).engine.seed
     fake = RecordingTrain()
     res = run_arms(plan, "C", tmp_path / "b", cache=cache, train_fn=fake, **QUIET)
+    seen = [(out.relative_to(tmp_path / "b").as_posix(), cfg.engine.seed) for out, cfg in pretrainer.calls]
     assert sorted(seen) == sorted([("fold0/pretrain-once", base), ("fold1/pretrain-once", base),
                                    ("fold0/pretrain-each", base), ("fold1/pretrain-each", base),
                                    ("fold0/pretrain-each-seed2", base + 2), ("fold1/pretrain-each-seed2", base + 2)])

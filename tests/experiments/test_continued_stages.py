@@ -1,6 +1,5 @@
 """A pre-training stage that continues another (``init_from``): order, folders, identity, cost, bad plans."""
 import json
-from pathlib import Path
 
 import pytest
 import yaml
@@ -8,7 +7,7 @@ import yaml
 from cxrvit.experiments.arms import run_arms
 from cxrvit.experiments.plan import load_plan, pretrain_identity
 import cxrvit.ssl.pretrain as pretrain_mod
-from armsfakes import QUIET, RecordingTrain, write_plan
+from armsfakes import QUIET, RecordingPretrain, RecordingTrain, write_plan
 from evalfakes import FakeCache
 
 STAGES = {"mae": {"method": "mae", "overrides": ["schedule.epochs=3"], "per_seed": True},
@@ -20,34 +19,23 @@ ARMS = [{"name": "baseline", "recipe": "baseline"}, {"name": "mae-probe", "recip
 def test_a_continued_stage_runs_after_its_parent_in_the_same_fold_and_seed_and_starts_from_its_last_pt(
         tmp_path, monkeypatch):
     cache = FakeCache(n_patients=12, seed=6)
-    seen = []
-
-    class Result:
-        def __init__(self, out):
-            self.backbone, self.steps = out / "backbone.safetensors", 3
-            self.history = [{"epoch": 0, "linear_mean_auroc": 0.6}, {"epoch": 3, "linear_mean_auroc": 0.65}]
-
-    def fake_pretrain(cfg, caches, out_dir, rows=None, probe=None, resume=True, quiet=False):
-        seen.append((Path(out_dir).relative_to(tmp_path / "b").as_posix(), cfg.schedule.epochs, cfg.init))
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        for name in ("backbone.safetensors", "last.pt"):
-            (Path(out_dir) / name).write_bytes(b"weights")
-        return Result(Path(out_dir))
-
-    monkeypatch.setattr(pretrain_mod, "pretrain", fake_pretrain)
+    pretrainer = RecordingPretrain()
+    monkeypatch.setattr(pretrain_mod, "pretrain", pretrainer)
+    seen = lambda: [(out.relative_to(tmp_path / "b").as_posix(), cfg.schedule.epochs, cfg.init)  # noqa: E731
+                    for out, cfg in pretrainer.calls]
     # Only the continued arm: its parent stage runs first all the same (the arm reading it never does).
     plan = load_plan(write_plan(tmp_path / "arms.yaml", seeds=[1], pretrain=STAGES, arms=ARMS))
     run_arms(plan, "C", tmp_path / "b", only=["more-probe"], cache=cache, train_fn=RecordingTrain(), **QUIET)
     parent = tmp_path / "b" / "fold0" / "pretrain-mae-seed1" / "last.pt"
-    assert seen[:2] == [("fold0/pretrain-mae-seed1", 3, ""), ("fold0/pretrain-more-seed1", 2, str(parent))]
-    assert len(seen) == 4                                     # two folds, each parent once
+    assert seen()[:2] == [("fold0/pretrain-mae-seed1", 3, ""), ("fold0/pretrain-more-seed1", 2, str(parent))]
+    assert len(seen()) == 4                                   # two folds, each parent once
     # The parent is reused, not run again, when its arm comes; the cost of the continued arm is both stages'.
     for f in (0, 1):
         for stage, s in (("mae", 600.0), ("more", 300.0)):
             cost = tmp_path / "b" / f"fold{f}" / f"pretrain-{stage}-seed1" / "cost.json"
             cost.write_text(json.dumps({**json.loads(cost.read_text()), "seconds": s}))
     res = run_arms(plan, "C", tmp_path / "b", cache=cache, train_fn=RecordingTrain(), **QUIET)
-    assert len(seen) == 4
+    assert len(seen()) == 4
     assert res.cost_minutes["more-probe"]["pretrain"] == pytest.approx(2 * (600 + 300) / 60)
     assert res.cost_minutes["mae-probe"]["pretrain"] == pytest.approx(2 * 600 / 60)
     # Its monitor's first probe is where the parent ended, not a random init, and the table says so.
