@@ -25,3 +25,7 @@ for ref in probe-random-avg mae224s-probe-avg; do
   .venv/bin/python -m cxrvit bench arms "$PLAN" --data "$CACHE" --out "$SCORE" --reference "$ref"
 done
 bash bench/results/collect.sh "$SCORE" bench/results/cv2-budget
+# The reference arms' predictions are committed with their own plans (../cv2-learned, ../cv2-seeds): keep only ours.
+for d in bench/results/cv2-budget/fold*/*/; do
+  case "$(basename "$d")" in mae224c-*|pretrain-mae224c*) ;; *) rm -rf "$d";; esac
+done
