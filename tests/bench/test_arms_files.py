@@ -1,4 +1,6 @@
-"""Every shipped arms file (bench/arms/*.yaml) resolves through the config resolver (issue 21).
+"""Every shipped arms file (bench/arms/*.yaml) resolves through the config resolver (issue 21), and so does
+every plan kept beside a committed result (bench/results/*/plan*.yaml: the subset or resolved plans those tables
+were scored with), so that each table can be re-scored from what the repository holds.
 
 A recipe now holds only what its strategy reads, so an arm that, say, switched the probe recipe to
 fine-tuning by ``--set strategy=finetune`` would be refused; these tests keep every shipped plan loadable
@@ -12,12 +14,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cxrvit.experiments.arms import pretrain_config
 from cxrvit.experiments.plan import arm_config, load_plan
+from cxrvit.ssl.config import load_pretrain_recipe
 from cxrvit.training.config import (apply_overrides, config_from_dict, config_to_dict, read_by_strategy,
                                     unread_keys)
 
 REPO = Path(__file__).resolve().parents[2]
-ARMS_FILES = sorted((REPO / "bench" / "arms").glob("*.yaml"))
+ARMS_FILES = sorted((REPO / "bench" / "arms").glob("*.yaml")) + sorted((REPO / "bench" / "results").glob("*/plan*.yaml"))
+IDS = [str(p.relative_to(REPO / "bench")) for p in ARMS_FILES]
 OLD_IMPROVED = REPO / "tests" / "fixtures" / "configs" / "improved-saved-before-issue21.yaml"
 
 
@@ -27,7 +32,7 @@ def _value(d: dict, dotted: str):
     return d
 
 
-@pytest.mark.parametrize("path", ARMS_FILES, ids=[p.stem for p in ARMS_FILES])
+@pytest.mark.parametrize("path", ARMS_FILES, ids=IDS)
 def test_every_arm_of_a_shipped_plan_resolves_with_the_settings_it_names(path):
     plan = load_plan(path)
     assert plan.arms
@@ -83,9 +88,6 @@ def test_round_one_and_issue_20_fine_tune_arms_keep_their_settings():
 def test_the_shipped_mae224_recipe_is_the_stage_that_won_the_cv():
     """`cxrvit pretrain --recipe mae224` (the product's pre-training) resolves to exactly the CV plan's
     `mae224` stage: the backbone users make is the one the table measured, up to the recipe's name."""
-    from cxrvit.experiments.arms import pretrain_config
-    from cxrvit.ssl.config import load_pretrain_recipe
-
     learned = load_plan(REPO / "bench" / "arms" / "sample-cv2-learned.yaml")
     shipped = dataclasses.asdict(load_pretrain_recipe("mae224", method="mae"))
     stage = dataclasses.asdict(pretrain_config(learned.pretrain["mae224"], None))
@@ -93,10 +95,8 @@ def test_the_shipped_mae224_recipe_is_the_stage_that_won_the_cv():
     assert shipped == stage
 
 
-@pytest.mark.parametrize("path", ARMS_FILES, ids=[p.stem for p in ARMS_FILES])
+@pytest.mark.parametrize("path", ARMS_FILES, ids=IDS)
 def test_every_pretraining_stage_of_a_shipped_plan_resolves_with_its_overrides(path):
-    from cxrvit.experiments.arms import pretrain_config
-
     plan = load_plan(path)
     for name, spec in plan.pretrain.items():
         cfg = dataclasses.asdict(pretrain_config(spec, None))     # raises on an unknown key or a bad value
