@@ -5,13 +5,30 @@
 # machine may not outlive it; commits do, so run this as each arm lands. Copy the fold*/ folders back into an OUT
 # to continue the benchmark: finished arms are read back without their weights.
 #
-#   bash bench/results/collect.sh OUT DEST      # e.g. runs/cv2-scaling bench/results/cv2-scaling
+#   bash bench/results/collect.sh OUT DEST [STEM [NAME...]]    # e.g. runs/cv2-scaling bench/results/cv2-scaling
+#
+# STEM: the tables' file stem (`cxrvit bench arms --tables STEM`): only OUT/STEM.md|json and
+# OUT/STEM-vs-*.md|json are copied (without it, every OUT/results*.md|json). NAME...: only fold folders with these names (shell globs, e.g. 'mae224x-*' 'pretrain-mae224x*'), for a
+# plan that shares its OUT with other plans whose folders are committed elsewhere.
 set -euo pipefail
 OUT=${1:?OUT folder of cxrvit bench arms}
 DEST=${2:?destination under bench/results}
+STEM=${3:-}
+shift $(( $# < 3 ? $# : 3 ))
+NAMES=("$@")
+wanted() {
+  [ ${#NAMES[@]} -eq 0 ] && return 0
+  local pattern
+  for pattern in "${NAMES[@]}"; do
+    # shellcheck disable=SC2053  # the pattern is meant to glob
+    [[ $1 == $pattern ]] && return 0
+  done
+  return 1
+}
 mkdir -p "$DEST"
 for dir in "$OUT"/fold*/*/; do
   rel=${dir#"$OUT"/}; rel=${rel%/}
+  wanted "$(basename "$rel")" || continue
   if [ -f "$dir/heldout.npz" ]; then
     mkdir -p "$DEST/$rel/run"
     cp "$dir/heldout.npz" "$DEST/$rel/"
@@ -21,5 +38,9 @@ for dir in "$OUT"/fold*/*/; do
     for f in config.yaml cost.json metrics.jsonl; do [ -f "$dir/$f" ] && cp "$dir/$f" "$DEST/$rel/"; done
   fi
 done
-for f in "$OUT"/results*.md "$OUT"/results*.json; do [ -f "$f" ] && cp "$f" "$DEST/"; done
+if [ -n "$STEM" ]; then TABLES=("$OUT/$STEM".md "$OUT/$STEM".json "$OUT/$STEM"-vs-*.md "$OUT/$STEM"-vs-*.json)
+else TABLES=("$OUT"/results*.md "$OUT"/results*.json); fi
+for f in "${TABLES[@]}"; do
+  [ -f "$f" ] && cp "$f" "$DEST/"
+done
 echo "collected $(find "$DEST" -name heldout.npz | wc -l) arm-folds and $(find "$DEST" -name cost.json | wc -l) pre-trainings into $DEST"

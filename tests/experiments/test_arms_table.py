@@ -33,6 +33,32 @@ def test_another_reference_rescores_a_finished_benchmark_into_its_own_table(tmp_
         run_arms(plan, "C", tmp_path / "b", cache=cache, train_fn=fake, reference="nope", **QUIET)
 
 
+def test_a_second_plan_on_the_same_out_keeps_its_own_tables_under_its_stem(tmp_path):
+    """A continued stage lives in the OUT of the plan it continues; that plan's results.md must survive the
+    second plan's scoring, which writes OUT/<tables>.md (and <tables>-vs-ARM.md) with only its own arms."""
+    cache = FakeCache(n_patients=12, seed=7)
+    fake = RecordingTrain()
+    first = load_plan(write_plan(tmp_path / "first.yaml", seeds=[0]))
+    run_arms(first, "C", tmp_path / "b", cache=cache, train_fn=fake, **QUIET)
+    before = (tmp_path / "b" / "results.md").read_text()
+    arms = [{"name": "baseline", "recipe": "baseline"}, {"name": "high-lr", "recipe": "baseline",
+                                                          "overrides": ["optim.lr=1e-2"]}]
+    second = load_plan(write_plan(tmp_path / "second.yaml", seeds=[0], arms=arms))
+    res = run_arms(second, "C", tmp_path / "b", cache=cache, train_fn=fake, tables="results-second", **QUIET)
+    assert len(fake.calls) == 2 * 3 + 2                         # baseline reused, high-lr trained on both folds
+    assert set(res.scores) == {"baseline", "high-lr"}
+    assert (tmp_path / "b" / "results.md").read_text() == before
+    md = (tmp_path / "b" / "results-second.md").read_text()
+    assert "| high-lr |" in md and "| low-lr |" not in md
+    run_arms(second, "C", tmp_path / "b", cache=cache, train_fn=fake, tables="results-second", reference="high-lr",
+             **QUIET)
+    assert json.loads((tmp_path / "b" / "results-second-vs-high-lr.json").read_text())["reference"] == "high-lr"
+    assert not (tmp_path / "b" / "results-vs-high-lr.json").exists()
+    for bad in ("", "../elsewhere", "sub/results", ".hidden"):
+        with pytest.raises(ValueError, match="plain file stem"):
+            run_arms(second, "C", tmp_path / "b", cache=cache, train_fn=fake, tables=bad, **QUIET)
+
+
 def test_seeds_that_changed_nothing_are_named(tmp_path):
     """The fake builds its model from the seed's parity: seeds 0 and 2 make the same predictions, as a probe on
     a fixed pre-trained backbone does; the table says those rows are one run stacked."""

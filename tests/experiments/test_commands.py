@@ -65,3 +65,14 @@ def test_bench_arms_refuses_a_reference_that_is_not_an_arm_before_any_work(tmp_p
     err = capsys.readouterr().err
     assert "reference 'probe-randm' is not an arm of the plan (baseline, probe)" in err
     assert not out.exists()                                     # refused before a folder or a cache is touched
+
+
+def test_bench_arms_refuses_a_tables_stem_that_is_a_path_before_any_work(tmp_path, capsys):
+    plan = tmp_path / "arms.yaml"
+    plan.write_text(yaml.safe_dump({"folds": 2, "arms": [{"name": "baseline", "recipe": "baseline"},
+                                                         {"name": "probe", "recipe": "probe-random"}]}))
+    out = tmp_path / "o"
+    assert main(["bench", "arms", str(plan), "--data", str(tmp_path / "no-cache"), "--out", str(out),
+                 "--tables", "../results"]) == 2
+    assert "tables '../results': give a plain file stem" in capsys.readouterr().err
+    assert not out.exists()

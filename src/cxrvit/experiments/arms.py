@@ -26,6 +26,9 @@ is finished, and a killed stage resumes from its checkpoint)::
     OUT/fold<f>/<arm>[-seed<s>]/heldout.npz
     OUT/results.md, OUT/results.json       the table
     OUT/results-vs-<arm>.md|json           the same arms paired with another reference (``--reference``)
+    OUT/<tables>[-vs-<arm>].md|json        the same under another stem (``tables``): several plans may
+                                           share one OUT (a stage continued from another plan's stage
+                                           lives beside it), each keeping its own table
     OUT/report-<arm>/                      plots of the pooled predictions (``reports=True``)
 
 A rerun reuses every arm and stage whose identity is unchanged, whatever happened to the text of
@@ -160,19 +163,23 @@ def run_arm_fold(plan: ArmsPlan, arm: Arm, seed: int, cache, fold: int, train_ro
 
 def run_arms(plan: ArmsPlan, data, out, *, only=None, device=None, progress: bool = True, cache=None,
              n_resamples: int | None = None, command: str = "", train_fn=None, reports: bool = False, log=print,
-             reference: str | None = None):
+             reference: str | None = None, tables: str = "results"):
     """Run (or resume) every stage this invocation owns, then score if every arm is complete.
 
     Returns the :class:`~cxrvit.experiments.arms_table.ArmsResult`, or ``None`` when stages of
     arms outside ``only`` are still missing (another worker's). ``reports`` also writes each arm's
     ROC/PR/reliability/F1-vs-trivial plots into ``OUT/report-<arm>/``. ``reference`` pairs every
     arm with another arm than the plan's; that table goes to ``OUT/results-vs-<reference>.md|json``
-    (it changes no stage, so a finished benchmark is only re-scored).
+    (it changes no stage, so a finished benchmark is only re-scored). ``tables`` is the file stem of the
+    scored tables (``OUT/<tables>.md``, ``OUT/<tables>-vs-<reference>.md``), for a plan that shares its OUT
+    with another plan whose ``results.md`` must stay.
     """
     started = time.time()
     out = Path(out)
     check_starts(plan)
     reference = reference or plan.reference
+    if not tables or Path(tables).name != tables or tables.startswith("."):
+        raise ValueError(f"tables {tables!r}: give a plain file stem (no folder, no leading dot), e.g. results-budget")
     if reference not in [a.name for a in plan.arms]:
         raise ValueError(f"reference {reference!r} is not an arm of the plan ({', '.join(a.name for a in plan.arms)})")
     cache = cache if cache is not None else CXRCache(data)
@@ -223,7 +230,7 @@ def run_arms(plan: ArmsPlan, data, out, *, only=None, device=None, progress: boo
     if reports:
         for name, score in result.scores.items():
             write_report(score, out / f"report-{name}", title=f"{name}: {score.split} predictions")
-    stem = "results" if reference == plan.reference else f"results-vs-{reference}"
+    stem = tables if reference == plan.reference else f"{tables}-vs-{reference}"
     (out / f"{stem}.md").write_text(result.markdown())
     (out / f"{stem}.json").write_text(json.dumps(result.to_json(), indent=2))
     return result
