@@ -55,24 +55,16 @@ def test_bench_recipes_runs_the_two_arm_plan_with_the_old_layout(tmp_path, nih_t
     assert stamps and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
 
 
-def test_bench_arms_refuses_a_reference_that_is_not_an_arm_before_any_work(tmp_path, capsys):
+@pytest.mark.parametrize("flag, value, message", [
+    ("--reference", "probe-randm", "reference 'probe-randm' is not an arm of the plan (baseline, probe)"),
+    ("--tables", "../results", "tables '../results': give a plain file stem"),
+])
+def test_bench_arms_refuses_a_bad_reference_or_tables_stem_before_any_work(tmp_path, capsys, flag, value, message):
     plan = tmp_path / "arms.yaml"
     plan.write_text(yaml.safe_dump({"folds": 2, "arms": [{"name": "baseline", "recipe": "baseline"},
                                                          {"name": "probe", "recipe": "probe-random"}]}))
     out = tmp_path / "o"
     assert main(["bench", "arms", str(plan), "--data", str(tmp_path / "no-cache"), "--out", str(out),
-                 "--reference", "probe-randm"]) == 2
-    err = capsys.readouterr().err
-    assert "reference 'probe-randm' is not an arm of the plan (baseline, probe)" in err
+                 flag, value]) == 2
+    assert message in capsys.readouterr().err
     assert not out.exists()                                     # refused before a folder or a cache is touched
-
-
-def test_bench_arms_refuses_a_tables_stem_that_is_a_path_before_any_work(tmp_path, capsys):
-    plan = tmp_path / "arms.yaml"
-    plan.write_text(yaml.safe_dump({"folds": 2, "arms": [{"name": "baseline", "recipe": "baseline"},
-                                                         {"name": "probe", "recipe": "probe-random"}]}))
-    out = tmp_path / "o"
-    assert main(["bench", "arms", str(plan), "--data", str(tmp_path / "no-cache"), "--out", str(out),
-                 "--tables", "../results"]) == 2
-    assert "tables '../results': give a plain file stem" in capsys.readouterr().err
-    assert not out.exists()
