@@ -5,7 +5,7 @@ from evalfakes import LABELS, FakeCache, make_bundle
 
 from cxrvit.evaluation import metrics as M
 from cxrvit.evaluation.bootstrap import PatientBootstrap, verdict, Estimate
-from cxrvit.evaluation.compare import compare_runs, paired_compare
+from cxrvit.evaluation.compare import compare_runs, gain_contrast, paired_compare
 from cxrvit.evaluation.evaluate import ThresholdLeakError, select_rows
 
 
@@ -50,6 +50,29 @@ def test_better_model_is_detected_and_point_difference_is_exact():
     assert c.verdict.startswith("improved − baseline mean F1 = +") and c.verdict.endswith("improved is better")
     assert c.targets == ["Atelectasis", "Effusion", "Mass/Nodule"]
     assert "| **mean** |" in c.markdown()
+
+
+def test_gain_contrast_is_the_difference_of_two_gains_on_the_same_patients():
+    cache, y, weak, strong = _preds()
+    pids = cache.patient_ids
+    # curve A does not move (weak -> weak), curve B goes weak -> strong: B gains more, beyond noise
+    g = gain_contrast(y, (weak, 0.5), (weak, 0.5), (weak, 0.5), (strong, 0.5), pids, LABELS, curves=("A", "B"),
+                      shares=("0.25", "1"), n_resamples=200)
+    gain_b = M.auroc(y[:, :3], strong[:, :3]) - M.auroc(y[:, :3], weak[:, :3])
+    assert g.diff_auroc["Effusion"].value == pytest.approx(gain_b[1])
+    assert g.diff_auroc["mean"].value == pytest.approx(gain_b.mean())
+    assert g.gain_auroc["mean"] == pytest.approx((0.0, gain_b.mean()))
+    assert g.diff_auroc["mean"].lo > 0 and g.diff_f1["mean"].lo > 0
+    # the same move on both curves: exactly zero, in every resample
+    same = gain_contrast(y, (weak, 0.5), (strong, 0.5), (weak, 0.5), (strong, 0.5), pids, LABELS, n_resamples=50)
+    assert all(e.value == e.lo == e.hi == 0 for e in list(same.diff_auroc.values()) + list(same.diff_f1.values()))
+    # swapping the curves flips the sign, CI included
+    flip = gain_contrast(y, (weak, 0.5), (strong, 0.5), (weak, 0.5), (weak, 0.5), pids, LABELS, n_resamples=200)
+    assert flip.diff_auroc["mean"].value == pytest.approx(-g.diff_auroc["mean"].value)
+    assert flip.diff_auroc["mean"].hi == pytest.approx(-g.diff_auroc["mean"].lo)
+    assert g.to_json()["difference"] == "(b_hi - b_lo) - (a_hi - a_lo)"
+    with pytest.raises(ValueError, match="same images: got 10 rows"):
+        gain_contrast(y, (weak, 0.5), (weak[:10], 0.5), (weak, 0.5), (strong, 0.5), pids, LABELS)
 
 
 def test_pairing_narrows_the_interval():

@@ -292,7 +292,8 @@ def test_data_scaling_arms_train_on_nested_patient_shares_and_are_scored_on_the_
     arms = [{"name": "baseline", "recipe": "baseline"},
             {"name": "baseline-q25", "recipe": "baseline", "train_fraction": 0.25},
             {"name": "baseline-q50", "recipe": "baseline", "train_fraction": 0.5},
-            {"name": "improved", "recipe": "probe-random"}]
+            {"name": "improved", "recipe": "probe-random"},
+            {"name": "improved-q25", "recipe": "probe-random", "train_fraction": 0.25}]
     res = run_arms(load_plan(write_plan(tmp_path / "a.yaml", seeds=[0], arms=arms)), "C", tmp_path / "b",
                    cache=cache, train_fn=fake, **QUIET)
     seen = {}
@@ -306,14 +307,25 @@ def test_data_scaling_arms_train_on_nested_patient_shares_and_are_scored_on_the_
         held = np.load(tmp_path / "b" / fold / "baseline-q25" / "heldout.npz")["rows"]
         assert np.array_equal(held, np.load(tmp_path / "b" / fold / "baseline" / "heldout.npz")["rows"])
         assert not patients_of(cache, sorted(quarter)) & patients_of(cache, held)
-    # one curve (the three baselines, named after the full one); improved is alone, so no curve
-    assert res.scaling == {"baseline": [("baseline-q25", 0.25), ("baseline-q50", 0.5), ("baseline", 1.0)]}
+    # two curves, each named after its full-share arm
+    assert res.scaling == {"baseline": [("baseline-q25", 0.25), ("baseline-q50", 0.5), ("baseline", 1.0)],
+                           "improved": [("improved-q25", 0.25), ("improved", 1.0)]}
     assert res.scaling_gain["baseline"].names == ("baseline-q25", "baseline")
+    # improved's gain minus the reference curve's gain over the same shares (1/4 -> all), paired
+    contrast = res.scaling_contrast["improved"]
+    assert list(res.scaling_contrast) == ["improved"] and contrast.curves == ("baseline", "improved")
+    assert contrast.shares == ("0.25", "1")
+    gain = {c: res.scaling_gain[c].auroc["Effusion"][1] - res.scaling_gain[c].auroc["Effusion"][0]
+            for c in ("baseline", "improved")}
+    assert contrast.diff_auroc["Effusion"].value == pytest.approx(gain["improved"] - gain["baseline"])
     assert res.info["train_images"]["baseline-q25"] < res.info["train_images"]["baseline-q50"] \
         < res.info["train_images"]["baseline"]
     md = (tmp_path / "b" / "results.md").read_text()
     assert "Data scaling" in md and "| baseline | 0.25 |" in md and "| baseline | 0.25 -> 1 |" in md
-    assert json.loads((tmp_path / "b" / "results.json").read_text())["scaling"]["baseline"][0] == ["baseline-q25", 0.25]
+    assert "Does a curve gain more than `baseline`'s?" in md and "| improved | 0.25 -> 1 |" in md
+    saved = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert saved["scaling"]["baseline"][0] == ["baseline-q25", 0.25]
+    assert saved["scaling_contrast"]["improved"]["shares"] == ["0.25", "1"]
     # the share is part of what an arm is
     arms[1]["train_fraction"] = 0.3
     with pytest.raises(ValueError, match=r"arm 'baseline-q25' changed since it was run \(train_fraction"):

@@ -139,6 +139,74 @@ def paired_compare(y_true, prob_a, thr_a, prob_b, thr_b, patient_ids, labels, *,
     )
 
 
+@dataclass
+class GainContrast:
+    """How much more curve B gains than curve A between two training-set sizes, on the same images:
+    ``(B_hi − B_lo) − (A_hi − A_lo)``, per target and ``"mean"``, with a paired patient-bootstrap CI."""
+    curves: tuple[str, str]                # (A, B), each named by its largest-share arm
+    shares: tuple[str, str]                # (lo, hi), e.g. ("0.25", "1")
+    gain_auroc: dict[str, tuple[float, float]]   # mean AUROC gain of (A, B)
+    gain_f1: dict[str, tuple[float, float]]
+    diff_auroc: dict[str, Estimate]
+    diff_f1: dict[str, Estimate]
+    n_images: int
+    bootstrap: dict
+
+    def to_json(self) -> dict:
+        return {"a": self.curves[0], "b": self.curves[1], "shares": list(self.shares),
+                "difference": "(b_hi - b_lo) - (a_hi - a_lo)", "n_images": self.n_images, "bootstrap": self.bootstrap,
+                "gain_auroc": {t: list(v) for t, v in self.gain_auroc.items()},
+                "gain_f1": {t: list(v) for t, v in self.gain_f1.items()},
+                "diff_auroc": {t: e.to_dict() for t, e in self.diff_auroc.items()},
+                "diff_f1": {t: e.to_dict() for t, e in self.diff_f1.items()}}
+
+
+def gain_contrast(y_true, a_lo, a_hi, b_lo, b_hi, patient_ids, labels, *, curves=("A", "B"), shares=("lo", "hi"),
+                  n_resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> GainContrast:
+    """Paired patient bootstrap of the difference between two data-scaling gains.
+
+    Each of ``a_lo, a_hi, b_lo, b_hi`` is ``(prob [N, K], thr [K] or [N, K])`` on the same ``N`` images;
+    every resample draws the same patients for all four, so the interval is for the difference of the
+    gains itself, not for two gains read off side by side (whose separate CIs overlap far more).
+    """
+    labels = list(labels)
+    targets = [t for t in SCORED_TARGETS if t in labels]
+    if not targets:
+        raise ValueError(f"none of the targets to compare ({', '.join(SCORED_TARGETS)}) is among the labels {labels}")
+    idx = [labels.index(t) for t in targets]
+    y = np.asarray(y_true, dtype=np.float64)[:, idx]
+    preds = []
+    for prob, thr in (a_lo, a_hi, b_lo, b_hi):
+        p = np.asarray(prob, dtype=np.float64)
+        if len(p) != len(y):
+            raise ValueError(f"all four arms must be scored on the same images: got {len(p)} rows for {len(y)}")
+        preds.append((p[:, idx], np.broadcast_to(np.asarray(thr, dtype=np.float64), p.shape)[:, idx]))
+    signs = np.array([1.0, -1.0, -1.0, 1.0])   # (b_hi - b_lo) - (a_hi - a_lo)
+
+    def stat(w):
+        f1 = np.stack([M.f1_at(y, p, t, w) for p, t in preds])
+        au = np.stack([M.auroc(y, p, w) for p, t in preds])
+        df, da = np.tensordot(signs, f1, axes=1), np.tensordot(signs, au, axes=1)
+        return {"f1": df, "auroc": da, "f1_mean": df.mean(-1, keepdims=True), "auroc_mean": _nanmean_last(da)}
+
+    point = stat(None)
+    boot = PatientBootstrap(patient_ids, n_resamples, seed).run(stat)
+    d_f1 = dict(zip(targets, estimates(point["f1"], boot["f1"])))
+    d_au = dict(zip(targets, estimates(point["auroc"], boot["auroc"])))
+    d_f1["mean"] = estimates(point["f1_mean"], boot["f1_mean"])[0]
+    d_au["mean"] = estimates(point["auroc_mean"], boot["auroc_mean"])[0]
+    f1 = [M.f1_at(y, p, t) for p, t in preds]
+    au = [M.auroc(y, p) for p, t in preds]
+    gain = lambda s, lo, hi: {**{t: float(s[hi][i] - s[lo][i]) for i, t in enumerate(targets)},
+                              "mean": float(np.nanmean(s[hi]) - np.nanmean(s[lo]))}
+    ga, gb = gain(au, 0, 1), gain(au, 2, 3)
+    fa, fb = gain(f1, 0, 1), gain(f1, 2, 3)
+    return GainContrast(curves=tuple(curves), shares=tuple(shares),
+                        gain_auroc={k: (ga[k], gb[k]) for k in ga}, gain_f1={k: (fa[k], fb[k]) for k in fa},
+                        diff_auroc=d_au, diff_f1=d_f1, n_images=len(y),
+                        bootstrap={"unit": "patient", "paired": True, "resamples": n_resamples, "seed": seed})
+
+
 def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike, data: str | os.PathLike, split: str = "test", *,
                  n_resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED, device=None, batch_size: int = 64,
                  allow_unverified_thresholds: bool = False, progress: bool = False, cache=None) -> Comparison:

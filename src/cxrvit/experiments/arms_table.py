@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from cxrvit.evaluation.bootstrap import DEFAULT_RESAMPLES
-from cxrvit.evaluation.compare import Comparison, paired_compare
+from cxrvit.evaluation.compare import Comparison, GainContrast, gain_contrast, paired_compare
 from cxrvit.evaluation.evaluate import EvalResult, score_predictions
 from cxrvit.experiments.crossval import FoldPredictions, pool
 from cxrvit.experiments.plan import arm_dir, pretrain_dirs, scaling_key
@@ -35,6 +35,8 @@ class ArmsResult:
     # data scaling: curve name -> [(arm, train_fraction)] by fraction, and (smallest -> largest) comparisons
     scaling: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
     scaling_gain: dict[str, Comparison] = field(default_factory=dict)
+    # each curve's gain minus the reference arm's curve's gain over the same shares (paired on the patients)
+    scaling_contrast: dict[str, GainContrast] = field(default_factory=dict)
     # arms whose seeds gave identical predictions (a probe on a fixed backbone): their stacked rows are one run
     identical_seeds: list[str] = field(default_factory=list)
 
@@ -132,6 +134,18 @@ class ArmsResult:
             lo, hi = self.scaling[curve][0], self.scaling[curve][-1]
             lines.append(f"| {curve} | {lo[1]:g} -> {hi[1]:g} | {c.diff_auroc['mean'].fmt(signed=True)} | "
                          f"{c.diff_f1['mean'].fmt(signed=True)} |")
+        if self.scaling_contrast:
+            base = next(iter(self.scaling_contrast.values())).curves[0]
+            lines += ["", f"Does a curve gain more than `{base}`'s? Its gain minus that gain, over the same shares, "
+                          "paired on the same patients (every resample draws the same patients for all four arms):",
+                      "", f"| curve | shares | gain in mean AUROC ({base} / curve) | Δ gain in mean AUROC [paired 95% CI] | "
+                          f"gain in mean F1 ({base} / curve) | Δ gain in mean F1 [paired 95% CI] |",
+                      "| --- | --- | ---: | ---: | ---: | ---: |"]
+            for curve, c in self.scaling_contrast.items():
+                ga, gf = c.gain_auroc["mean"], c.gain_f1["mean"]
+                lines.append(f"| {curve} | {c.shares[0]} -> {c.shares[1]} | {ga[0]:+.3f} / {ga[1]:+.3f} | "
+                             f"{c.diff_auroc['mean'].fmt(signed=True)} | {gf[0]:+.3f} / {gf[1]:+.3f} | "
+                             f"{c.diff_f1['mean'].fmt(signed=True)} |")
         return "\n".join(lines)
 
     def to_json(self) -> dict:
@@ -140,6 +154,7 @@ class ArmsResult:
                 "vs_reference": {a: c.to_json() for a, c in self.comparisons.items()},
                 "cost_minutes": self.cost_minutes, "learning": self.learning, "pretrain_probes": self.probes,
                 "scaling": self.scaling, "scaling_gain": {k: c.to_json() for k, c in self.scaling_gain.items()},
+                "scaling_contrast": {k: c.to_json() for k, c in self.scaling_contrast.items()},
                 "identical_seeds": self.identical_seeds}
 
 
@@ -251,12 +266,23 @@ def score_arms(plan, cache, results: dict[str, dict[int, list[FoldPredictions]]]
         (lo, _), (hi, _) = members[0], members[-1]
         gains[curve] = paired_compare(y, stacked[lo][1], stacked[lo][2], stacked[hi][1], stacked[hi][2], pids, labels,
                                       names=(lo, hi), n_resamples=n_resamples)
+    contrasts = {}
+    base = next((c for c, members in scaling.items() if plan.reference in dict(members)), None)
+    for curve, members in scaling.items():
+        if base is None or curve == base or (members[0][1], members[-1][1]) != (scaling[base][0][1],
+                                                                                  scaling[base][-1][1]):
+            continue                                   # gains over different shares do not subtract
+        (a_lo, f_lo), (a_hi, f_hi) = scaling[base][0], scaling[base][-1]
+        b_lo, b_hi = members[0][0], members[-1][0]
+        contrasts[curve] = gain_contrast(y, *[stacked[a][1:3] for a in (a_lo, a_hi, b_lo, b_hi)], pids, labels,
+                                         curves=(base, curve), shares=(f"{f_lo:g}", f"{f_hi:g}"),
+                                         n_resamples=n_resamples)
     per_seed = {a: np.split(stacked[a][1], len(plan.seeds)) for a in names}
     identical = [a for a in names if len(plan.seeds) > 1 and all(np.array_equal(p, per_seed[a][0])
                                                                   for p in per_seed[a][1:])]
     return ArmsResult(names, plan.reference, scores, comparisons, cost, learning, info,
                       probes=pretrain_probes(out, plan, fold_indices), scaling=scaling, scaling_gain=gains,
-                      identical_seeds=identical)
+                      scaling_contrast=contrasts, identical_seeds=identical)
 
 
 def scaling_curves(plan) -> dict[str, list[tuple[str, float]]]:
