@@ -93,6 +93,28 @@ def _nanmean_last(a: np.ndarray) -> np.ndarray:
     return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
+def _scored_columns(y_true, labels: list[str], targets=None):
+    """The targets to compare (default: the scored ones among ``labels``), their columns, and ``y`` cut to them."""
+    targets = list(targets or [t for t in SCORED_TARGETS if t in labels])
+    if not targets:
+        raise ValueError(f"none of the targets to compare ({', '.join(SCORED_TARGETS)}) is among the labels {labels}")
+    idx = [labels.index(t) for t in targets]
+    return targets, idx, np.asarray(y_true, dtype=np.float64)[:, idx]
+
+
+def _paired_estimates(stat, targets, patient_ids, n_resamples, seed):
+    """Point value and patient-bootstrap CI of a paired statistic: ``stat(weights)`` gives per-target "f1" and
+    "auroc" differences and their "f1_mean"/"auroc_mean"; returns (ΔF1, ΔAUROC), per target and "mean"."""
+    point = stat(None)
+    boot = PatientBootstrap(patient_ids, n_resamples, seed).run(stat)
+    out = []
+    for key in ("f1", "auroc"):
+        d = dict(zip(targets, estimates(point[key], boot[key])))
+        d["mean"] = estimates(point[key + "_mean"], boot[key + "_mean"])[0]
+        out.append(d)
+    return tuple(out)
+
+
 def paired_compare(y_true, prob_a, thr_a, prob_b, thr_b, patient_ids, labels, *, names=("A", "B"),
                    targets=None, n_resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> Comparison:
     """Paired patient bootstrap of B − A on fixed predictions of both models.
@@ -101,11 +123,7 @@ def paired_compare(y_true, prob_a, thr_a, prob_b, thr_b, patient_ids, labels, *,
     ``targets`` defaults to the scored targets present in ``labels``.
     """
     labels = list(labels)
-    targets = list(targets or [t for t in SCORED_TARGETS if t in labels])
-    if not targets:
-        raise ValueError(f"none of the targets to compare ({', '.join(SCORED_TARGETS)}) is among the labels {labels}")
-    idx = [labels.index(t) for t in targets]
-    y = np.asarray(y_true, dtype=np.float64)[:, idx]
+    targets, idx, y = _scored_columns(y_true, labels, targets)
     pa, pb = np.asarray(prob_a, dtype=np.float64)[:, idx], np.asarray(prob_b, dtype=np.float64)[:, idx]
     if pa.shape != pb.shape or len(pa) != len(y):
         raise ValueError(f"both models must be scored on the same images: got {len(pa)} and {len(pb)} rows "
@@ -119,12 +137,7 @@ def paired_compare(y_true, prob_a, thr_a, prob_b, thr_b, patient_ids, labels, *,
         df, da = f1b - f1a, aub - aua
         return {"f1": df, "auroc": da, "f1_mean": df.mean(-1, keepdims=True), "auroc_mean": _nanmean_last(da)}
 
-    point = stat(None)
-    boot = PatientBootstrap(patient_ids, n_resamples, seed).run(stat)
-    d_f1 = dict(zip(targets, estimates(point["f1"], boot["f1"])))
-    d_au = dict(zip(targets, estimates(point["auroc"], boot["auroc"])))
-    d_f1["mean"] = estimates(point["f1_mean"], boot["f1_mean"])[0]
-    d_au["mean"] = estimates(point["auroc_mean"], boot["auroc_mean"])[0]
+    d_f1, d_au = _paired_estimates(stat, targets, patient_ids, n_resamples, seed)
     f1a, f1b = M.f1_at(y, pa, ta), M.f1_at(y, pb, tb)
     aua, aub = M.auroc(y, pa), M.auroc(y, pb)
     triv = M.trivial_f1(y)
@@ -169,12 +182,7 @@ def gain_contrast(y_true, a_lo, a_hi, b_lo, b_hi, patient_ids, labels, *, curves
     every resample draws the same patients for all four, so the interval is for the difference of the
     gains itself, not for two gains read off side by side (whose separate CIs overlap far more).
     """
-    labels = list(labels)
-    targets = [t for t in SCORED_TARGETS if t in labels]
-    if not targets:
-        raise ValueError(f"none of the targets to compare ({', '.join(SCORED_TARGETS)}) is among the labels {labels}")
-    idx = [labels.index(t) for t in targets]
-    y = np.asarray(y_true, dtype=np.float64)[:, idx]
+    targets, idx, y = _scored_columns(y_true, list(labels))
     preds = []
     for prob, thr in (a_lo, a_hi, b_lo, b_hi):
         p = np.asarray(prob, dtype=np.float64)
@@ -189,12 +197,7 @@ def gain_contrast(y_true, a_lo, a_hi, b_lo, b_hi, patient_ids, labels, *, curves
         df, da = np.tensordot(signs, f1, axes=1), np.tensordot(signs, au, axes=1)
         return {"f1": df, "auroc": da, "f1_mean": df.mean(-1, keepdims=True), "auroc_mean": _nanmean_last(da)}
 
-    point = stat(None)
-    boot = PatientBootstrap(patient_ids, n_resamples, seed).run(stat)
-    d_f1 = dict(zip(targets, estimates(point["f1"], boot["f1"])))
-    d_au = dict(zip(targets, estimates(point["auroc"], boot["auroc"])))
-    d_f1["mean"] = estimates(point["f1_mean"], boot["f1_mean"])[0]
-    d_au["mean"] = estimates(point["auroc_mean"], boot["auroc_mean"])[0]
+    d_f1, d_au = _paired_estimates(stat, targets, patient_ids, n_resamples, seed)
     f1 = [M.f1_at(y, p, t) for p, t in preds]
     au = [M.auroc(y, p) for p, t in preds]
     gain = lambda s, lo, hi: {**{t: float(s[hi][i] - s[lo][i]) for i, t in enumerate(targets)},
