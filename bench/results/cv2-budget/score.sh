@@ -6,7 +6,7 @@
 #   e.g. bash bench/results/cv2-budget/score.sh /work/runs/cv2-learned /work/runs/cv2-budget \
 #          /work/runs/sample-cache160 bench/results/cv2-learned/plan-mae224c-seed1.yaml
 #
-# TRAIN_OUT holds the mae224s stages of seeds 1-2 (with last.pt) and the arms of bench/results/cv2-learned.
+# TRAIN_OUT holds the mae224s stages of seeds 0-2 (with last.pt) and the arms of bench/results/cv2-learned.
 set -euo pipefail
 TRAIN=${1:?training OUT}
 SCORE=${2:?scoring OUT (emptied first)}
@@ -17,7 +17,7 @@ for d in "$TRAIN"/fold*/; do
   f=$(basename "$d"); mkdir -p "$SCORE/$f"
   for a in "$d"*/; do
     n=$(basename "$a")
-    case "$n" in probe-random-avg*|mae224s-probe-avg*|mae224c-*|pretrain-mae224s-seed*|pretrain-mae224c*)
+    case "$n" in probe-random-avg*|mae224s-probe-avg*|mae224c-*|pretrain-mae224s|pretrain-mae224s-seed*|pretrain-mae224c*)
       cp -al "$a" "$SCORE/$f/$n";; esac
   done
 done
