@@ -161,6 +161,6 @@ else
 fi
 
 # -- 8 summary ----------------------------------------------------------------------------------
-"$PY" bench/cuda_check.py summary --out "$OUT"
+"$PY" bench/gpu_summary.py --out "$OUT"
 echo "== [$(elapsed) s] done: $OUT/summary.md$([ "$FAILED" = 1 ] && echo ' (some stages failed or timed out: see the table)')"
 exit "$FAILED"

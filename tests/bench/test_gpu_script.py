@@ -1,4 +1,4 @@
-"""bench/gpu.sh and its helper bench/cuda_check.py: every part a CPU can run.
+"""bench/gpu.sh and its helpers bench/cuda_check.py and bench/gpu_summary.py: every part a CPU can run.
 
 The whole script in its CPU dry run (``CXRVIT_GPU_DRYRUN=1 bash bench/gpu.sh``, ~2 min on 2 cores) is not
 part of the suite; these tests cover its pieces: the shell syntax, the refusal without a GPU, the bf16
@@ -23,14 +23,15 @@ SCRIPT = ROOT / "bench" / "gpu.sh"
 GPU_ARMS = ROOT / "bench" / "arms" / "sample-cv2-gpu.yaml"
 
 
-def _load_cuda_check():
-    spec = importlib.util.spec_from_file_location("cuda_check", ROOT / "bench" / "cuda_check.py")
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-cc = _load_cuda_check()
+cc = _load_script("cuda_check")
+gs = _load_script("gpu_summary")
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +87,12 @@ def test_bf16_autocast_and_loader_checks_pass_on_cpu(fixture_cache, tmp_path):
     assert a["logit_rel"] < cc.BOUNDS["logit_rel"] and a["grad_cos"] > cc.BOUNDS["grad_cos"]
     assert res["loader"]["pin_memory_default"] is False           # no CUDA here: the engine does not pin
     assert res["loader"]["non_blocking_copy_intact"]
+    # the summary reports the check with the bounds the check itself used
+    out.rename(tmp_path / "cuda_check.json")
+    gs.write_summary(tmp_path)
+    line = next(x for x in (tmp_path / "summary.md").read_text().splitlines() if x.startswith("- bf16 autocast"))
+    assert f"(bound {cc.BOUNDS['logit_rel']})" in line and f"(bound {cc.BOUNDS['grad_cos']})" in line
+    assert line.endswith("**ok**")
 
 
 @pytest.mark.precision
@@ -119,6 +126,10 @@ def test_ddp_check_under_torchrun_one_process(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["ok"] and res["backend"] == "gloo" and res["world_size"] == 1 and res["grad_rel"] == 0.0
+    out.rename(tmp_path / "ddp_check.json")
+    gs.write_summary(tmp_path)
+    line = next(x for x in (tmp_path / "summary.md").read_text().splitlines() if x.startswith("- DDP"))
+    assert "backend **gloo**" in line and f"(bound {cc.BOUNDS['ddp_grad_rel']})" in line and line.endswith("**ok**")
 
 
 def test_gpu_arms_file_is_the_cpu_comparison_at_224(tmp_path):
@@ -166,7 +177,7 @@ def test_summary_reports_stages_speeds_and_missing_parts(tmp_path):
         {"kind": "val", "epoch": 0}, {"kind": "train", "epoch": 1, "img_per_s": 1000.0}]) + "\n")
     (out / "throughput-b64.json").write_text(json.dumps(
         {"ceiling_gflops": {"fp32@224": 50000.0, "bf16@224": 276000.0}, "peak_bf16_gflops": 690000.0}))
-    assert cc.main(["summary", "--out", str(out)]) == 0
+    assert gs.main(["--out", str(out)]) == 0
     text = (out / "summary.md").read_text()
     assert "| prepare | ok | 12 | 150 |" in text
     assert "FAILED (exit 1; see logs/cuda_check.log)" in text and "TIMED OUT" in text
