@@ -1,5 +1,5 @@
 """``python -m cxrvit`` (and ``torchrun -m cxrvit``) enter the same CLI as ``cxrvit``."""
-from cxrvit.cli import main
+from cxrvit.cli import run
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()

@@ -8,9 +8,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 from cxrvit import __version__
 from cxrvit.allocator import keep_freed_memory
+from cxrvit.engine.distributed import exit_process, multi_process
 
 COMMAND_MODULES = (
     "cxrvit.data.commands",        # prepare, data-summary
@@ -46,5 +48,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def run() -> NoReturn:
+    """``cxrvit`` and ``python -m cxrvit``: :func:`main`, then exit with its code. A worker of a multi-process
+    torchrun launch exits without interpreter finalization (:func:`cxrvit.engine.distributed.exit_process`)."""
+    code = main()
+    if multi_process():
+        exit_process(code)
+    raise SystemExit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()

@@ -7,7 +7,9 @@ supervised training and pre-training alike (through :class:`cxrvit.engine.core.E
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -33,10 +35,15 @@ class DistContext:
         return self.world_size > 1
 
 
+def multi_process() -> bool:
+    """True in a worker of a multi-process torchrun launch (``WORLD_SIZE`` > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def setup(device_pref: str | torch.device | None = "auto") -> DistContext:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if not multi_process():
         return DistContext(device=resolve_device(device_pref))
+    world = int(os.environ["WORLD_SIZE"])
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_pref, local_rank)
     owns = False
@@ -51,6 +58,24 @@ def setup(device_pref: str | torch.device | None = "auto") -> DistContext:
 def cleanup(ctx: DistContext) -> None:
     if ctx.owns_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End this process now with ``code``, skipping the interpreter's finalization (stdio flushed first).
+
+    For torchrun workers once their command has returned. Why: in torch 2.13 ``destroy_process_group`` does not
+    join gloo's worker threads, and the one that ran the last collective (a barrier holding the ``gather_object``
+    before it) may not yet have dropped it when the interpreter finalizes. Dropping it frees tensors whose Python
+    objects need the GIL; CPython ends a thread that asks for the GIL during finalization, which unwinds through
+    a noexcept destructor: ``std::terminate``, SIGABRT ("terminate called without an active exception"), and
+    torchrun reports a finished run as failed. It is a race with the scheduler: 6 of 40 launches on busy cores,
+    none of 40 with this exit (``bench/ddp_exit.py``; the core dump's thread: ``~AsyncBarrierWork`` ->
+    ``~AsyncGatherWork`` -> ``decref_pyobject`` -> ``take_gil``; docs/training.md). Everything a run writes is
+    closed by the time its command returns.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def barrier(ctx: DistContext) -> None:
