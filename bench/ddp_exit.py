@@ -27,17 +27,17 @@ import time
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch import nn  # noqa: E402
+
+from cxrvit.engine.distributed import exit_process  # noqa: E402
+
 ABORT = "terminate called without an active exception"
 WAYS = ("finalize", "exit_process")
 
 
 def worker(way: str) -> None:
-    import torch
-    import torch.distributed as dist
-    from torch import nn
-
-    from cxrvit.engine.distributed import exit_process
-
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 8))
@@ -90,7 +90,7 @@ def main() -> int:
             c[0], c[1], c[2] = c[0] + failed, c[1] + aborted, c[2] + seconds
         print(f"launch {i + 1}/{args.launches}: " + ", ".join(f"{w} {counts[w][0]} failed" for w in WAYS),
               file=sys.stderr, flush=True)
-    print(f"\n| way of ending | launches | failed | of them the abort | s per launch |\n| --- | ---: | ---: | ---: | ---: |")
+    print("\n| way of ending | launches | failed | of them the abort | s per launch |\n| --- | ---: | ---: | ---: | ---: |")
     for way in WAYS:
         failed, aborted, seconds = counts[way]
         print(f"| {way} | {args.launches} | {failed} | {aborted} | {seconds / args.launches:.1f} |")
