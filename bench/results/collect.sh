@@ -3,7 +3,8 @@
 # per fold and arm heldout.npz + run/config.yaml + run/metrics.jsonl, per pre-training stage config.yaml +
 # cost.json + metrics.jsonl, and the scored tables (results*.md/.json, those of --reference too). A session's
 # machine may not outlive it; commits do, so run this as each arm lands. Copy the fold*/ folders back into an OUT
-# to continue the benchmark: finished arms are read back without their weights.
+# to continue the benchmark: finished arms are read back without their weights; an arm that still needs a
+# collected pre-training stage is refused (put the stage's weights back, or delete its cost.json to run it again).
 #
 #   bash bench/results/collect.sh OUT DEST [STEM [NAME...]]    # e.g. runs/cv2-scaling bench/results/cv2-scaling
 #

@@ -1,4 +1,5 @@
-"""A pre-training stage that continues another (``init_from``): order, folders, identity, cost, bad plans."""
+"""Pre-training stages an arm reads: one that continues another (``init_from``; order, folders, identity, cost,
+bad plans), and finished stages whose files are not all there."""
 import json
 
 import pytest
@@ -60,6 +61,27 @@ def test_a_continued_stage_whose_parent_kept_only_its_backbone_says_how_to_recov
     (kept / "cost.json").write_text(json.dumps({"seconds": 1.0, "steps": 3, "images": 6, "probes": []}))
     with pytest.raises(FileNotFoundError, match="pretrain-mae-seed1/last.pt is missing"):
         run_arms(plan, "C", tmp_path / "b", only=["more-probe"], cache=cache, train_fn=RecordingTrain(), **QUIET)
+
+
+def test_a_finished_stage_copied_back_without_its_weights_is_refused_and_its_record_kept(tmp_path, monkeypatch):
+    cache = FakeCache(n_patients=12, seed=6)
+    pretrainer = RecordingPretrain()
+    monkeypatch.setattr(pretrain_mod, "pretrain", pretrainer)
+    plan = load_plan(write_plan(tmp_path / "arms.yaml", seeds=[1], pretrain=STAGES, arms=ARMS))
+    kept = tmp_path / "b" / "fold0" / "pretrain-mae-seed1"      # what bench/results/collect.sh keeps of a stage
+    kept.mkdir(parents=True)
+    record = {"cost.json": json.dumps({"seconds": 1.0, "steps": 3, "images": 6, "probes": []}),
+              "metrics.jsonl": '{"kind": "probe", "step": 0}\n'}
+    for name, text in record.items():
+        (kept / name).write_text(text)
+    with pytest.raises(FileNotFoundError, match="pretrain-mae-seed1: pre-training 'mae' finished here") as exc:
+        run_arms(plan, "C", tmp_path / "b", only=["mae-probe"], cache=cache, train_fn=RecordingTrain(), **QUIET)
+    assert "backbone.safetensors is not there" in str(exc.value) and "delete cost.json" in str(exc.value)
+    assert pretrainer.calls == [] and {p.name: p.read_text() for p in kept.iterdir()} == record
+    # Deleting cost.json, as the message says, pre-trains it again.
+    (kept / "cost.json").unlink()
+    run_arms(plan, "C", tmp_path / "b", only=["mae-probe"], cache=cache, train_fn=RecordingTrain(), **QUIET)
+    assert [out.relative_to(tmp_path / "b").as_posix() for out, _ in pretrainer.calls][:1] == ["fold0/pretrain-mae-seed1"]
 
 
 @pytest.mark.parametrize("stages, message", [

@@ -104,6 +104,12 @@ def run_pretrain_stage(plan: ArmsPlan, name: str, cache, train_rows: np.ndarray,
     cost = folder / "cost.json"
     if backbone.is_file() and cost.is_file():
         return backbone
+    if cost.is_file():
+        # A finished stage copied back without its weights (bench/results/collect.sh keeps the record only):
+        # running it again would replace that record, so say what to do instead of doing it.
+        raise FileNotFoundError(f"{folder}: pre-training {name!r} finished here (cost.json) but its "
+                                "backbone.safetensors is not there (a copy without weights?); put the weights back, "
+                                "or delete cost.json to pre-train it again")
     cfg = pretrain_config(spec, device, seed)
     if spec.init_from:
         parent = run_pretrain_stage(plan, spec.init_from, cache, train_rows, heldout, out, fold, seed=seed,
@@ -127,13 +133,12 @@ def run_pretrain_stage(plan: ArmsPlan, name: str, cache, train_rows: np.ndarray,
         + "".join(f" + {len(c)} from {p}" for p, c in zip(spec.extra_data, extra)))
     start = time.time()
     with StageLock(folder):
-        prior = json.loads(cost.read_text())["seconds"] if cost.is_file() else 0.0
         result = ssl_pretrain.pretrain(cfg, [cache] + extra, folder, rows=[train_rows] + [None] * len(extra),
                                        probe=probe, resume=True, quiet=quiet)
         # The random-init probe (epoch 0, when the recipe runs one) and the last go into the arms table.
         history = result.history
         probes = [history[0] if history[0].get("epoch") == 0 else None, history[-1]] if history else []
-        cost.write_text(json.dumps({"seconds": prior + time.time() - start, "steps": result.steps,
+        cost.write_text(json.dumps({"seconds": time.time() - start, "steps": result.steps,
                                     "images": int(len(train_rows) + sum(len(c) for c in extra)),
                                     "probes": probes}, default=float))
     return Path(result.backbone)
