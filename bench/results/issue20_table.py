@@ -24,6 +24,7 @@ TABLES = [
     ("cv2-seeds/results-vs-probe-random.json", "pre-training seeds: one MAE per fold and seed", ""),
     ("cv2-budget/results.json", "budget: 480 vs 240 MAE epochs", ""),
     ("cv2-lpft/results.json", "LP-FT on the 224-px MAE, both folds", ""),
+    ("cv2-lpft/results-ft-seed0.json", "full fine-tune (Medical-MAE recipe) of the 224-px MAE at 224 px", ""),
     ("cv2-extra/results-extra.json", "extra data: + 243 Hannover CXRs in pre-training (not the product)", ""),
     ("cv2-readout/results.json", "read-out: the last 4 blocks", ""),
     ("cv2-native224/results.json", "the probes on a native 224-px cache", " (native 224)"),
