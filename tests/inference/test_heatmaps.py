@@ -53,12 +53,15 @@ def test_rollout_matches_a_plain_loop(model, x):
     np.testing.assert_allclose(hm.attention_rollout(model, x).numpy(), expected, rtol=1e-5)
 
 
-def test_a_mean_pooled_head_gets_the_attention_into_its_pooled_output(model, x):
-    """global_pool=avg: the head reads the mean of the patch tokens, so both attention maps follow the mean of
-    the patch rows instead of the CLS row (same weights, another read-out)."""
+@pytest.mark.parametrize("pool", ["avg", "avgmax"])
+def test_a_mean_pooled_head_gets_the_attention_into_its_pooled_output(model, x, pool):
+    """global_pool=avg (and avgmax, whose max has no attention row): the head reads the mean of the patch
+    tokens, so both attention maps follow the mean of the patch rows instead of the CLS row (same backbone,
+    another read-out)."""
     avg = VisionTransformer(img_size=48, patch_size=16, embed_dim=64, depth=3, num_heads=4, num_classes=5,
-                            global_pool="avg").eval()
-    avg.load_state_dict(model.state_dict())
+                            global_pool=pool).eval()
+    backbone = {k: v for k, v in model.state_dict().items() if not k.startswith("head")}
+    assert avg.load_state_dict(backbone, strict=False).missing_keys == ["head.weight", "head.bias"]
     full = avg.get_last_selfattention(x)
     torch.testing.assert_close(hm.cls_attention(avg, x).flatten(2), full[:, :, 1:, 1:].mean(2))
     expected = rollout_by_loop(avg, x, lambda r: r[1:, 1:].mean(0))

@@ -219,6 +219,28 @@ def test_avg_pool_reads_the_mean_of_the_patch_tokens_and_keeps_dinos_state_dict(
         small(global_pool="max")
 
 
+def test_avgmax_reads_the_mean_and_the_max_of_the_patch_tokens_from_the_same_backbone():
+    torch.manual_seed(0)
+    avg = small(num_classes=3, global_pool="avg")
+    torch.manual_seed(0)
+    both = small(num_classes=3, global_pool="avgmax")
+    d = avg.embed_dim
+    # the same seed draws the same backbone; only the head is wider (mean, then max)
+    backbone = {k: v for k, v in avg.state_dict().items() if not k.startswith("head")}
+    assert all(torch.equal(v, both.state_dict()[k]) for k, v in backbone.items())
+    assert both.num_features == 2 * d and both.head.weight.shape == (3, 2 * d)
+    x = torch.randn(2, 3, 32, 32)
+    x[1, :, :16, :16] += 5.0                      # one loud patch: the max sees it, the mean dilutes it
+    with torch.no_grad():
+        feats = both.forward_features(x)
+        pooled = both.forward_head(feats, pre_logits=True)
+        patches = feats[:, 1:]
+        assert torch.equal(pooled[:, :d], patches.mean(1))
+        assert torch.equal(pooled[:, d:], patches.max(dim=1).values)
+        assert (pooled[:, d:] >= pooled[:, :d]).all() and (pooled[:, d:] > pooled[:, :d]).any()
+        torch.testing.assert_close(both(x), both.head(pooled))
+
+
 def test_n_last_blocks_reads_each_of_the_last_blocks_pooled_side_by_side():
     one = small(depth=4, num_classes=3, global_pool="avg")
     four = small(depth=4, num_classes=3, global_pool="avg", n_last_blocks=4)

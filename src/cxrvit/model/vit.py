@@ -111,7 +111,8 @@ class Block(nn.Module):
 
 
 POS_EMBED_INITS = ("random", "sincos")
-GLOBAL_POOLS = ("token", "avg")   # what forward_head reads: the CLS token, or the mean of the patch tokens
+# What forward_head reads: the CLS token, the mean of the patch tokens, or their per-channel mean and max side by side.
+GLOBAL_POOLS = ("token", "avg", "avgmax")
 
 
 def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> torch.Tensor:
@@ -161,7 +162,8 @@ class VisionTransformer(nn.Module):
         self.global_pool = global_pool
         self.n_last_blocks = n_last_blocks
         self.embed_dim = embed_dim
-        self.num_features = embed_dim * n_last_blocks   # what the head reads (forward_features' last axis)
+        # what the head reads: forward_features' last axis, twice over for avgmax (mean, then max)
+        self.num_features = embed_dim * n_last_blocks * (2 if global_pool == "avgmax" else 1)
         self.num_classes = num_classes
         self.patch_size = patch_size
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
@@ -175,7 +177,7 @@ class VisionTransformer(nn.Module):
         )
         self.norm = nn.LayerNorm(embed_dim, eps=eps)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0 and n_last_blocks > 1:
+        if num_classes > 0 and self.num_features != embed_dim:
             # A wider head drawn from the global generator would shift every draw after it (positions, CLS,
             # all blocks): the same seed must give the same backbone whatever the head reads, so that a
             # random-backbone control differs from its twin only in the read-out.
@@ -244,8 +246,16 @@ class VisionTransformer(nn.Module):
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         # "token" reads the CLS token (DINO trains it); "avg" the mean of the patch tokens, for backbones whose
         # objective never touches the CLS token (MAE reconstructs patches: what it learned lives in them).
-        # No parameter depends on the choice, so the state_dict is DINO's either way.
-        pooled = features[:, 1:].mean(1) if self.global_pool == "avg" else features[:, 0]
+        # "avgmax" adds the per-channel max over the patches: a nodule covers a few of 196 patches, and the mean
+        # divides their signal by ~100 (NIH's ChestX-ray8 paper pooled with log-sum-exp, between mean and max,
+        # for such localised findings). Only the head's width depends on the choice; the backbone is DINO's.
+        if self.global_pool == "token":
+            pooled = features[:, 0]
+        elif self.global_pool == "avg":
+            pooled = features[:, 1:].mean(1)
+        else:
+            patches = features[:, 1:]
+            pooled = torch.cat((patches.mean(1), patches.amax(1)), dim=-1)
         return pooled if pre_logits else self.head(pooled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ class ModelConfig:
     drop_path: float = 0.0           # stochastic depth rate of the last block (linear in depth)
     attention: str = "auto"          # auto | sdpa | explicit (auto: per device and dtype, cxrvit.runtime)
     pos_embed: str = "random"        # start of pos_embed: random (DINO) | sincos (MAE's table); --init overrides
-    global_pool: str = "token"       # the head reads: token (CLS, DINO) | avg (mean of patch tokens, MAE's read-out)
+    global_pool: str = "token"       # the head reads: token (CLS, DINO) | avg (mean of patch tokens, MAE's) | avgmax
     n_last_blocks: int = 1           # the head reads the last n blocks' normed outputs, each pooled, side by side
                                      # (DINO's linear evaluation: 4); the head's width is n x 384
     init: str = ""                   # backbone file the recipe starts from ("" = pos_embed's start); --init, an
