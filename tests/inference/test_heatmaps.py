@@ -67,6 +67,8 @@ def test_a_mean_pooled_head_gets_the_attention_into_its_pooled_output(model, x, 
     expected = rollout_by_loop(avg, x, lambda r: r[1:, 1:].mean(0))
     np.testing.assert_allclose(hm.attention_rollout(avg, x).numpy(), expected, rtol=1e-5)
     assert not np.allclose(hm.attention_rollout(avg, x).numpy(), hm.attention_rollout(model, x).numpy())
+    cam = hm.grad_cam(avg, x, 2)          # the head's gradient reaches the patches through the mean (and the max)
+    assert cam.shape == (x.shape[0], 3, 3) and torch.isfinite(cam).all() and (cam >= 0).all() and cam.sum() > 0
 
 
 def test_gradcam_matches_a_manual_gradient(model, x):
