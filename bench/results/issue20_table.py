@@ -28,6 +28,7 @@ TABLES = [
     ("cv2-extra/results-extra.json", "extra data: + 243 Hannover CXRs in pre-training (not the product)", ""),
     ("cv2-readout/results.json", "read-out: the last 4 blocks", ""),
     ("cv2-native224/results.json", "the probes on a native 224-px cache", " (native 224)"),
+    ("cv2-pool/results-fold0.json", "pooling: mean and max of the patch tokens, fold 0 (AMD EPYC)", " (pool plan)"),
     ("cv2-resolution/results.json", "resolution: read at 448 vs 224 px from a 512-px cache", ""),
     ("cv2-scaling-seeds/results.json", "data scaling of the product at 3 pre-training seeds: 1/4, 1/2, all", ""),
     ("cv2-scaling/results.json", "data scaling: 1/4, 1/2, all; Δ vs the full-share baseline", ""),
