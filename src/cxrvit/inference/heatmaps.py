@@ -43,7 +43,7 @@ def _grid(model: VisionTransformer, x: torch.Tensor) -> tuple[int, int]:
 
 def _readout_row(model: VisionTransformer, attn: torch.Tensor) -> torch.Tensor:
     """``[..., 1+N, 1+N]`` attention -> ``[..., N]``: the row of what the head reads, to the patches
-    (the CLS token's row, or for ``global_pool="avg"`` the mean of the patch tokens' rows)."""
+    (the CLS token's row, or for ``global_pool="avg"``/``"avgmax"`` the mean of the patch tokens' rows)."""
     return attn[..., 1:, 1:].mean(-2) if model.global_pool in ("avg", "avgmax") else attn[..., 0, 1:]
 
 

@@ -33,7 +33,7 @@ class ModelConfig:
     pos_embed: str = "random"        # start of pos_embed: random (DINO) | sincos (MAE's table); --init overrides
     global_pool: str = "token"       # the head reads: token (CLS, DINO) | avg (mean of patch tokens, MAE's) | avgmax
     n_last_blocks: int = 1           # the head reads the last n blocks' normed outputs, each pooled, side by side
-                                     # (DINO's linear evaluation: 4); the head's width is n x 384
+                                     # (DINO's linear evaluation: 4); the head's width is n x 384 (2n x with avgmax)
     init: str = ""                   # backbone file the recipe starts from ("" = pos_embed's start); --init, an
                                      # arm's init or pre-training stage replace it; relative = from the cwd
 
