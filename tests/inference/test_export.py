@@ -132,7 +132,8 @@ def test_a_bundle_with_an_unknown_read_out_names_its_file(tmp_path, monkeypatch)
         load_bundle(run)
 
 
-@pytest.mark.parametrize("pool,blocks", [("token", 1), ("avg", 1), ("avg", 2), ("avgmax", 1)])
+@pytest.mark.parametrize("pool,blocks", [("token", 1), ("avg", 1), ("avg", 2), ("avgmax", 1),
+                                        ("token+avg", 1)])
 def test_onnx_export_dynamic_batch_and_size_matches_torch(tmp_path, monkeypatch, pool, blocks):
     ort = pytest.importorskip("onnxruntime")
     monkeypatch.setattr(bundle_module, "build_model", one_block)  # load_bundle builds the 1-block model

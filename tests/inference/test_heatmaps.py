@@ -71,6 +71,22 @@ def test_a_mean_pooled_head_gets_the_attention_into_its_pooled_output(model, x, 
     assert cam.shape == (x.shape[0], 3, 3) and torch.isfinite(cam).all() and (cam >= 0).all() and cam.sum() > 0
 
 
+def test_a_cls_and_mean_head_gets_the_average_of_both_attention_rows(model, x):
+    """global_pool=token+avg: the head reads the CLS token and the patch mean, so the maps average the CLS row
+    and the mean of the patch rows, one for each half of what it reads."""
+    pair = VisionTransformer(img_size=48, patch_size=16, embed_dim=64, depth=3, num_heads=4, num_classes=5,
+                             global_pool="token+avg").eval()
+    backbone = {k: v for k, v in model.state_dict().items() if not k.startswith("head")}
+    assert pair.load_state_dict(backbone, strict=False).missing_keys == ["head.weight", "head.bias"]
+    full = pair.get_last_selfattention(x)
+    torch.testing.assert_close(hm.cls_attention(pair, x).flatten(2),
+                               0.5 * (full[:, :, 0, 1:] + full[:, :, 1:, 1:].mean(2)))
+    expected = rollout_by_loop(pair, x, lambda r: 0.5 * (r[0, 1:] + r[1:, 1:].mean(0)))
+    np.testing.assert_allclose(hm.attention_rollout(pair, x).numpy(), expected, rtol=1e-5)
+    cam = hm.grad_cam(pair, x, 2)         # the head's gradient reaches the patches through both halves
+    assert cam.shape == (x.shape[0], 3, 3) and torch.isfinite(cam).all() and (cam >= 0).all() and cam.sum() > 0
+
+
 def test_gradcam_matches_a_manual_gradient(model, x):
     target = 3
     cam = hm.grad_cam(model, x, target)

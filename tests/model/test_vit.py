@@ -241,6 +241,26 @@ def test_avgmax_reads_the_mean_and_the_max_of_the_patch_tokens_from_the_same_bac
         torch.testing.assert_close(both(x), both.head(pooled))
 
 
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_token_avg_reads_the_cls_token_and_the_patch_mean_side_by_side(blocks):
+    torch.manual_seed(0)
+    avg = small(depth=3, num_classes=3, global_pool="avg", n_last_blocks=blocks)
+    torch.manual_seed(0)
+    pair = small(depth=3, num_classes=3, global_pool="token+avg", n_last_blocks=blocks)
+    d = avg.embed_dim * blocks
+    # the same seed draws the same backbone; only the head is wider (CLS, then patch mean, per block read)
+    backbone = {k: v for k, v in avg.state_dict().items() if not k.startswith("head")}
+    assert all(torch.equal(v, pair.state_dict()[k]) for k, v in backbone.items())
+    assert pair.num_features == 2 * d and pair.head.weight.shape == (3, 2 * d)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = pair.forward_features(x)
+        pooled = pair.forward_head(feats, pre_logits=True)
+        assert torch.equal(pooled[:, :d], feats[:, 0])
+        assert torch.equal(pooled[:, d:], avg.forward_head(feats, pre_logits=True))
+        torch.testing.assert_close(pair(x), pair.head(pooled))
+
+
 def test_n_last_blocks_reads_each_of_the_last_blocks_pooled_side_by_side():
     one = small(depth=4, num_classes=3, global_pool="avg")
     four = small(depth=4, num_classes=3, global_pool="avg", n_last_blocks=4)

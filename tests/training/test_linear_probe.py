@@ -93,7 +93,8 @@ def test_one_class_label_gets_a_finite_prior_bias():
     assert np.all(w == 0) and np.isfinite(b[0]) and b[0] < -3
 
 
-@pytest.mark.parametrize("pool,blocks", [("token", 1), ("avg", 1), ("avg", 3), ("avgmax", 2)])
+@pytest.mark.parametrize("pool,blocks", [("token", 1), ("avg", 1), ("avg", 3), ("avgmax", 2),
+                                        ("token+avg", 1)])
 def test_probe_bundle_scores_as_fitted_and_thresholds_are_cross_fitted(tiny_cache, tmp_path, one_thread, pool,
                                                                        blocks):
     from cxrvit.data.preprocess import Preprocessing
@@ -117,7 +118,7 @@ def test_probe_bundle_scores_as_fitted_and_thresholds_are_cross_fitted(tiny_cach
 
     # The bundle is an ordinary DINO-layout ViT whose head maps the frozen CLS features exactly as fitted.
     bundle = load_bundle(out)
-    width = blocks * bundle.model.embed_dim * (2 if pool == "avgmax" else 1)
+    width = blocks * bundle.model.embed_dim * (1 if pool in ("token", "avg") else 2)
     assert bundle.model.global_pool == pool and bundle.model.head.in_features == width
     test = np.setdiff1d(np.arange(len(tiny_cache)), rows)
     probs = predict_rows(bundle, tiny_cache, test)

@@ -42,7 +42,8 @@ def _train_losses(run) -> list[float]:
                                                          ("finetune", "finetune", "token", 1),
                                                          ("finetune", "lp_ft", "token", 1), ("finetune", "lp_ft", "avg", 1),
                                                          ("finetune", "lp_ft", "avg", 4),
-                                                         ("finetune", "finetune", "avgmax", 1)])
+                                                         ("finetune", "finetune", "avgmax", 1),
+                                                         ("finetune", "lp_ft", "token+avg", 1)])
 def test_each_strategy_trains_at_each_precision(recipe, strategy, pool, blocks, precision, resolved, tiny_cache,
                                                  tmp_path, monkeypatch, one_thread):
     monkeypatch.setenv(FORCE_BF16_ENV, "1")   # this CPU acts as a bf16 one: auto -> bf16

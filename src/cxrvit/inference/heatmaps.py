@@ -17,7 +17,8 @@ Both attention maps follow what the head reads (``model.global_pool``): for ``av
 patch tokens) the CLS row is replaced by the mean of the patch rows, the attention into the pooled
 output; with ``token`` they are the classic CLS maps. ``avgmax`` (mean and max side by side) uses the
 mean's rows too: which patch wins a channel's max depends on the image, not on the attention, and
-Grad-CAM, which follows the head's gradient, already shows it.
+Grad-CAM, which follows the head's gradient, already shows it. ``token+avg`` (the CLS token and the patch
+mean side by side) gets the average of the two rows, one for each half of what the head reads.
 
 All maps come back at the patch grid (``[B, g, g]``); :func:`to_image` upsamples and normalises
 them to the model's input size.
@@ -43,8 +44,12 @@ def _grid(model: VisionTransformer, x: torch.Tensor) -> tuple[int, int]:
 
 def _readout_row(model: VisionTransformer, attn: torch.Tensor) -> torch.Tensor:
     """``[..., 1+N, 1+N]`` attention -> ``[..., N]``: the row of what the head reads, to the patches
-    (the CLS token's row, or for ``global_pool="avg"``/``"avgmax"`` the mean of the patch tokens' rows)."""
-    return attn[..., 1:, 1:].mean(-2) if model.global_pool in ("avg", "avgmax") else attn[..., 0, 1:]
+    (the CLS token's row; for ``global_pool="avg"``/``"avgmax"`` the mean of the patch tokens' rows; for
+    ``"token+avg"`` the average of the two)."""
+    cls_row, mean_rows = attn[..., 0, 1:], attn[..., 1:, 1:].mean(-2)
+    if model.global_pool == "token":
+        return cls_row
+    return 0.5 * (cls_row + mean_rows) if model.global_pool == "token+avg" else mean_rows
 
 
 @torch.no_grad()

@@ -111,8 +111,10 @@ class Block(nn.Module):
 
 
 POS_EMBED_INITS = ("random", "sincos")
-# What forward_head reads: the CLS token, the mean of the patch tokens, or their per-channel mean and max side by side.
-GLOBAL_POOLS = ("token", "avg", "avgmax")
+# What forward_head reads, and how many embed_dim-wide pieces it hands the head per block read: the CLS token, the
+# mean of the patch tokens, their per-channel mean and max side by side (timm's ViT "avgmax" *averages* the two;
+# this one keeps both, like timm's CNN "catavgmax"), or the CLS token and the patch mean side by side.
+GLOBAL_POOLS = {"token": 1, "avg": 1, "avgmax": 2, "token+avg": 2}
 
 
 def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> torch.Tensor:
@@ -156,14 +158,14 @@ class VisionTransformer(nn.Module):
         if pos_embed not in POS_EMBED_INITS:
             raise ValueError(f"unknown pos_embed init {pos_embed!r}; choose from {POS_EMBED_INITS}")
         if global_pool not in GLOBAL_POOLS:
-            raise ValueError(f"unknown global_pool {global_pool!r}; choose from {GLOBAL_POOLS}")
+            raise ValueError(f"unknown global_pool {global_pool!r}; choose from {tuple(GLOBAL_POOLS)}")
         if not 1 <= n_last_blocks <= depth:
             raise ValueError(f"n_last_blocks {n_last_blocks} must be in 1..{depth} (the model has {depth} blocks)")
         self.global_pool = global_pool
         self.n_last_blocks = n_last_blocks
         self.embed_dim = embed_dim
-        # what the head reads: forward_features' last axis, twice over for avgmax (mean, then max)
-        self.num_features = embed_dim * n_last_blocks * (2 if global_pool == "avgmax" else 1)
+        # what the head reads: forward_features' last axis, twice over for the paired read-outs
+        self.num_features = embed_dim * n_last_blocks * GLOBAL_POOLS[global_pool]
         self.num_classes = num_classes
         self.patch_size = patch_size
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
@@ -248,14 +250,19 @@ class VisionTransformer(nn.Module):
         # objective never touches the CLS token (MAE reconstructs patches: what it learned lives in them).
         # "avgmax" adds the per-channel max over the patches: a nodule covers a few of 196 patches, and the mean
         # divides their signal by ~100 (NIH's ChestX-ray8 paper pooled with log-sum-exp, between mean and max,
-        # for such localised findings). Only the head's width depends on the choice; the backbone is DINO's.
+        # for such localised findings). "token+avg" hands the head the CLS token and the patch mean side by side
+        # (DINO's linear evaluation with avgpool_patchtokens): MAE's CLS token is never in its loss, yet it attends
+        # over the patches in every block, a second summary of them. Only the head's width depends on the choice;
+        # the backbone is DINO's.
+        cls, patches = features[:, 0], features[:, 1:]
         if self.global_pool == "token":
-            pooled = features[:, 0]
+            pooled = cls
         elif self.global_pool == "avg":
-            pooled = features[:, 1:].mean(1)
-        else:
-            patches = features[:, 1:]
+            pooled = patches.mean(1)
+        elif self.global_pool == "avgmax":
             pooled = torch.cat((patches.mean(1), patches.amax(1)), dim=-1)
+        else:
+            pooled = torch.cat((cls, patches.mean(1)), dim=-1)
         return pooled if pre_logits else self.head(pooled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -31,9 +31,10 @@ class ModelConfig:
     drop_path: float = 0.0           # stochastic depth rate of the last block (linear in depth)
     attention: str = "auto"          # auto | sdpa | explicit (auto: per device and dtype, cxrvit.runtime)
     pos_embed: str = "random"        # start of pos_embed: random (DINO) | sincos (MAE's table); --init overrides
-    global_pool: str = "token"       # the head reads: token (CLS, DINO) | avg (mean of patch tokens, MAE's) | avgmax
+    global_pool: str = "token"       # the head reads: token (CLS, DINO) | avg (mean of patch tokens, MAE's) |
+                                     # avgmax (patch mean and max) | token+avg (CLS and patch mean); model.vit
     n_last_blocks: int = 1           # the head reads the last n blocks' normed outputs, each pooled, side by side
-                                     # (DINO's linear evaluation: 4); the head's width is n x 384 (2n x with avgmax)
+                                     # (DINO's linear evaluation: 4); the head's width is n x 384 (2n x when paired)
     init: str = ""                   # backbone file the recipe starts from ("" = pos_embed's start); --init, an
                                      # arm's init or pre-training stage replace it; relative = from the cwd
 

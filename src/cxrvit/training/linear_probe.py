@@ -47,7 +47,7 @@ def head_features(model: VisionTransformer, cache, rows: np.ndarray, size: int, 
                   augment: BatchAugment | None = None, batch_size: int = 64, device: torch.device | str = "cpu",
                   progress=None) -> np.ndarray:
     """``[len(rows), D]`` what the head reads, in fp32: ``forward_head(pre_logits=True)`` (the final-norm CLS
-    token, or the mean of the patch tokens for ``global_pool="avg"``).
+    token, the mean of the patch tokens, or a pair of them side by side: ``model.global_pool``).
 
     Without ``augment`` this is the scoring pass's view (whole image resized to ``size``), so a head fitted
     on these features sees at ``predict`` time exactly what it was fitted on.
