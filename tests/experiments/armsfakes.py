@@ -1,7 +1,6 @@
 """The arms tests' stand-ins: a training function that writes real bundles, a pre-training that writes files, and a
 small arms file."""
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import yaml
@@ -10,6 +9,7 @@ from cxrvit.data.preprocess import Preprocessing
 from cxrvit.evaluation import metrics as M
 from cxrvit.evaluation.evaluate import predict_rows
 from cxrvit.inference.bundle import Bundle, save_bundle
+from cxrvit.ssl.pretrain import PretrainResult
 from evalfakes import tiny_model
 
 TINY = ["model.arch=vit_tiny", "model.img_size=32", "schedule.epochs=1", "schedule.batch_size=16",
@@ -51,7 +51,7 @@ class RecordingPretrain:
         for name in ("backbone.safetensors", "last.pt"):
             (out / name).write_bytes(b"weights")
         self.calls.append((out, cfg))
-        return SimpleNamespace(backbone=out / "backbone.safetensors", steps=3, history=list(self.history))
+        return PretrainResult(out, out / "backbone.safetensors", 3, list(self.history), seconds=60.0)
 
 
 def write_plan(path: Path, **extra) -> Path:

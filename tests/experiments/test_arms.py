@@ -11,6 +11,7 @@ from cxrvit.experiments.arms import StageLock, run_arms
 from cxrvit.experiments.plan import load_plan, pretrain_config, pretrain_identity, with_default_init
 from cxrvit.fileio import owner_tag
 import cxrvit.ssl.pretrain as pretrain_mod
+from cxrvit.ssl.pretrain import PretrainResult
 from cxrvit.training.config import recipe_path
 from armsfakes import QUIET, TINY, RecordingPretrain, RecordingTrain, patients_of, write_plan
 from evalfakes import FakeCache
@@ -108,9 +109,8 @@ def test_pretraining_runs_per_fold_on_training_images_only(tmp_path, monkeypatch
     cache = FakeCache(n_patients=12, seed=6)
     seen = []
 
-    class Result:
-        def __init__(self, out):
-            self.backbone, self.steps, self.history = out / "backbone.safetensors", 3, []
+    def Result(out):   # 90 s: the stage's own tally, every process of it (ssl.pretrain keeps it)
+        return PretrainResult(out, out / "backbone.safetensors", 3, [], seconds=90.0)
 
     def fake_pretrain(cfg, caches, out_dir, rows=None, probe=None, resume=True, quiet=False):
         seen.append((Path(out_dir).parent.name, np.array(rows[0]), cfg.schedule.epochs))
@@ -136,7 +136,7 @@ def test_pretraining_runs_per_fold_on_training_images_only(tmp_path, monkeypatch
         assert set(pre_rows) == set(call["fit"]) | set(call["val"])
         held = np.load(tmp_path / "b" / f"fold{f}" / "mae+improved" / "heldout.npz")["rows"]
         assert not patients_of(cache, pre_rows) & patients_of(cache, held)
-    assert res.cost_minutes["mae+improved"]["pretrain"] >= 0.0
+    assert res.cost_minutes["mae+improved"]["pretrain"] == pytest.approx(3.0)   # 2 folds x 90 s, as the stage says
     run_arms(load_plan(path), "C", tmp_path / "b", cache=cache, train_fn=fake, **QUIET)
     assert len(seen) == 2                                       # pre-training is reused, not rerun
     # results copied without their weights (bench/results/collect.sh): finished arms are read back and
@@ -257,11 +257,10 @@ def test_pretraining_stages_read_their_own_overrides_and_show_their_probes(tmp_p
     cache = FakeCache(n_patients=12, seed=10)
     configs = []
 
-    class Result:
-        def __init__(self, out, epochs):
-            self.backbone, self.steps = out / "backbone.safetensors", 3
-            self.history = [{"epoch": 0, "knn_cls_auroc": 0.5, "linear_mean_auroc": 0.5},
-                            {"epoch": epochs, "knn_cls_auroc": 0.5 + epochs / 100, "linear_mean_auroc": 0.6}]
+    def Result(out, epochs):
+        return PretrainResult(out, out / "backbone.safetensors", 3, seconds=60.0, history=[
+            {"epoch": 0, "knn_cls_auroc": 0.5, "linear_mean_auroc": 0.5},
+            {"epoch": epochs, "knn_cls_auroc": 0.5 + epochs / 100, "linear_mean_auroc": 0.6}])
 
     def fake_pretrain(cfg, caches, out_dir, rows=None, probe=None, resume=True, quiet=False):
         configs.append((Path(out_dir).name, cfg.method, cfg.schedule.epochs, cfg.schedule.batch_size))

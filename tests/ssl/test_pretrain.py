@@ -1,5 +1,6 @@
 """Pre-training on the shared engine: resume after a crash equals an uninterrupted run; export; logs; mixed caches."""
 import json
+import time
 
 import numpy as np
 import pytest
@@ -26,9 +27,16 @@ def test_resume_after_crash_equals_uninterrupted_run(method, tiny_cache, tmp_pat
             raise Killed
     with pytest.raises(Killed):
         pretrain(cfg, [tiny_cache], tmp_path / "crashed", on_step=crash, quiet=True)
-    assert load_checkpoint(tmp_path / "crashed" / "last.pt")["step"] == 4
+    crashed = load_checkpoint(tmp_path / "crashed" / "last.pt")
+    assert crashed["step"] == 4 and crashed["seconds"] > 0
+    t0 = time.time()
     resumed = pretrain(cfg, [tiny_cache], tmp_path / "crashed", resume=True, quiet=True)
+    second_process = time.time() - t0
     assert resumed.steps == full.steps == 6
+    # the cost is the whole run's: the first process's time up to its checkpoint, plus the second's
+    assert crashed["seconds"] < resumed.seconds <= crashed["seconds"] + second_process
+    summary = json.loads((tmp_path / "crashed" / "pretrain.json").read_text())
+    assert summary["seconds"] == round(resumed.seconds, 1)
 
     a = load_checkpoint(tmp_path / "full" / "last.pt")
     b = load_checkpoint(tmp_path / "crashed" / "last.pt")

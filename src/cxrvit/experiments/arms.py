@@ -131,14 +131,14 @@ def run_pretrain_stage(plan: ArmsPlan, name: str, cache, train_rows: np.ndarray,
     log(f"[arms] pre-training {name} ({spec.method}) in {folder}: {len(train_rows)} fold-training images"
         + (f", continuing {spec.init_from}" if spec.init_from else "")
         + "".join(f" + {len(c)} from {p}" for p, c in zip(spec.extra_data, extra)))
-    start = time.time()
     with StageLock(folder):
         result = ssl_pretrain.pretrain(cfg, [cache] + extra, folder, rows=[train_rows] + [None] * len(extra),
                                        probe=probe, resume=True, quiet=quiet)
         # The random-init probe (epoch 0, when the recipe runs one) and the last go into the arms table.
         history = result.history
         probes = [history[0] if history[0].get("epoch") == 0 else None, history[-1]] if history else []
-        cost.write_text(json.dumps({"seconds": time.time() - start, "steps": result.steps,
+        # seconds: the whole stage, every process a resume stitched together (ssl.pretrain keeps the tally)
+        cost.write_text(json.dumps({"seconds": result.seconds, "steps": result.steps,
                                     "images": int(len(train_rows) + sum(len(c) for c in extra)),
                                     "probes": probes}, default=float))
     return Path(result.backbone)

@@ -119,6 +119,7 @@ class PretrainResult:
     backbone: Path
     steps: int
     history: list[dict]
+    seconds: float = 0.0   # wall time of the whole run, summed over the processes a resume stitched together
 
 
 # -- the loop -------------------------------------------------------------------------------------
@@ -174,6 +175,7 @@ def pretrain(cfg: PretrainConfig, caches: Sequence, out_dir: os.PathLike | str, 
 
 def _pretrain(cfg, caches, out: Path, ctx: dist_.DistContext, rows, probe, resume, on_step, quiet) -> PretrainResult:
     device, main = ctx.device, ctx.is_main
+    started = time.time()
     say = (lambda *a: None) if quiet or not main else (lambda *a: print(*a, file=sys.stderr, flush=True))
     engine = Engine(out, ctx, cfg.engine.precision, cfg.engine.seed)
 
@@ -200,10 +202,13 @@ def _pretrain(cfg, caches, out: Path, ctx: dist_.DistContext, rows, probe, resum
         mom_at = lambda s: warmup_cosine(s, total, 0, method.momentum_base, 1.0)  # noqa: E731
     views = {"views": torch.Generator()}   # crops, jitter, masks: one per rank, in every checkpoint
 
-    step, history = 0, []
+    step, history, seconds_before = 0, [], 0.0
     if state is not None:
         method.load_state_dict(state["method"])
         step, history = int(state["step"]), list(state["probes"])
+        # A stage's cost is all of it: the earlier processes' time up to their last checkpoint (work done after
+        # it is redone, and counted, here). Checkpoints written before this was kept count from the resume.
+        seconds_before = float(state.get("seconds", 0.0))
         say(f"resumed {engine.last} at step {step}/{last}")
     elif cfg.init:
         say(f"continuing the pre-training of {cfg.init} ({load_init(method, cfg)} steps there) for {last} more steps")
@@ -218,8 +223,8 @@ def _pretrain(cfg, caches, out: Path, ctx: dist_.DistContext, rows, probe, resum
     net = engine.wrap(method, broadcast_buffers=False)
 
     def checkpoint() -> None:
-        engine.save({"format": CHECKPOINT_FORMAT, "config": config_to_dict(cfg),
-                     "method": method.state_dict(), "step": step, "probes": history}, views)
+        engine.save({"format": CHECKPOINT_FORMAT, "config": config_to_dict(cfg), "method": method.state_dict(),
+                     "step": step, "probes": history, "seconds": seconds_before + time.time() - started}, views)
 
     def probe_now(epoch: int) -> None:
         if probe is None or not main:
@@ -282,13 +287,14 @@ def _pretrain(cfg, caches, out: Path, ctx: dist_.DistContext, rows, probe, resum
         probe_now(step // spe)
         checkpoint()
     log.close()
+    seconds = seconds_before + time.time() - started
     backbone = out / BACKBONE_FILE
     if main:
         export_backbone(method.export_encoder(), backbone, arch=cfg.model.arch, method=cfg.method,
                         cls_token=method.cls_token_note, extra={"steps": step, "images": len(data)})
         (out / "pretrain.json").write_text(json.dumps({
             "method": cfg.method, "steps": step, "images": len(data), "backbone": BACKBONE_FILE,
-            "precision": engine.precision, "device": str(device),
+            "precision": engine.precision, "device": str(device), "seconds": round(seconds, 1),
             "cls_token": method.cls_token_note, "probes": history}, indent=2))
     dist_.barrier(ctx)
-    return PretrainResult(out, backbone, step, history)
+    return PretrainResult(out, backbone, step, history, seconds)
