@@ -219,16 +219,22 @@ def test_avg_pool_reads_the_mean_of_the_patch_tokens_and_keeps_dinos_state_dict(
         small(global_pool="max")
 
 
-def test_avgmax_reads_the_mean_and_the_max_of_the_patch_tokens_from_the_same_backbone():
+def avg_and_paired_twins(pool: str, **kwargs):
+    """A patch-mean model and a paired read-out (``pool``) drawn from the same seed: the same backbone, only the
+    head twice as wide (the wider head's draw must not shift the backbone's)."""
     torch.manual_seed(0)
-    avg = small(num_classes=3, global_pool="avg")
+    avg = small(num_classes=3, global_pool="avg", **kwargs)
     torch.manual_seed(0)
-    both = small(num_classes=3, global_pool="avgmax")
-    d = avg.embed_dim
-    # the same seed draws the same backbone; only the head is wider (mean, then max)
+    paired = small(num_classes=3, global_pool=pool, **kwargs)
     backbone = {k: v for k, v in avg.state_dict().items() if not k.startswith("head")}
-    assert all(torch.equal(v, both.state_dict()[k]) for k, v in backbone.items())
-    assert both.num_features == 2 * d and both.head.weight.shape == (3, 2 * d)
+    assert all(torch.equal(v, paired.state_dict()[k]) for k, v in backbone.items())
+    d = avg.num_features
+    assert paired.num_features == 2 * d and paired.head.weight.shape == (3, 2 * d)
+    return avg, paired, d
+
+
+def test_avgmax_reads_the_mean_and_the_max_of_the_patch_tokens_from_the_same_backbone():
+    _, both, d = avg_and_paired_twins("avgmax")
     x = torch.randn(2, 3, 32, 32)
     x[1, :, :16, :16] += 5.0                      # one loud patch: the max sees it, the mean dilutes it
     with torch.no_grad():
@@ -243,15 +249,7 @@ def test_avgmax_reads_the_mean_and_the_max_of_the_patch_tokens_from_the_same_bac
 
 @pytest.mark.parametrize("blocks", [1, 2])
 def test_token_avg_reads_the_cls_token_and_the_patch_mean_side_by_side(blocks):
-    torch.manual_seed(0)
-    avg = small(depth=3, num_classes=3, global_pool="avg", n_last_blocks=blocks)
-    torch.manual_seed(0)
-    pair = small(depth=3, num_classes=3, global_pool="token+avg", n_last_blocks=blocks)
-    d = avg.embed_dim * blocks
-    # the same seed draws the same backbone; only the head is wider (CLS, then patch mean, per block read)
-    backbone = {k: v for k, v in avg.state_dict().items() if not k.startswith("head")}
-    assert all(torch.equal(v, pair.state_dict()[k]) for k, v in backbone.items())
-    assert pair.num_features == 2 * d and pair.head.weight.shape == (3, 2 * d)
+    avg, pair, d = avg_and_paired_twins("token+avg", depth=3, n_last_blocks=blocks)   # d = blocks x embed_dim
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         feats = pair.forward_features(x)
