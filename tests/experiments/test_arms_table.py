@@ -3,12 +3,14 @@ import json
 
 import numpy as np
 import pytest
+from sklearn.metrics import f1_score, roc_auc_score
 
 import cxrvit.experiments.arms as arms_module
 from cxrvit.experiments.arms import run_arms
 from cxrvit.experiments.arms_table import learning_summary
-from cxrvit.experiments.crossval import git_commit
-from cxrvit.experiments.plan import load_plan
+from cxrvit.experiments.crossval import git_commit, load_fold
+from cxrvit.experiments.plan import arm_dir, load_plan
+from cxrvit.labels import SCORED_TARGETS
 from cxrvit.runtime import machine_description
 from armsfakes import QUIET, RecordingTrain, write_plan
 from evalfakes import FakeCache
@@ -68,6 +70,36 @@ def test_seeds_that_changed_nothing_are_named(tmp_path):
     assert res.identical_seeds == ["baseline", "improved", "low-lr"]
     assert "Seeds that changed nothing: baseline, improved, low-lr" in (tmp_path / "b" / "results.md").read_text()
     assert json.loads((tmp_path / "b" / "results.json").read_text())["identical_seeds"] == res.identical_seeds
+
+
+def test_each_fold_and_seed_is_scored_alone_beside_the_pooled_table(tmp_path):
+    """The pooled rows hide where a difference comes from; the per-fold-and-seed cells are each fold's held-out
+    predictions scored by themselves (sklearn's AUROC and F1 at that fold's thresholds), the reference absolute."""
+    cache = FakeCache(n_patients=40, seed=7)            # every fold holds both classes of each scored target
+    plan = load_plan(write_plan(tmp_path / "arms.yaml", seeds=[0, 1]))
+    res = run_arms(plan, "C", tmp_path / "b", cache=cache, train_fn=RecordingTrain(), **QUIET)
+    assert list(res.cells["baseline"]) == ["f0s0", "f0s1", "f1s0", "f1s1"]
+    labels = res.scores["baseline"].labels
+    for arm in plan.arms:
+        for f, seed in [(0, 0), (0, 1), (1, 0), (1, 1)]:
+            fold, _ = load_fold(arm_dir(tmp_path / "b", f, arm, seed) / "heldout.npz")
+            y = cache.labels(fold.labels)[fold.rows]
+            scored = [fold.labels.index(t) for t in SCORED_TARGETS if t in labels]
+            auroc = np.mean([roc_auc_score(y[:, k], fold.probs[:, k]) for k in scored])
+            f1 = np.mean([f1_score(y[:, k], fold.probs[:, k] >= fold.thresholds[k]) for k in scored])
+            assert np.isfinite(auroc) and np.isfinite(f1)
+            cell = res.cells[arm.name][f"f{f}s{seed}"]
+            assert (cell["mean_auroc"], cell["mean_f1"]) == (pytest.approx(auroc), pytest.approx(f1))
+    md = (tmp_path / "b" / "results.md").read_text()
+    assert "| arm | fold 0 seed 0 | fold 0 seed 1 | fold 1 seed 0 | fold 1 seed 1 |" in md
+    ref, other = res.cells["baseline"]["f1s1"], res.cells["low-lr"]["f1s1"]
+    assert f"{ref['mean_auroc']:.3f} / {ref['mean_f1']:.3f} |" in md.split("| baseline |")[-1].split("\n")[0]
+    assert md.split("| low-lr |")[-1].split("\n")[0].rstrip().endswith(
+        f"{other['mean_auroc'] - ref['mean_auroc']:+.3f} / {other['mean_f1'] - ref['mean_f1']:+.3f} |")
+    assert json.loads((tmp_path / "b" / "results.json").read_text())["per_fold_seed"] == res.cells
+    one = run_arms(load_plan(write_plan(tmp_path / "one.yaml", seeds=[0], run_folds=[0])), "C", tmp_path / "c",
+                   cache=cache, train_fn=RecordingTrain(), **QUIET)
+    assert list(one.cells["baseline"]) == ["f0s0"] and "Each fold and seed alone" not in one.markdown()
 
 
 def test_a_rescored_table_names_who_trained_each_arm_not_only_who_scored_it(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cxrvit.evaluation import metrics as M
 from cxrvit.evaluation.bootstrap import DEFAULT_RESAMPLES
 from cxrvit.evaluation.compare import Comparison, GainContrast, gain_contrast, paired_compare
 from cxrvit.evaluation.evaluate import EvalResult, score_predictions
@@ -39,6 +40,8 @@ class ArmsResult:
     scaling_contrast: dict[str, GainContrast] = field(default_factory=dict)
     # arms whose seeds gave identical predictions (a probe on a fixed backbone): their stacked rows are one run
     identical_seeds: list[str] = field(default_factory=list)
+    # each fold and seed alone: arm -> "f<fold>s<seed>" -> {"mean_auroc", "mean_f1"} (point estimates)
+    cells: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
 
     def markdown(self) -> str:
         i = self.info
@@ -94,6 +97,8 @@ class ArmsResult:
             lines += ["", f"Seeds that changed nothing: {', '.join(self.identical_seeds)} gave identical predictions for "
                           f"every seed (nothing random is left, e.g. a probe on a fixed pre-trained backbone), so "
                           f"their rows are one run stacked {len(self.info['seeds'])} times."]
+        if len(next(iter(self.cells.values()), {})) > 1:
+            lines += ["", self.cells_markdown()]
         if self.scaling:
             lines += ["", self.scaling_markdown()]
         if self.probes:
@@ -115,6 +120,22 @@ class ArmsResult:
             for origin in self.info.get("trained_by", {}).get(arm, []):
                 groups.setdefault(origin or "not recorded (predictions saved before cxrvit kept it)", []).append(arm)
         return [f"- trained: {', '.join(arms)}: {origin}" for origin, arms in groups.items()]
+
+    def cells_markdown(self) -> str:
+        """Each fold and seed scored alone: where a pooled difference comes from (one fold? one pre-training?)."""
+        ref, keys = self.reference, list(self.cells[self.reference])
+        lines = [f"Each fold and seed alone (point estimates, no CIs; a cell is one fold's held-out patients): mean AUROC / mean F1 of "
+                 f"`{ref}`, and each arm's difference from it on the same fold and seed:", "",
+                 "| arm | " + " | ".join(f"fold {k[1:].replace('s', ' seed ')}" for k in keys) + " |",
+                 "| --- | " + " | ".join("---:" for _ in keys) + " |"]
+        for arm in self.arms:
+            if arm == ref:
+                row = [f"{_f(c['mean_auroc'])} / {_f(c['mean_f1'])}" for c in self.cells[ref].values()]
+            else:
+                row = [f"{self.cells[arm][k]['mean_auroc'] - self.cells[ref][k]['mean_auroc']:+.3f} / "
+                       f"{self.cells[arm][k]['mean_f1'] - self.cells[ref][k]['mean_f1']:+.3f}" for k in keys]
+            lines.append(f"| {arm} | " + " | ".join(row) + " |")
+        return "\n".join(lines)
 
     def scaling_markdown(self) -> str:
         """One row per arm of each data-scaling curve (arms alike but for ``train_fraction``), and each
@@ -155,7 +176,23 @@ class ArmsResult:
                 "cost_minutes": self.cost_minutes, "learning": self.learning, "pretrain_probes": self.probes,
                 "scaling": self.scaling, "scaling_gain": {k: c.to_json() for k, c in self.scaling_gain.items()},
                 "scaling_contrast": {k: c.to_json() for k, c in self.scaling_contrast.items()},
-                "identical_seeds": self.identical_seeds}
+                "identical_seeds": self.identical_seeds, "per_fold_seed": self.cells}
+
+
+def fold_seed_cells(y_all: np.ndarray, results: dict[str, dict[int, list[FoldPredictions]]], labels: list[str],
+                    fold_indices) -> dict[str, dict[str, dict[str, float]]]:
+    """Mean AUROC and mean F1 (at the fold's own thresholds) of the scored targets, each fold and seed alone."""
+    si = [labels.index(t) for t in SCORED_TARGETS if t in labels]
+    cells: dict[str, dict[str, dict[str, float]]] = {}
+    for arm, per_seed in results.items():
+        for i, f in enumerate(fold_indices):            # per_seed[seed] holds the folds in fold_indices' order
+            for seed in sorted(per_seed):
+                rows, probs, thr = pool([per_seed[seed][i]], labels)
+                y = y_all[rows]
+                cells.setdefault(arm, {})[f"f{f}s{seed}"] = {
+                    "mean_auroc": float(np.mean(M.auroc(y, probs)[si])),
+                    "mean_f1": float(np.mean(M.f1_at(y, probs, thr)[si]))}
+    return cells
 
 
 def _f(x) -> str:
@@ -239,7 +276,8 @@ def score_arms(plan, cache, results: dict[str, dict[int, list[FoldPredictions]]]
     for a in names:
         if not np.array_equal(stacked[a][0], rows):
             raise ValueError(f"arm {a} was scored on different images than {plan.reference}")
-    y = cache.labels(labels)[rows].astype(np.float64)
+    y_all = cache.labels(labels).astype(np.float64)
+    y = y_all[rows]
     pids = np.asarray(cache.patient_ids)[rows]
     provenance = {"split": "validation carve-out of each fold's training patients", "verified": True,
                   "in_sample": False, "tuning_images": None, "overlap_images": 0}
@@ -282,7 +320,8 @@ def score_arms(plan, cache, results: dict[str, dict[int, list[FoldPredictions]]]
                                                                   for p in per_seed[a][1:])]
     return ArmsResult(names, plan.reference, scores, comparisons, cost, learning, info,
                       probes=pretrain_probes(out, plan, fold_indices), scaling=scaling, scaling_gain=gains,
-                      scaling_contrast=contrasts, identical_seeds=identical)
+                      scaling_contrast=contrasts, identical_seeds=identical,
+                      cells=fold_seed_cells(y_all, {a: results[a] for a in names}, labels, fold_indices))
 
 
 def scaling_curves(plan) -> dict[str, list[tuple[str, float]]]:
