@@ -4,6 +4,7 @@
 cached at 160 and at 224 px) cannot be one plan, because a plan runs on one cache; this script pools each arm's
 held-out predictions over its folds (seed 0 unless told) and runs the same paired patient bootstrap
 (`cxrvit.evaluation.compare.paired_compare`) the arms table uses. It refuses arms whose held-out rows differ.
+A is the reference: every difference printed is B − A, as an arms table's Δ is arm − reference.
 
     python bench/compare_arms.py --data runs/sample-cache160 \
         runs/cv2-learned mae224-probe-avg runs/cv2-native224 mae224-probe-avg --names 160px native224
