@@ -100,6 +100,10 @@ def test_each_fold_and_seed_is_scored_alone_beside_the_pooled_table(tmp_path):
     one = run_arms(load_plan(write_plan(tmp_path / "one.yaml", seeds=[0], run_folds=[0])), "C", tmp_path / "c",
                    cache=cache, train_fn=RecordingTrain(), **QUIET)
     assert list(one.cells["baseline"]) == ["f0s0"] and "Each fold and seed alone" not in one.markdown()
+    one.info["protocol"] = "official"                 # one test set, seeds 0 and 1: the cells are seeds
+    one.cells = {a: {"f0s0": {"mean_auroc": 0.6, "mean_f1": 0.2}, "f0s1": {"mean_auroc": 0.7, "mean_f1": 0.3}}
+                 for a in one.arms}
+    assert "| arm | seed 0 | seed 1 |" in one.markdown() and "Each seed alone" in one.markdown()
 
 
 def test_a_rescored_table_names_who_trained_each_arm_not_only_who_scored_it(tmp_path, monkeypatch):

@@ -124,9 +124,12 @@ class ArmsResult:
     def cells_markdown(self) -> str:
         """Each fold and seed scored alone: where a pooled difference comes from (one fold? one pre-training?)."""
         ref, keys = self.reference, list(self.cells[self.reference])
-        lines = [f"Each fold and seed alone (point estimates, no CIs; a cell is one fold's held-out patients): mean AUROC / mean F1 of "
-                 f"`{ref}`, and each arm's difference from it on the same fold and seed:", "",
-                 "| arm | " + " | ".join(f"fold {k[1:].replace('s', ' seed ')}" for k in keys) + " |",
+        cv = self.info.get("protocol") == "cv"     # the official split has one test set: its cells are seeds
+        heads = [f"fold {k[1:].replace('s', ' seed ')}" if cv else f"seed {k.split('s')[1]}" for k in keys]
+        lines = [f"Each {'fold and ' if cv else ''}seed alone (point estimates, no CIs; a cell is "
+                 f"{'one fold' if cv else 'the test set'}'s held-out patients): mean AUROC / mean F1 of `{ref}`, "
+                 f"and each arm's difference from it on the same {'fold and ' if cv else ''}seed:", "",
+                 "| arm | " + " | ".join(heads) + " |",
                  "| --- | " + " | ".join("---:" for _ in keys) + " |"]
         for arm in self.arms:
             if arm == ref:
