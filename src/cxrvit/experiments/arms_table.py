@@ -324,7 +324,7 @@ def score_arms(plan, cache, results: dict[str, dict[int, list[FoldPredictions]]]
     return ArmsResult(names, plan.reference, scores, comparisons, cost, learning, info,
                       probes=pretrain_probes(out, plan, fold_indices), scaling=scaling, scaling_gain=gains,
                       scaling_contrast=contrasts, identical_seeds=identical,
-                      cells=fold_seed_cells(y_all, {a: results[a] for a in names}, labels, fold_indices))
+                      cells=fold_seed_cells(y_all, results, labels, fold_indices))
 
 
 def scaling_curves(plan) -> dict[str, list[tuple[str, float]]]:
