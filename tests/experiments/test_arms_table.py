@@ -103,7 +103,10 @@ def test_each_fold_and_seed_is_scored_alone_beside_the_pooled_table(tmp_path):
     one.info["protocol"] = "official"                 # one test set, seeds 0 and 1: the cells are seeds
     one.cells = {a: {"f0s0": {"mean_auroc": 0.6, "mean_f1": 0.2}, "f0s1": {"mean_auroc": 0.7, "mean_f1": 0.3}}
                  for a in one.arms}
-    assert "| arm | seed 0 | seed 1 |" in one.markdown() and "Each seed alone" in one.markdown()
+    one.cells["low-lr"]["f0s1"]["mean_auroc"] = float("nan")    # a test set without a positive: no AUROC
+    md = one.markdown()
+    assert "| arm | seed 0 | seed 1 |" in md and "Each seed alone" in md
+    assert "| low-lr | +0.000 / +0.000 | n/a / +0.000 |" in md
 
 
 def test_a_rescored_table_names_who_trained_each_arm_not_only_who_scored_it(tmp_path, monkeypatch):

@@ -135,8 +135,8 @@ class ArmsResult:
             if arm == ref:
                 row = [f"{_f(c['mean_auroc'])} / {_f(c['mean_f1'])}" for c in self.cells[ref].values()]
             else:
-                row = [f"{self.cells[arm][k]['mean_auroc'] - self.cells[ref][k]['mean_auroc']:+.3f} / "
-                       f"{self.cells[arm][k]['mean_f1'] - self.cells[ref][k]['mean_f1']:+.3f}" for k in keys]
+                row = [" / ".join(_f(self.cells[arm][k][m] - self.cells[ref][k][m], signed=True)
+                                  for m in ("mean_auroc", "mean_f1")) for k in keys]
             lines.append(f"| {arm} | " + " | ".join(row) + " |")
         return "\n".join(lines)
 
@@ -198,8 +198,9 @@ def fold_seed_cells(y_all: np.ndarray, results: dict[str, dict[int, list[FoldPre
     return cells
 
 
-def _f(x) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.3f}"
+def _f(x, signed: bool = False) -> str:
+    """A score to 3 decimals ("n/a" when undefined, e.g. AUROC of a fold without a positive)."""
+    return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:+.3f}" if signed else f"{x:.3f}"
 
 
 def stack_seeds(per_seed: dict[int, list[FoldPredictions]], labels: list[str]):
