@@ -22,6 +22,8 @@ HERE = Path(__file__).resolve().parent
 TABLES = [
     ("cv2-learned/results-vs-probe-random.json", "learned plan, 3 seeds, one MAE per fold", ""),
     ("cv2-seeds/results-vs-probe-random.json", "pre-training seeds: one MAE per fold and seed", ""),
+    ("cv2-tokavg-seeds/results.json",
+     "read-out: the CLS token and the patch mean at 3 pre-training seeds (AMD EPYC)", ""),
     ("cv2-budget/results.json", "budget: 480 vs 240 MAE epochs", ""),
     ("cv2-lpft/results.json", "LP-FT on the 224-px MAE, both folds", ""),
     ("cv2-lpft/results-ft-seed0.json", "full fine-tune (Medical-MAE recipe) of the 224-px MAE at 224 px", ""),
