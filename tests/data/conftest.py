@@ -1,6 +1,7 @@
 """Shared fixtures for the data-layer tests: the tiny real NIH fixtures and the optional shared sample."""
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,15 @@ REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "fixtures" / "nih"
 SHARED = REPO.parent / "shared" / "data"
 NIH_SAMPLE = SHARED / "nih-sample"
+
+
+@pytest.fixture(scope="session")
+def dicom_factory():
+    """tests/fixtures/dicom/factory.py (``make_dicom``, ``real_pixels``, ``CXR64``): DICOMs from real CXR pixels."""
+    spec = importlib.util.spec_from_file_location("dicom_factory", REPO / "tests" / "fixtures" / "dicom" / "factory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture

@@ -11,10 +11,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
 from cxrvit.data import cache as cache_mod
+from cxrvit.data import images as images_mod
+from cxrvit.data import resume as resume_mod
 from cxrvit.data.cache import (BadImagesError, CXRCache, DataReportError, IncompleteCacheError, prepare_cache)
 from cxrvit.data.images import load_square
 
@@ -267,3 +270,152 @@ def test_dicom_files_go_through_read_grey(shared_data: Path, tmp_path: Path):
     assert n >= 5 and len(cache) == n and cache.meta["bad_images"] == []
     assert all(name.endswith(".dcm") for name in cache.index["image"])
     assert cache.pixels.reshape(n, -1).std(1).min() > 10  # real pictures, not blank rows
+
+
+# -- carrying decoded rows over to new inputs (cxrvit.data.resume) ---------------------------------
+
+def _count_decodes(monkeypatch) -> list[str]:
+    """Record the file name of every image decoded from here on (with workers=1 they decode in this process)."""
+    decoded: list[str] = []
+    real = images_mod.load_square
+
+    def counting(path, size):
+        decoded.append(Path(path).name)
+        return real(path, size)
+
+    monkeypatch.setattr(images_mod, "load_square", counting)
+    return decoded
+
+
+def _vouched_rows(work: Path, data: Path) -> int:
+    """The crash-safety invariant of a work folder: every row its bitmap marks done holds exactly its image's
+    pixels. Returns how many rows are marked done."""
+    paths = pd.read_csv(work / "plan.csv", dtype=str, keep_default_na=False)["path"].tolist()
+    done = resume_mod.load_progress(work, len(paths))
+    if done.any():
+        pixels = np.fromfile(work / "pixels.u8", np.uint8).reshape(len(paths), SIZE, SIZE)
+        for row in np.flatnonzero(done):
+            assert np.array_equal(pixels[row], load_square(data / paths[row], SIZE)), paths[row]
+    return int(done.sum())
+
+
+def _fail_on_one_bad_image(data: Path, out: Path) -> Path:
+    """A first run that stops on one truncated image, after decoding all the others into out/.partial."""
+    victim = data / "images" / "00000404_000.png"
+    victim.write_bytes(victim.read_bytes()[:300])
+    with pytest.raises(BadImagesError, match="fix or remove them and re-run to resume"):
+        _prep(data, out)
+    return victim
+
+
+def _boom(*args, **kwargs):
+    raise KeyboardInterrupt("simulated crash")
+
+
+def test_removing_a_bad_image_keeps_the_decoded_ones(nih_copy: Path, tmp_path: Path, monkeypatch):
+    out = tmp_path / "c"
+    victim = _fail_on_one_bad_image(nih_copy, out)
+    good = len(list((nih_copy / "images").glob("*.png"))) - 1
+    assert _vouched_rows(out / ".partial", nih_copy) == good
+    victim.unlink()  # as the message advises: the plan (and its key) changes
+    decoded = _count_decodes(monkeypatch)
+    lines: list[str] = []
+    cache = prepare_cache(nih_copy, out, SIZE, workers=1, progress=False, log=lines.append)
+    assert decoded == []  # every image still planned was carried over, none decoded again
+    assert f"resuming: carried over {good} finished image(s) from an unfinished run made with other inputs" in lines
+    assert not any("discarding" in line for line in lines)
+    assert sorted(p.name for p in out.iterdir()) == ["COMPLETE", "index.csv", "meta.json", "pixels.u8"]
+    monkeypatch.undo()
+    assert _files(cache.root) == _files(_prep(nih_copy, tmp_path / "fresh").root)
+
+
+@pytest.mark.parametrize("crash_in", ["carry_rows", "drop_aside", "decode_rows"])
+def test_carry_over_survives_a_crash_at_each_step(nih_copy: Path, tmp_path: Path, monkeypatch, crash_in: str):
+    out = tmp_path / "c"
+    victim = _fail_on_one_bad_image(nih_copy, out)
+    good = len(list((nih_copy / "images").glob("*.png"))) - 1
+    victim.unlink()
+    added = nih_copy / "images" / "00000003_000.png"  # listed, absent so far: the new plan has a row to decode
+    shutil.copy(nih_copy / "images" / "00000001_000.png", added)
+    monkeypatch.setattr(resume_mod, crash_in, _boom)
+    with pytest.raises(KeyboardInterrupt):
+        _prep(nih_copy, out)
+    monkeypatch.undo()
+    assert not (out / "COMPLETE").exists()
+    vouched = _vouched_rows(out / ".partial", nih_copy)
+    if crash_in == "decode_rows":  # the carried rows are safe in the new work, the old one is gone
+        assert vouched == good and not (out / ".partial-previous").exists()
+    else:  # the old work is set aside, intact, until the carried rows are safe
+        assert _vouched_rows(out / ".partial-previous", nih_copy) == good
+    decoded = _count_decodes(monkeypatch)
+    cache = _prep(nih_copy, out)
+    assert decoded == [added.name]  # only the new image: nothing carried was lost or decoded twice
+    monkeypatch.undo()
+    assert _files(cache.root) == _files(_prep(nih_copy, tmp_path / "fresh").root)
+    assert not {".partial", ".partial-previous", ".partial-trash"} & {p.name for p in out.iterdir()}
+
+
+def test_unfinished_run_of_another_size_is_discarded(nih_copy: Path, tmp_path: Path):
+    out = tmp_path / "c"
+    _fail_on_one_bad_image(nih_copy, out)
+    lines: list[str] = []
+    with pytest.raises(BadImagesError):
+        prepare_cache(nih_copy, out, SIZE // 2, workers=1, progress=False, log=lines.append)
+    assert any("discarding an unfinished run made with other inputs" in line for line in lines)
+
+
+# -- a finished --skip-bad cache whose left-out images are repaired ----------------------------------
+
+def _skip_bad_cache(data: Path, out: Path) -> tuple[Path, bytes]:
+    victim = data / "images" / "00000404_000.png"
+    original = victim.read_bytes()
+    victim.write_bytes(original[:300])
+    assert len(_prep(data, out, skip_bad=True)) == len(list((data / "images").glob("*.png"))) - 1
+    return victim, original
+
+
+def test_skip_bad_cache_is_rebuilt_once_a_left_out_image_is_repaired(nih_copy: Path, tmp_path: Path, monkeypatch):
+    out = tmp_path / "c"
+    victim, original = _skip_bad_cache(nih_copy, out)
+    n = len(CXRCache(out))
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    # not repaired yet: --skip-bad accepts the cache and says what it lacks; without --skip-bad the run fails
+    lines: list[str] = []
+    assert len(prepare_cache(nih_copy, out, SIZE, skip_bad=True, workers=1, progress=False, log=lines.append)) == n
+    assert lines[-1] == (f"{out}: already complete with these inputs; nothing to do (1 unreadable image(s) left out, "
+                         f"listed in {out / 'bad_images.txt'}: re-run after fixing them to add them)")
+    with pytest.raises(BadImagesError, match=r"00000404_000.png: png decode failed[\s\S]*stays usable"):
+        _prep(nih_copy, out)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # untouched, and still usable:
+    assert len(CXRCache(out, verify=True)) == n
+    # repaired: only that image is decoded (checked, then cached); every other row is carried over
+    victim.write_bytes(original)
+    decoded = _count_decodes(monkeypatch)
+    lines.clear()
+    cache = prepare_cache(nih_copy, out, SIZE, workers=1, progress=False, log=lines.append)
+    assert set(decoded) == {victim.name}
+    assert f"resuming: carried over {n} finished image(s) from the finished cache" in lines
+    assert len(cache) == n + 1 and cache.meta["bad_images"] == [] and not (out / "bad_images.txt").exists()
+    monkeypatch.undo()
+    assert _files(out) == _files(_prep(nih_copy, tmp_path / "fresh").root)
+
+
+@pytest.mark.parametrize("crash_in", ["carry_rows", "decode_rows"])
+def test_rebuild_of_a_skip_bad_cache_survives_a_crash(nih_copy: Path, tmp_path: Path, monkeypatch, crash_in: str):
+    out = tmp_path / "c"
+    victim, original = _skip_bad_cache(nih_copy, out)
+    n = len(CXRCache(out))
+    victim.write_bytes(original)
+    monkeypatch.setattr(resume_mod, crash_in, _boom)
+    with pytest.raises(KeyboardInterrupt):
+        _prep(nih_copy, out, skip_bad=True)
+    monkeypatch.undo()
+    if crash_in == "carry_rows":  # before the rows are safe in the work, the finished cache stays complete
+        assert len(CXRCache(out, verify=True)) == n
+    else:  # after: it no longer claims to be complete, and the work vouches for the carried rows
+        assert not (out / "COMPLETE").exists() and _vouched_rows(out / ".partial", nih_copy) == n
+    decoded = _count_decodes(monkeypatch)
+    cache = _prep(nih_copy, out, skip_bad=True)
+    assert set(decoded) == {victim.name} and len(cache) == n + 1
+    monkeypatch.undo()
+    assert _files(out) == _files(_prep(nih_copy, tmp_path / "fresh").root)

@@ -194,3 +194,66 @@ def test_real_implicit_vr_dx_and_ot():
     assert read_header(SHARED / "nih-dx-implicit-vr.dcm").transfer_syntax == "Implicit VR Little Endian"
     assert images.read_grey(SHARED / "not-a-cxr-ot.dcm").shape == (512, 512)
     assert read_header(SHARED / "not-a-cxr-ot.dcm").modality == "OT"
+
+
+# -- header glitches: noted in the summary, never a crash without the file's name ----------------
+
+def _glitched(path: Path, old: bytes, new: bytes, **kwargs) -> Path:
+    """A fixture file whose header value ``old`` is overwritten in place by ``new`` (same length, so the
+    element lengths stay right): pydicom refuses to *write* such values, real archives hold them."""
+    make_dicom(path, **kwargs)
+    raw = path.read_bytes()
+    assert raw.count(old) == 1 and len(old) == len(new)
+    path.write_bytes(raw.replace(old, new))
+    return path
+
+
+def test_malformed_header_values_are_noted_not_fatal(tmp_path):
+    one = read_header(_glitched(tmp_path / "one.dcm", b"0.8\\0.8 ", b"0.168   "))
+    assert one.pixel_spacing == [0.168] and one.spacing_source == "PixelSpacing"
+    assert one.header_problems == ["PixelSpacing has 1 value(s), expected 2"]
+    text = read_header(_glitched(tmp_path / "text.dcm", b"0.8\\0.8 ", b"0.8\\abc "))
+    assert text.pixel_spacing is None and text.header_problems == ["PixelSpacing '0.8\\abc' is not a number"]
+    slope = read_header(_glitched(tmp_path / "slope.dcm", b"9.99", b"abc ", slope=9.99, intercept=0.0))
+    assert slope.rescale is None and slope.header_problems == ["RescaleSlope 'abc' is not a number"]
+    assert slope.pixel_spacing == [0.8, 0.8] and slope.modality == "DX"  # the rest of the summary is intact
+    assert read_header(make_dicom(tmp_path / "ok.dcm", slope=2.0, intercept=-1.0)).header_problems == []
+
+
+def test_unexpected_header_failure_names_the_file(tmp_path, monkeypatch):
+    from cxrvit.data import dicom
+
+    path = make_dicom(tmp_path / "x.dcm")
+
+    def broken(ds, keyword):  # stands for any pydicom failure on a value the summary reads
+        raise TypeError("simulated pydicom failure")
+
+    monkeypatch.setattr(dicom, "_text", broken)
+    with pytest.raises(ImageReadError, match=r"x\.dcm: unreadable DICOM header \(TypeError: simulated"):
+        read_header(path)
+
+
+def test_dicom_info_reports_every_file_despite_a_glitched_header(tmp_path, capsys):
+    import json
+
+    from cxrvit.cli import main
+
+    glitched = _glitched(tmp_path / "text.dcm", b"0.8\\0.8 ", b"0.8\\abc ")
+    good = make_dicom(tmp_path / "good.dcm")
+    assert main(["dicom-info", str(glitched), str(good), "--json"]) == 0
+    first, second = json.loads(capsys.readouterr().out)
+    assert first["path"] == str(glitched) and first["header_problems"] == ["PixelSpacing '0.8\\abc' is not a number"]
+    assert second["path"] == str(good) and second["spacing"] == "0.8 x 0.8 (PixelSpacing)"
+
+
+def test_colour_dicom_ignores_its_window(tmp_path):
+    # DICOM PS3.3 C.11.2: VOI LUTs (windows) apply to grey images only; a colour secondary capture that carries
+    # one (copied from its grey original) is still read, as the same grey as without the window.
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("SC_rgb_rle.dcm"))
+    ds.WindowCenter, ds.WindowWidth = 40, 20  # a narrow window: applied, it would clip most of the picture
+    ds.save_as(tmp_path / "rgb_window.dcm")
+    expected = decode_dicom(get_testdata_file("SC_rgb_rle.dcm"))
+    np.testing.assert_array_equal(images.read_grey(tmp_path / "rgb_window.dcm"), expected)
+    assert read_header(tmp_path / "rgb_window.dcm").has_window  # the summary still says the file has one

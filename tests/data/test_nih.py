@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +117,13 @@ def test_vectorised_ages_follow_parse_age(nih_dir: Path, tmp_path: Path):
     ages = nih.read_data_entry(tmp_path / "d.csv").table.set_index("image")["age"]
     assert ages["00000001_000.png"] == 1 and ages["00000001_001.png"] == 1
     assert ages["00000003_000.png"] is pd.NA and ages["00000100_000.png"] == 60
+
+
+def test_empty_and_malformed_csv_name_the_file(nih_dir: Path, tmp_path: Path):
+    empty = tmp_path / "Data_Entry_2017.csv"
+    empty.write_text("")  # an interrupted download
+    with pytest.raises(nih.MetadataError, match="^" + re.escape(f"{empty}: empty file")):
+        nih.read_data_entry(empty)
+    malformed = _edit(nih_dir / "Data_Entry_2017.csv", tmp_path / "malformed.csv", "00000100_000.png", '"00000100_000.png')
+    with pytest.raises(nih.MetadataError, match="^" + re.escape(f"{malformed}: cannot parse as CSV")):
+        nih.read_data_entry(malformed)

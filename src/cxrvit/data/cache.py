@@ -11,7 +11,9 @@ reading 64 KiB from a memory-mapped file costs microseconds. Layout (docs/archit
 While ``prepare`` runs, work lives in ``CACHE/.partial/`` (pixels of every candidate image, a
 done-bitmap flushed every second, and the plan it is executing). A run killed at any moment
 leaves no COMPLETE marker, so the cache refuses to open; a re-run with the same inputs picks
-the bitmap up and finishes with a byte-identical cache (nothing in it depends on timing).
+the bitmap up and finishes with a byte-identical cache (nothing in it depends on timing). A re-run
+with other inputs (a bad image removed) or a finished ``--skip-bad`` cache whose left-out images
+were repaired keeps every decoded row still planned (:mod:`cxrvit.data.resume`).
 """
 from __future__ import annotations
 
@@ -19,7 +21,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -27,15 +28,16 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from cxrvit.data import images as images_mod
 from cxrvit.data import index as index_mod
 from cxrvit.data import nih
+from cxrvit.data import resume
 from cxrvit.fileio import atomic_write
 from cxrvit.labels import label_matrix
 
 FORMAT = "cxrvit-cache/1"
 GEOMETRY = "pad-to-square-with-image-minimum, then bilinear resize (cxrvit.data.images.square_resize)"
-PIXELS, INDEX, META, COMPLETE, BAD_LIST, WORK = "pixels.u8", "index.csv", "meta.json", "COMPLETE", "bad_images.txt", ".partial"
+INDEX, META, COMPLETE, BAD_LIST = "index.csv", "meta.json", "COMPLETE", "bad_images.txt"
+PIXELS, WORK = resume.PIXELS, resume.WORK
 _STR_COLUMNS = ("image", "patient_id", "view", "sex", "official_split", "path")
 
 
@@ -185,10 +187,13 @@ def plan_cache(
     lines: list[str] = [f"{len(found.paths):,} image files found under {data}"]
     if csv_path is None:
         why = "--unlabelled was given" if unlabelled else "no Data_Entry_2017 CSV was found (use --csv to name one)"
-        lines.append(f"unlabelled cache: {why}; patient IDs from {patients or 'the file stems'}")
-        table, unmatched = index_mod.unlabelled_table(found, index_mod.read_patients(patients) if patients else None)
-        if patients and unmatched:
-            lines.append(f"{unmatched:,} images are not named in {patients}; their file stem is their patient ID")
+        table, ids = index_mod.unlabelled_table(found, index_mod.read_patients(patients) if patients else None)
+        named = f"{ids['csv']:,} from {patients}, " if patients else ""
+        lines.append(f"unlabelled cache: {why}; patient IDs: {named}{ids['dicom']:,} from DICOM headers, "
+                     f"{ids['stem']:,} from file stems")
+        if patients and ids["dicom"] + ids["stem"]:
+            lines.append(f"{ids['dicom'] + ids['stem']:,} images are not named in {patients}; their DICOM header's "
+                         "PatientID, else their file stem, is their patient ID")
         meta.update(labelled=False, csv=None, patients_csv=str(patients) if patients else None)
         report_meta = {"unlisted_present": 0, "listed_absent": 0, "duplicate_names": len(found.duplicates)}
         if found.duplicates:
@@ -224,32 +229,7 @@ def plan_cache(
 
 
 # ---------------------------------------------------------------------------------------------
-# Decoding (runs in worker processes)
-
-def _decode_one(task: tuple[int, str, int]) -> tuple[int, bytes | None, str | None]:
-    row, path, size = task
-    try:
-        return row, images_mod.load_square(path, size).tobytes(), None
-    except images_mod.ImageReadError as exc:
-        return row, None, exc.reason
-    except Exception as exc:  # a worker must report, never die: the run has to list every bad file
-        return row, None, f"{type(exc).__name__}: {exc}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing: resumable, crash-safe
-
-
-def _atomic_write(path: Path, data: bytes | str) -> None:
-    """Write-then-rename, synced: a reader (or a re-run after a crash) sees the old file or the new one."""
-    payload = data.encode() if isinstance(data, str) else data
-    atomic_write(path, lambda tmp: tmp.write_bytes(payload), fsync=True)
-
-
-def _save_progress(work: Path, pixels: np.memmap, done: np.ndarray) -> None:
-    # Pixels first, then the bitmap that vouches for them: a row is never marked done before its bytes are on disk.
-    pixels.flush()
-    _atomic_write(work / "progress.bits", np.packbits(done).tobytes())
+# Writing: resumable, crash-safe (the work folder and its carry-over live in cxrvit.data.resume)
 
 
 def prepare_cache(
@@ -278,40 +258,47 @@ def prepare_cache(
     if len(plan.table) == 0:
         raise ValueError(f"{data}: no images to cache ({'; '.join(plan.report_lines[-2:])})")
     key = plan.key()
-    work = out / WORK
+    finished_paths: list[str] | None = None  # a finished --skip-bad cache whose left-out images now decode
     if (out / COMPLETE).is_file():
         done_key = json.loads((out / COMPLETE).read_text()).get("plan")
         if done_key == key and not overwrite:
-            log(f"{out}: already complete with these inputs; nothing to do")
-            return CXRCache(out)
-        if not overwrite:
+            finished = CXRCache(out)
+            if not _left_out_now_decode(finished, plan, Path(data), skip_bad, log):
+                return finished
+            finished_paths = finished.index["path"].tolist()
+            del finished  # its files are replaced below; nothing may keep them mapped
+        elif not overwrite:
             raise FileExistsError(f"{out}: holds a finished cache built from other inputs; use --overwrite or another --out")
-        (out / COMPLETE).unlink()  # first, so the folder never looks complete while it is rebuilt
+        else:
+            (out / COMPLETE).unlink()  # first, so the folder never looks complete while it is rebuilt
     out.mkdir(parents=True, exist_ok=True)
-    if work.is_dir() and (not (work / "plan.txt").is_file() or (work / "plan.txt").read_text() != key):
-        log(f"{out}: discarding an unfinished run made with other inputs")
-        shutil.rmtree(work)
+    work, aside = resume.open_work(out, key, plan.meta, log)
     resumed = work.is_dir()
     work.mkdir(exist_ok=True)
-    _atomic_write(work / "plan.txt", key)
+    paths = plan.table["path"].tolist()
+    resume.write_plan(work, key, paths, plan.meta)
 
     n_all, s = len(plan.table), int(size)
-    done = np.zeros(n_all, dtype=bool)
-    if resumed and (work / "progress.bits").is_file():
-        done = np.unpackbits(np.frombuffer((work / "progress.bits").read_bytes(), np.uint8), count=n_all).astype(bool)
+    done = resume.load_progress(work, n_all) if resumed else np.zeros(n_all, dtype=bool)
+    if resumed:
         log(f"resuming: {int(done.sum()):,} of {n_all:,} images already done")
     bad: list[tuple[int, str]] = []
-    work_pixels = work / PIXELS
-    if n_all and not done.all():
-        mode = "r+" if work_pixels.is_file() and work_pixels.stat().st_size == n_all * s * s else "w+"
-        if mode == "w+":
-            done[:] = False  # a missing or wrong-sized pixel file vouches for nothing
-        pixels = np.memmap(work_pixels, dtype=np.uint8, mode=mode, shape=(n_all, s, s))
-        bad = _decode_all(plan, pixels, done, work, Path(data), s, workers, progress, flush_seconds)
+    pixels = resume.open_pixels(work, n_all, s, done) if not done.all() else None
+    if pixels is not None:
+        sources = [aside, resume.finished_source(out, finished_paths) if finished_paths is not None else None]
+        for source in filter(None, sources):
+            carried = resume.carry_rows(source, paths, pixels, done)
+            log(f"resuming: carried over {carried:,} finished image(s) from {source.what}")
+        resume.save_progress(work, pixels, done)  # the carried rows are safe from here on
+    resume.drop_aside(out)
+    if (out / COMPLETE).is_file():  # a finished cache being rebuilt: its rows are in the work now
+        (out / COMPLETE).unlink()
+    if pixels is not None:
+        bad = resume.decode_rows(paths, pixels, done, work, Path(data), workers, progress, flush_seconds)
         del pixels
-    bad_list = [(str(Path(data) / plan.table["path"][row]), reason) for row, reason in sorted(bad)]
+    bad_list = [(str(Path(data) / paths[row]), reason) for row, reason in sorted(bad)]
     if bad_list:
-        _atomic_write(work / BAD_LIST, "".join(f"{p}\t{r}\n" for p, r in bad_list))
+        resume.write_file(work / BAD_LIST, "".join(f"{p}\t{r}\n" for p, r in bad_list))
         if not skip_bad:
             raise BadImagesError(bad_list, f"\n(list saved in {work / BAD_LIST}; fix or remove them and re-run to "
                                            "resume, or pass --skip-bad to build the cache without them)")
@@ -320,43 +307,31 @@ def prepare_cache(
     return CXRCache(out)
 
 
-def _decode_all(plan: Plan, pixels: np.memmap, done: np.ndarray, work: Path, data: Path, size: int,
-                workers: int | None, progress: bool, flush_seconds: float) -> list[tuple[int, str]]:
-    """Decode every row not yet done into ``pixels``; return ``[(row, reason)]`` for failures."""
-    import multiprocessing
-    import time
+def _left_out_now_decode(finished: CXRCache, plan: Plan, data: Path, skip_bad: bool,
+                         log: Callable[[str], None]) -> bool:
+    """A finished cache of these inputs: True when images it left out as unreadable decode now (rebuild it).
 
-    from tqdm import tqdm
-
-    paths = plan.table["path"].tolist()
-    tasks = [(int(r), str(data / paths[r]), size) for r in np.flatnonzero(~done)]
-    workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
-    bar = tqdm(total=len(done), initial=int(done.sum()), unit="img", desc="prepare", disable=not progress,
-               file=sys.stderr, smoothing=0.1, dynamic_ncols=True)
-    bad: list[tuple[int, str]] = []
-    pool = multiprocessing.Pool(workers) if workers > 1 else None
-    # Small chunks keep the bitmap fine-grained; large task lists amortise the pipe traffic.
-    chunk = max(1, min(16, len(tasks) // (workers * 16)))
-    results = pool.imap_unordered(_decode_one, tasks, chunksize=chunk) if pool else map(_decode_one, tasks)
-    last = time.monotonic()
-    try:
-        for row, buf, reason in results:
-            if buf is None:
-                bad.append((row, reason))
-            else:
-                pixels[row] = np.frombuffer(buf, dtype=np.uint8).reshape(size, size)
-                done[row] = True
-            bar.update(1)
-            if time.monotonic() - last > flush_seconds:
-                _save_progress(work, pixels, done)
-                last = time.monotonic()
-    finally:
-        _save_progress(work, pixels, done)  # also on Ctrl-C: every row marked done was written above
-        bar.close()
-        if pool:
-            pool.terminate()
-            pool.join()
-    return bad
+    Only the left-out files are decoded here, which is cheap. When they all still fail, the cache stands
+    (``skip_bad``) or the run fails naming them (without ``skip_bad``: it must not silently accept a cache
+    that lacks images); either way the finished cache is left untouched and usable.
+    """
+    if not finished.meta.get("bad_images"):
+        log(f"{finished.root}: already complete with these inputs; nothing to do")
+        return False
+    kept = set(finished.index["path"])
+    left_out = [(row, path) for row, path in enumerate(plan.table["path"]) if path not in kept]
+    results = [resume.decode_one((row, str(data / path), finished.size)) for row, path in left_out]
+    still_bad = [(str(data / path), reason) for (_, path), (_, buf, reason) in zip(left_out, results) if buf is None]
+    if still_bad and not skip_bad:
+        raise BadImagesError(still_bad, f"\n({finished.root} was built with --skip-bad without them and stays "
+                                        "usable; fix them and re-run to add them, or pass --skip-bad to use it as it is)")
+    if len(still_bad) == len(left_out):
+        log(f"{finished.root}: already complete with these inputs; nothing to do ({len(still_bad)} unreadable "
+            f"image(s) left out, listed in {finished.root / BAD_LIST}: re-run after fixing them to add them)")
+        return False
+    log(f"{finished.root}: {len(left_out) - len(still_bad)} of {len(left_out)} image(s) left out as unreadable "
+        f"now decode: rebuilding the cache with them")
+    return True
 
 
 def _finalize(plan: Plan, key: str, out: Path, work: Path, bad_rows: list[int], bad_list: list[tuple[str, str]]) -> None:
@@ -381,14 +356,14 @@ def _finalize(plan: Plan, key: str, out: Path, work: Path, bad_rows: list[int], 
     elif not (final.is_file() and final.stat().st_size == len(keep) * s * s):
         raise IncompleteCacheError(f"{out}: work pixels are missing; delete {out} and run prepare again")
     table = plan.table.iloc[keep].reset_index(drop=True)
-    _atomic_write(out / INDEX, table.to_csv(index=False, lineterminator="\n"))
+    resume.write_file(out / INDEX, table.to_csv(index=False, lineterminator="\n"))
     meta = dict(plan.meta, n=len(table), bad_images=[{"path": p, "reason": r} for p, r in bad_list],
                 label_columns=list(nih.LABEL_COLUMNS) if plan.meta["labelled"] else [])
-    _atomic_write(out / META, json.dumps(meta, indent=2) + "\n")
+    resume.write_file(out / META, json.dumps(meta, indent=2) + "\n")
     if bad_list:
-        _atomic_write(out / BAD_LIST, "".join(f"{p}\t{r}\n" for p, r in bad_list))
+        resume.write_file(out / BAD_LIST, "".join(f"{p}\t{r}\n" for p, r in bad_list))
     elif (out / BAD_LIST).exists():
         (out / BAD_LIST).unlink()
     sums = {name: sha256_file(out / name) for name in (PIXELS, INDEX, META)}
-    _atomic_write(out / COMPLETE, json.dumps({"plan": key, "sha256": sums}, indent=2) + "\n")
+    resume.write_file(out / COMPLETE, json.dumps({"plan": key, "sha256": sums}, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)

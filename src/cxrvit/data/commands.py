@@ -20,7 +20,8 @@ def register(subparsers) -> None:
     p.add_argument("--csv", help="Data_Entry_2017 CSV (default: found in --data, either variant, .csv or .csv.gz)")
     p.add_argument("--unlabelled", action="store_true",
                    help="ignore NIH metadata: cache every image found, without labels (automatic when no CSV is found)")
-    p.add_argument("--patients", help="unlabelled caches: CSV mapping image names to patient IDs (default: file stem)")
+    p.add_argument("--patients", help="unlabelled caches: CSV mapping image names to patient IDs (default: a DICOM file's "
+                   "PatientID/ViewPosition header, else the file stem)")
     p.add_argument("--views", help="comma-separated views to keep, e.g. PA or PA,AP (default: all)")
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPU count)")
     p.add_argument("--strict", action="store_true",

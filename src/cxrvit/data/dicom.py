@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -145,8 +146,12 @@ def decode_dicom(path: os.PathLike | str) -> np.ndarray:
 
     has_modality_lut = "ModalityLUTSequence" in ds or (
         float(ds.get("RescaleSlope", 1) or 1) != 1.0 or float(ds.get("RescaleIntercept", 0) or 0) != 0.0)
-    has_voi = "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
-    inverted = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper() == "MONOCHROME1"
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    # The VOI LUT is part of the grey-scale chain only: DICOM (PS3.3 C.11.2) has colour images ignore it,
+    # and a colour secondary capture often carries a window it copied from the grey original.
+    has_voi = photometric not in COLOUR_PHOTOMETRIC and (
+        "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds))
+    inverted = photometric == "MONOCHROME1"
 
     if not has_modality_lut and not has_voi:
         # Plain stored values: keep the integer type so an 8-bit image is not needlessly rescaled
@@ -200,6 +205,8 @@ class DicomHeader:
     study_description: str | None
     has_window: bool
     rescale: list[float] | None
+    #: header values that could not be read (their field is then ``None``), e.g. a non-numeric PixelSpacing
+    header_problems: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -220,19 +227,50 @@ def _int(ds: pydicom.Dataset, keyword: str) -> int | None:
         return None
 
 
+def _numbers(ds: pydicom.Dataset, keyword: str, expected: int, problems: list[str]) -> list[float] | None:
+    """A decimal field's values as floats, or None when absent; a value that is not a number gives None and a
+    note in ``problems`` (a header summary must not fail on one glitch). Fewer values than ``expected`` are
+    kept, and noted: a one-value PixelSpacing still says the scale."""
+    value = ds.get(keyword)
+    values = list(value) if isinstance(value, MultiValue) else [value]
+    if value is None or not values or str(value).strip() == "":
+        return None
+    try:
+        numbers = [float(v) for v in values]
+    except (TypeError, ValueError):
+        shown = "\\".join(map(str, values))  # as the header stores it
+        problems.append(f"{keyword} '{shown}' is not a number")
+        return None
+    if len(numbers) < expected:
+        problems.append(f"{keyword} has {len(numbers)} value(s), expected {expected}")
+    return numbers
+
+
 def read_header(path: os.PathLike | str) -> DicomHeader:
-    """Read the header summary of a DICOM file without decoding its pixels."""
+    """Read the header summary of a DICOM file without decoding its pixels.
+
+    Raises :class:`ImageReadError` naming the file when the header cannot be read at all."""
     path = Path(path)
-    ds = _read_dataset(path, stop_before_pixels=True)
+    try:
+        return _header_summary(path, _read_dataset(path, stop_before_pixels=True))
+    except ImageReadError:
+        raise
+    except Exception as exc:  # pydicom raises many types on malformed values; the caller needs the file named
+        raise ImageReadError(path, f"unreadable DICOM header ({type(exc).__name__}: {exc})") from exc
+
+
+def _header_summary(path: Path, ds: pydicom.Dataset) -> DicomHeader:
+    problems: list[str] = []
     spacing, source = None, None
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        if ds.get(keyword):
-            spacing, source = [float(v) for v in ds.get(keyword)], keyword
+        spacing = _numbers(ds, keyword, 2, problems)
+        if spacing:
+            source = keyword
             break
     meta = getattr(ds, "file_meta", None)
     ts = meta.get("TransferSyntaxUID") if meta is not None else None
     sop = ds.get("SOPClassUID")
-    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    slope, intercept = _numbers(ds, "RescaleSlope", 1, problems), _numbers(ds, "RescaleIntercept", 1, problems)
     return DicomHeader(
         path=str(path),
         patient_name=_text(ds, "PatientName"),
@@ -250,7 +288,7 @@ def read_header(path: os.PathLike | str) -> DicomHeader:
         pixel_representation=_int(ds, "PixelRepresentation"),
         photometric=_text(ds, "PhotometricInterpretation"),
         samples_per_pixel=_int(ds, "SamplesPerPixel"),
-        pixel_spacing=spacing,
+        pixel_spacing=spacing or None,
         spacing_source=source,
         transfer_syntax=getattr(ts, "name", None) if ts is not None else None,
         transfer_syntax_uid=str(ts) if ts is not None else None,
@@ -258,7 +296,8 @@ def read_header(path: os.PathLike | str) -> DicomHeader:
         series_description=_text(ds, "SeriesDescription"),
         study_description=_text(ds, "StudyDescription"),
         has_window=("WindowCenter" in ds and "WindowWidth" in ds) or "VOILUTSequence" in ds,
-        rescale=[float(slope), float(intercept)] if slope is not None and intercept is not None else None,
+        rescale=[slope[0], intercept[0]] if slope and intercept else None,
+        header_problems=problems,
     )
 
 

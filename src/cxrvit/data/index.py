@@ -16,6 +16,9 @@ from typing import Iterable
 
 import pandas as pd
 
+from cxrvit.data.dicom import read_header
+from cxrvit.data.images import ImageReadError
+
 #: Extensions looked at when walking a folder (content is sniffed later; this only limits the walk).
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom"})
 EXAMPLES = 5
@@ -32,7 +35,12 @@ class FoundImages:
 
 
 def find_images(root: os.PathLike | str, exclude: Iterable[os.PathLike | str] = ()) -> FoundImages:
-    """Walk ``root`` (following no symlinked folders) and index image files by file name.
+    """Walk ``root`` and index image files by file name.
+
+    Symlinked folders are followed: ``images/`` linked in from another disk is a common layout, and
+    skipping it would report every image in it as "not downloaded". Each folder is walked once, by its
+    resolved real path, so a symlink loop (or a second link to a folder already walked) ends the walk there
+    instead of going round forever or counting its images twice.
 
     ``exclude``: folders to skip, e.g. a cache being written inside the data folder.
     """
@@ -40,9 +48,15 @@ def find_images(root: os.PathLike | str, exclude: Iterable[os.PathLike | str] = 
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: data folder not found")
     skip = {Path(p).resolve() for p in exclude}
+    visited: set[Path] = set()
     seen: dict[str, list[str]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         here = Path(dirpath)
+        real = here.resolve()
+        if real in visited:  # reached again through a link: a loop, or a folder already indexed
+            dirnames[:] = []
+            continue
+        visited.add(real)
         # Sorted, pruned walk: the result must not depend on the file system's listing order.
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in skip)
         for fname in sorted(filenames):
@@ -133,23 +147,36 @@ def labelled_table(entry_table: pd.DataFrame, found: FoundImages, report: IndexR
     return table
 
 
-def unlabelled_table(found: FoundImages, patients=None) -> tuple[pd.DataFrame, int]:
-    """Rows for every image found (no labels), and how many images ``patients`` (optional, from
-    :func:`read_patients`) does not name: those fall back to their file stem as patient ID."""
+DICOM_EXTENSIONS = (".dcm", ".dicom")
+
+
+def unlabelled_table(found: FoundImages, patients=None) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Rows for every image found (no labels), and how many patient IDs came from where.
+
+    An image's patient ID (and view) comes from ``patients`` (optional, from :func:`read_patients`) when it
+    names the image; else, for a DICOM file, from its header's PatientID (and ViewPosition), because a folder
+    of DICOMs holds several images per patient and one patient per file would leak patients across splits;
+    else from the file stem. The counts have the keys ``"csv"``, ``"dicom"`` and ``"stem"``.
+    """
     names = list(found.paths)
     table = pd.DataFrame({"image": names})
     pid = [Path(n).stem for n in names]
     view = [""] * len(names)
-    unmatched = 0
-    if patients is not None:
-        by_name = patients.set_index("image")
-        for i, name in enumerate(names):
-            key = name if name in by_name.index else Path(name).stem
-            if key in by_name.index:
-                pid[i] = by_name.at[key, "patient_id"]
-                view[i] = by_name.at[key, "view"]
-            else:
-                unmatched += 1
+    counts = {"csv": 0, "dicom": 0, "stem": 0}
+    by_name = patients.set_index("image") if patients is not None else None
+    for i, name in enumerate(names):
+        listed = next((k for k in (name, Path(name).stem) if by_name is not None and k in by_name.index), None)
+        if listed is not None:
+            pid[i], view[i] = by_name.at[listed, "patient_id"], by_name.at[listed, "view"]
+            counts["csv"] += 1
+            continue
+        is_dicom = Path(name).suffix.lower() in DICOM_EXTENSIONS
+        ids = _dicom_ids(found.root / found.paths[name]) if is_dicom else None
+        if ids is not None:
+            pid[i], view[i] = ids
+            counts["dicom"] += 1
+        else:
+            counts["stem"] += 1
     table["patient_id"] = pid
     table["view"] = view
     table["age"] = pd.array([None] * len(names), dtype="Int64")
@@ -157,7 +184,18 @@ def unlabelled_table(found: FoundImages, patients=None) -> tuple[pd.DataFrame, i
     table["follow_up"] = pd.array([None] * len(names), dtype="Int64")
     table["official_split"] = ""
     table["path"] = [found.paths[n] for n in names]
-    return table, unmatched
+    return table, counts
+
+
+def _dicom_ids(path: Path) -> tuple[str, str] | None:
+    """``(PatientID, ViewPosition)`` from a DICOM header (pixel data not read); None without a PatientID."""
+    try:
+        header = read_header(path)
+    except ImageReadError:
+        return None  # an unreadable file falls back to its stem; decoding it reports the problem
+    if not header.patient_id:
+        return None
+    return header.patient_id, (header.view_position or "").upper()
 
 
 _IMAGE_KEYS = ("image", "image_id", "Image Index", "file", "filename")
@@ -168,7 +206,12 @@ _VIEW_KEYS = ("view", "View Position", "projection")
 def read_patients(path: os.PathLike | str) -> pd.DataFrame:
     """A CSV mapping image names (with or without extension) to patient IDs, and optionally views."""
     path = Path(path)
-    raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    try:
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError as exc:
+        raise ValueError(f"{path}: empty file, expected a CSV with a header line") from exc
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: cannot parse as CSV: {str(exc).strip()}") from exc
     pick = lambda keys: next((k for k in keys if k in raw.columns), None)  # noqa: E731
     image_col, patient_col, view_col = pick(_IMAGE_KEYS), pick(_PATIENT_KEYS), pick(_VIEW_KEYS)
     if image_col is None or patient_col is None:

@@ -65,6 +65,8 @@ def _read_csv(path: Path) -> pd.DataFrame:
         raise MetadataError(path, "file not found")
     try:
         return pd.read_csv(path, dtype=str, keep_default_na=False, compression="infer")
+    except pd.errors.EmptyDataError as exc:
+        raise MetadataError(path, "empty file, expected a CSV with a header line") from exc
     except (pd.errors.ParserError, UnicodeDecodeError, EOFError, OSError) as exc:
         raise MetadataError(path, f"cannot parse as CSV: {exc}") from exc
 
