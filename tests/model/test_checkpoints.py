@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from cxrvit.data.preprocess import Preprocessing
 from cxrvit.inference.bundle import save_bundle
-from cxrvit.model.checkpoints import CheckpointError, load_backbone, strip_prefixes
+from cxrvit.model.checkpoints import CheckpointError, load_backbone, load_init_backbone, strip_prefixes
 from cxrvit.model.vit import VisionTransformer, resample_pos_embed, vit_small
 
 HEAD = ("head.weight", "head.bias")
@@ -267,3 +267,25 @@ def test_unreadable_files_are_named(tmp_path):
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(CheckpointError, match="neither a cxrvit model bundle"):
         load_backbone(tmp_path / "empty_dir")
+
+
+def test_init_refuses_a_file_with_no_backbone_weight_and_reports_a_partial_one(tmp_path, capsys):
+    """A pre-training method's own state_dict (``encoder.*``, ``decoder.*``) loads nothing into the ViT: training
+    from it would silently start at random init. Refused, naming the file, its key prefixes and the layouts."""
+    src = backbone_state(narrow(0))
+    method = {**{f"encoder.{k}": v for k, v in src.items()}, "decoder.embed.weight": torch.zeros(4, 48)}
+    torch.save(method, tmp_path / "method_state.pt")
+    model = narrow(1, num_classes=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"method_state.pt: none of its tensors.*encoder\.\* \(\d+\), "
+                                              r"decoder\.\* \(1\).*layouts dino, dino-train, mae, ijepa, timm, cxrvit"):
+        load_init_backbone(tmp_path / "method_state.pt", model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # Some of the backbone: loaded, and what was missing is printed (not on a quiet DDP rank).
+    del src["blocks.1.norm2.bias"]
+    torch.save(src, tmp_path / "partial.pth")
+    report = load_init_backbone(tmp_path / "partial.pth", model)
+    assert report.missing == ["blocks.1.norm2.bias"] and torch.equal(model.cls_token.data, src["cls_token"])
+    assert "partial.pth: layout dino" in capsys.readouterr().err
+    load_init_backbone(tmp_path / "partial.pth", model, quiet=True)
+    assert capsys.readouterr().err == ""

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from cxrvit.model.vit import vit_tiny
+from cxrvit.engine import distributed
 from cxrvit.engine.checkpoint import load_checkpoint
 from cxrvit.ssl.pretrain import UnlabelledImages, pretrain
 from sslfakes import ArrayCache, tiny_config
@@ -101,3 +102,12 @@ def test_mixed_caches_of_different_sizes(tiny_cache):
     # Ranks split a batch without overlap.
     r0, r1 = data.batch(1, 0, 4, 32, rank=0, world=2), data.batch(1, 0, 4, 32, rank=1, world=2)
     assert torch.allclose(torch.cat((r0, r1)).sum(), data.batch(1, 0, 4, 32).sum())
+
+
+def test_a_global_batch_the_processes_cannot_share_evenly_is_refused(tiny_cache, tmp_path, monkeypatch):
+    """9 images over 2 processes would be shares of 5 and 4, averaged as if equal: refused, as training does."""
+    monkeypatch.setattr(distributed, "setup", lambda device: distributed.DistContext(rank=0, world_size=2))
+    cfg = tiny_config("mae", schedule={"epochs": 1, "batch_size": 9})
+    with pytest.raises(ValueError, match=r"schedule.batch_size=9 is not divisible by the 2 processes"):
+        pretrain(cfg, [tiny_cache], tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()

@@ -63,8 +63,22 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def tiny_reference_run(tiny_cache, tmp_path_factory):
-    """One uninterrupted single-process TINY run, shared by the engine, resume and DDP tests."""
+def tiny_init(tmp_path_factory) -> Path:
+    """A random ViT-Tiny backbone saved the way pre-training exports one: the shared run's ``--init``, without
+    which layer decay (ALL_ON's ``optim.layer_decay``) would be off and the resume and DDP tests not cover it."""
+    import torch
+
+    from cxrvit.ssl.encoder import build_encoder, export_backbone
+
+    torch.manual_seed(11)
+    path = tmp_path_factory.mktemp("init") / "backbone.safetensors"
+    export_backbone(build_encoder("vit_tiny", depth=12), path, arch="vit_tiny", method="mae", cls_token="test")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_reference_run(tiny_cache, tiny_init, tmp_path_factory):
+    """One uninterrupted single-process TINY run from ``tiny_init``, shared by the engine, resume and DDP tests."""
     import torch
 
     from cxrvit.training.commands import choose_rows
@@ -77,7 +91,7 @@ def tiny_reference_run(tiny_cache, tmp_path_factory):
         cfg = load_recipe(FT_RECIPE, TINY + ALL_ON)
         tr, va, _ = choose_rows(tiny_cache, cfg.data.val_fraction, cfg.data.split_seed)
         out = tmp_path_factory.mktemp("reference") / "run"
-        train(cfg, tiny_cache, tr, va, out, progress=False)
+        train(cfg, tiny_cache, tr, va, out, init=str(tiny_init), progress=False)
     finally:
         torch.set_num_threads(before)
     return cfg, tr, va, out

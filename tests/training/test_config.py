@@ -2,6 +2,8 @@ import pytest
 import yaml
 
 from cxrvit.labels import DEFAULT_LABELS, SCORED_TARGETS
+from cxrvit.ssl.config import PretrainConfig, load_pretrain_recipe
+from cxrvit.ssl.config import config_from_dict as ssl_from_dict, config_to_dict as ssl_to_dict
 from cxrvit.training.config import TrainConfig, config_from_dict, config_to_dict, load_recipe, save_config
 
 
@@ -54,6 +56,22 @@ def test_overrides_are_typed():
     ("model.n_last_blocks=0", "model.n_last_blocks=0: must be in 1..12"),
     ("data.labels=[Atelectasis, Cancer]", "unknown label 'Cancer'"),
     ("optim.lr", "not of the form key=value"),
+    # each refused by its own row, before it can divide by zero or index out of range later
+    ("engine.log_every=0", "engine.log_every=0: must be >= 1"),
+    ("schedule.batch_size=0", "schedule.batch_size=0: must be >= 1"),
+    ("schedule.grad_accum=0", "schedule.grad_accum=0: must be >= 1"),
+    ("eval.batch_size=0", "eval.batch_size=0: must be >= 1"),
+    ("optim.betas=[0.9]", r"optim.betas=\[0.9\]: must be \[beta1, beta2\]"),
+    ("augment.ratio=[0,1]", r"augment.ratio=\[0.0, 1.0\]: must be \[min, max\]"),
+    ("data.labels=[]", r"data.labels=\[\]: must name at least one label"),
+    ("optim.lr=nan", "optim.lr=nan: must be a finite number >= 0"),
+    ("optim.lr=inf", "optim.lr=inf: must be a finite number >= 0"),
+    ("optim.lr=-1", "optim.lr=-1.0: must be a finite number >= 0"),
+    ("engine.checkpoint_every=-3", "engine.checkpoint_every=-3: must be >= 0"),
+    ("model.arch=vit_large", "model.arch='vit_large': must be one of"),
+    ("model.drop_path=1.5", "model.drop_path=1.5: must be in"),
+    ("augment.hflip=2", "augment.hflip=2.0: must be a probability"),
+    ("loss.alpha=3", "loss.alpha=3.0: must be in"),
 ])
 def test_bad_settings_name_the_key(override, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
@@ -95,3 +113,30 @@ def test_both_config_kinds_report_the_failing_key_and_its_value():
     ssl.dino.local_size = 100  # a check over several fields: named in words, no single value
     with pytest.raises(ValueError, match=r"^pretrain config dino view sizes: must be multiples"):
         ssl.validate()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.patch_size=0", "model.patch_size=0: must be >= 1"),   # was a ZeroDivisionError inside validate
+    ("engine.log_every=0", "engine.log_every=0: must be >= 1"),
+    ("optim.betas=[0.9]", r"optim.betas=\[0.9\]: must be \[beta1, beta2\]"),
+    ("optim.lr=nan", "optim.lr=nan: must be a finite number >= 0"),
+    ("schedule.max_steps=-1", "schedule.max_steps=-1: must be >= 0"),
+])
+def test_bad_pretrain_settings_name_the_key(override, message):
+    with pytest.raises(ValueError, match=r"mae.yaml \+ --set: pretrain config " + message):
+        load_pretrain_recipe("mae", [override])
+
+
+def test_a_bad_value_in_a_recipe_file_or_a_saved_config_names_the_file(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("base: finetune\nschedule:\n  epochs: 0\n")
+    with pytest.raises(ValueError, match=r"^\S*mine.yaml: config schedule.epochs=0: must be >= 1"):
+        load_recipe(path)
+    saved = config_to_dict(load_recipe("baseline"))
+    saved["optim"]["betas"] = [0.9]
+    with pytest.raises(ValueError, match=r"^RUN/config.yaml: config optim.betas="):
+        config_from_dict(saved, source="RUN/config.yaml")
+    saved = ssl_to_dict(PretrainConfig())
+    saved["engine"]["log_every"] = 0
+    with pytest.raises(ValueError, match=r"^RUN/config.yaml: pretrain config engine.log_every=0"):
+        ssl_from_dict(saved, source="RUN/config.yaml")

@@ -6,8 +6,13 @@ import torch
 from safetensors.torch import load_file
 
 from trainhelp import TINY
+from cxrvit.cli import main as cli_main
+from cxrvit.engine import distributed
+from cxrvit.engine.core import Engine
 from cxrvit.inference.bundle import load_bundle
+from cxrvit.model.checkpoints import CheckpointError
 from cxrvit.training import engine
+from cxrvit.training.linear_probe import fit_linear_probe
 from cxrvit.training.commands import choose_rows
 from cxrvit.training.config import load_recipe
 from cxrvit.training.engine import NonFiniteLossError, train
@@ -93,8 +98,6 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
 
 
 def test_init_loads_a_backbone_and_keeps_a_fresh_head(tiny_run, tiny_cache, tmp_path):
-    from cxrvit.engine import distributed
-
     cfg, tr, va, out = tiny_run
     trained = load_file(str(out / "model.safetensors"))  # a cxrvit bundle is a valid --init source
     trainer = engine.Trainer(cfg, tiny_cache, tr, va, tmp_path / "run", out / "model.safetensors",
@@ -120,3 +123,70 @@ def test_cli_errors_are_clear_and_exit_2(tiny_cache_dir, tmp_path, capsys):
                  "--set", "model.init=nowhere/backbone.safetensors"]) == 2
     assert "model.init=nowhere/backbone.safetensors, which is not a file here" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_each_ranks_share_must_divide_by_grad_accum(tiny_cache, tmp_path):
+    """12 images over 2 processes is 6 each: grad_accum=4 would chunk them into 3 micro-batches, all under
+    no_sync, and the ranks would never all-reduce. Refused, naming both keys (the world size is known here)."""
+    cfg = load_recipe("baseline", TINY + ["schedule.batch_size=12", "schedule.grad_accum=4"])
+    tr, va, _ = choose_rows(tiny_cache, cfg.data.val_fraction, cfg.data.split_seed)
+    with pytest.raises(ValueError, match=r"schedule.batch_size=12 over 2 processes is 6 images each, which "
+                                         r"schedule.grad_accum=4 does not divide.*divisible by 8"):
+        engine.Trainer(cfg, tiny_cache, tr, va, tmp_path / "run", None, distributed.DistContext(world_size=2),
+                       False, False)
+    # one process: 12 images in 4 micro-batches of 3 is fine
+    engine.Trainer(cfg, tiny_cache, tr, va, tmp_path / "one", None, distributed.DistContext(), False, False)
+
+
+def test_init_that_loads_no_backbone_weight_is_refused_by_every_strategy(tiny_run, tiny_cache, tmp_path):
+    """A pre-training method's state_dict (``encoder.*`` keys) used to train from random init, silently."""
+    cfg, tr, va, out = tiny_run
+    weights = load_file(str(out / "model.safetensors"))
+    torch.save({f"encoder.{k}": v for k, v in weights.items()}, tmp_path / "method_state.pt")
+    with pytest.raises(CheckpointError, match=r"method_state.pt: none of its tensors.*encoder\.\*"):
+        engine.Trainer(cfg, tiny_cache, tr, va, tmp_path / "run", tmp_path / "method_state.pt",
+                       distributed.DistContext(), False, False)
+    probe = load_recipe("probe-random", ["model.arch=vit_tiny", "model.img_size=32"])
+    with pytest.raises(CheckpointError, match=r"method_state.pt: none of its tensors"):
+        fit_linear_probe(probe, tiny_cache, tr, va, tmp_path / "probe", init=tmp_path / "method_state.pt",
+                         progress=False)
+
+
+def test_a_val_record_written_after_the_last_checkpoint_is_not_duplicated_on_resume(
+        tiny_cache, tmp_path, monkeypatch, one_thread):
+    """Epoch 0 ends at step 4, which is also a mid-epoch checkpoint (checkpoint_every=4): killed after the
+    epoch's val record but before its end-of-epoch checkpoint, the resumed run validates epoch 0 again."""
+    sets = TINY + ["engine.checkpoint_every=4"]
+    cfg = load_recipe("baseline", sets)
+    tr, va, _ = choose_rows(tiny_cache, cfg.data.val_fraction, cfg.data.split_seed)
+    real, calls = Engine.save, []
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:   # the end-of-epoch-0 checkpoint, after epoch 0's val record
+            raise Killed
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "save", save_then_die)
+    with pytest.raises(Killed):
+        train(cfg, tiny_cache, tr, va, tmp_path, progress=False)
+    monkeypatch.setattr(Engine, "save", real)
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["progress"]["epoch"] == 0
+    train(load_recipe("baseline", sets), tiny_cache, tr, va, tmp_path, resume=True, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"]) for r in records if r["kind"] == "val"] == [(0, 4), (1, 8)]
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 9))
+
+
+def test_resume_with_a_broken_saved_config_names_the_file_and_exits_2(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: [vit_tiny\n")   # not YAML
+    assert cli_main(["train", "--resume", str(run)]) == 2
+    assert f"{run / 'config.yaml'}: not valid YAML" in capsys.readouterr().err
+    (run / "config.yaml").write_text("schedule:\n  epochs: 0\n")   # YAML, a value validate refuses
+    assert cli_main(["train", "--resume", str(run)]) == 2
+    assert f"{run / 'config.yaml'}: config schedule.epochs=0: must be >= 1" in capsys.readouterr().err

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from cxrvit.training import linear_probe
 from cxrvit.training.config import load_recipe
+from cxrvit.training.engine import train
 
 #: The probe recipe on a tiny ViT with DINO's random positions (what these tests ran as baseline + strategy=linear_probe
 #: before issue 21 made a recipe hold only the sections its strategy reads).
@@ -239,3 +241,29 @@ def test_recipe_model_init_is_the_start_unless_init_is_given(tiny_cache, tmp_pat
     with pytest.raises(FileNotFoundError, match=r"model.init=nowhere/backbone.safetensors.*--init FILE"):
         train(gone, tiny_cache, tr, va, tmp_path / "d", progress=False)
     assert not (tmp_path / "d").exists()    # refused before anything is written
+
+
+def test_a_torn_features_file_is_extracted_again_and_a_killed_write_leaves_none(tiny_cache, tmp_path, one_thread,
+                                                                                  monkeypatch, capsys):
+    tr, va = _rows(tiny_cache)
+    cfg, run = load_recipe(PROBE_RECIPE, PROBE), tmp_path / "run"
+    train(cfg, tiny_cache, tr, va, run, progress=False)
+    feats = run / linear_probe.FEATURES
+    with np.load(feats) as z:
+        first = z["feats"]
+    feats.write_bytes(feats.read_bytes()[:1000])          # what a kill during a write in place left
+    train(cfg, tiny_cache, tr, va, run, resume=True, progress=False)
+    assert f"{feats} is unreadable (BadZipFile" in capsys.readouterr().err
+    with np.load(feats) as z:
+        assert np.array_equal(z["feats"], first)          # extracted again, the same features
+
+    def killed_midway(path, **arrays):
+        with open(path, "wb") as fh:
+            fh.write(b"PK\x03\x04 half a zip")
+        raise RuntimeError("killed")
+
+    feats.unlink()
+    monkeypatch.setattr(linear_probe.np, "savez", killed_midway)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(cfg, tiny_cache, tr, va, run, resume=True, progress=False)
+    assert sorted(p.name for p in run.glob("features*")) == []   # no torn file, no temporary

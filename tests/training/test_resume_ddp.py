@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -14,9 +15,10 @@ from cxrvit.cli import main as cli_main
 from trainhelp import ALL_ON, FT_RECIPE, TINY, subprocess_env
 
 
-def _train_cmd(cache_dir, out):
+def _train_cmd(cache_dir, out, init):
     sets = [a for item in TINY + ALL_ON for a in ("--set", item)]
-    return ["train", "--recipe", FT_RECIPE, "--data", str(cache_dir), "--out", str(out), "--no-progress", *sets]
+    return ["train", "--recipe", FT_RECIPE, "--data", str(cache_dir), "--out", str(out), "--init", str(init),
+            "--no-progress", *sets]
 
 
 def _assert_same_state(a: dict, b: dict, atol: float = 0.0):
@@ -28,11 +30,11 @@ def _assert_same_state(a: dict, b: dict, atol: float = 0.0):
             assert torch.allclose(a[k], b[k], atol=atol, rtol=0), (k, (a[k] - b[k]).abs().max().item())
 
 
-def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tiny_cache_dir, tiny_reference_run, tmp_path,
-                                                                  one_thread):
+def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tiny_cache_dir, tiny_init, tiny_reference_run,
+                                                                  tmp_path, one_thread):
     _, _, _, reference = tiny_reference_run
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "cxrvit", *_train_cmd(tiny_cache_dir, out)],
+    proc = subprocess.Popen([sys.executable, "-m", "cxrvit", *_train_cmd(tiny_cache_dir, out, tiny_init)],
                             env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while not (out / "last.pt").exists():  # the first checkpoint: step 3, in the middle of epoch 0
@@ -47,6 +49,10 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tiny_cache_dir,
     assert cli_main(["train", "--resume", str(out), "--no-progress"]) == 0
 
     ref, got = torch.load(reference / "last.pt", weights_only=True), torch.load(out / "last.pt", weights_only=True)
+    # the run starts from --init, so layer decay is on: block i's groups at 0.75**(13 - i) of the lr, resumed as such
+    scales = [g["lr_scale"] for g in got["optimizer"]["param_groups"]]
+    assert scales == [g["lr_scale"] for g in ref["optimizer"]["param_groups"]]
+    assert max(scales) == 1.0 and min(scales) == pytest.approx(0.75 ** 13) and len(set(scales)) == 14
     _assert_same_state(ref["model"], got["model"])
     _assert_same_state(ref["ema"]["shadow"], got["ema"]["shadow"])
     assert torch.equal(ref["augment"]["generator"], got["augment"]["generator"])
@@ -59,12 +65,12 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tiny_cache_dir,
     assert steps == list(range(1, 9))
 
 
-def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tiny_cache_dir, tiny_reference_run,
-                                                                        tmp_path):
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tiny_cache_dir, tiny_init,
+                                                                        tiny_reference_run, tmp_path):
     _, _, _, reference = tiny_reference_run
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "cxrvit", *_train_cmd(tiny_cache_dir, out), "--device", "cpu"]
+           "-m", "cxrvit", *_train_cmd(tiny_cache_dir, out, tiny_init), "--device", "cpu"]
     done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     ref, got = torch.load(reference / "last.pt", weights_only=True), torch.load(out / "last.pt", weights_only=True)

@@ -12,7 +12,8 @@ TINY = ["strategy=finetune", "model.arch=vit_tiny", "model.img_size=32", "model.
         "optim.warmup_epochs=0.5", "engine.precision=fp32"]
 #: With the ``finetune`` recipe, TINY plus these is the run the engine, resume and DDP tests share, with every
 #: piece on: EMA, clipping, ASL, layer decay, affine + photometric augmentation (``improved``'s fine-tuning
-#: sections before issue 21 split the probe and the fine-tuning recipe; the same resolved settings).
+#: sections before issue 21 split the probe and the fine-tuning recipe; the same resolved settings). Layer
+#: decay applies only to a run with an init, so that run starts from ``tiny_init`` (conftest), a saved backbone.
 FT_RECIPE, ALL_ON = "finetune", ["loss.kind=asl", "optim.layer_decay=0.75"]
 
 

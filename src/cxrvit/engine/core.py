@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -105,11 +105,12 @@ class Engine:
             # From the seeded torch generator: a stream of its own, not a copy of the drop-path one.
             g.manual_seed(int(torch.randint(2**62, (1,))))
 
-    def open_log(self, state: dict | None, step: int = 0) -> RunLog:
-        """``metrics.jsonl`` (rank 0 only); on resume, records after checkpoint step ``step`` are dropped."""
+    def open_log(self, state: dict | None, step: int = 0, keep: Callable[[dict], bool] | None = None) -> RunLog:
+        """``metrics.jsonl`` (rank 0 only); on resume, records after checkpoint step ``step`` are dropped, and
+        those ``keep`` refuses (records the checkpoint does not cover although their step is its own)."""
         if self.ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-        return RunLog(self.out, enabled=self.ctx.is_main, resume_step=step if state is not None else None)
+        return RunLog(self.out, enabled=self.ctx.is_main, resume_step=step if state is not None else None, keep=keep)
 
     # -- one optimizer step ---------------------------------------------------------------------
     def autocast(self):

@@ -2,13 +2,16 @@
 
 The one log of every training loop (supervised: ``train``/``val`` records; pre-training: ``train``/
 ``probe``). Only rank 0 writes. On resume, records written after the checkpoint we resume from (the run
-was killed before it could checkpoint them) are dropped, so the log reads like one clean run.
+was killed before it could checkpoint them) are dropped, so the log reads like one clean run. A record
+written at the checkpoint's own step but after it (the supervised loop's epoch-end validation, when the
+epoch's last step was also a mid-epoch checkpoint) is the loop's to recognise: ``keep``.
 """
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
+from typing import Callable
 
 from cxrvit.fileio import json_safe
 
@@ -16,14 +19,16 @@ METRICS = "metrics.jsonl"
 
 
 class RunLog:
-    def __init__(self, out_dir: Path, enabled: bool = True, resume_step: int | None = None):
+    def __init__(self, out_dir: Path, enabled: bool = True, resume_step: int | None = None,
+                 keep: Callable[[dict], bool] | None = None):
         self.path = out_dir / METRICS
         self.enabled = enabled
         self.tb = None
         if not enabled:
             return
         if resume_step is not None and self.path.exists():
-            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            kept = [r for r in read_metrics(self.path)
+                    if r.get("step", 0) <= resume_step and (keep is None or keep(r))]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         elif self.path.exists():
             self.path.unlink()

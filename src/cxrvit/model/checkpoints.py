@@ -14,6 +14,9 @@ Usage::
     # strict: every backbone key must be found and nothing may be left over
     model, report = load_backbone("RUN/", vit_small(), strict=True)
 
+``load_init_backbone(path, model)`` is what a training run's ``--init`` uses: the same load, but a file of which
+no backbone tensor fits the model is an error, and a partial load prints its report.
+
 ``load_backbone(path, model=None, *, strict=False, head=False, prefer="teacher")`` returns
 ``(model, report)`` when a model is given (weights loaded in place) and ``(state_dict, report)``
 otherwise. The layout is detected from the file's contents, never its name:
@@ -50,6 +53,8 @@ import argparse
 import json
 import pickle
 import re
+import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +69,8 @@ SAFE_GLOBALS = [argparse.Namespace]
 #: Wrappers stripped from the start of keys (DDP, DINO's MultiCropWrapper, torch.compile).
 KEY_PREFIXES = ("module.", "_orig_mod.", "backbone.")
 HEAD_KEYS = ("head.weight", "head.bias")
+#: The layouts :func:`to_dino_layout` recognises (the module docstring's table).
+LAYOUTS = ("dino", "dino-train", "mae", "ijepa", "timm", "cxrvit")
 
 
 class CheckpointError(ValueError):
@@ -270,6 +277,29 @@ def load_backbone(path: str | Path, model: VisionTransformer | None = None, *, s
     usable = {k: v.to(target[k].dtype) for k, v in state.items() if k in target}
     model.load_state_dict(usable, strict=False)
     return model, report
+
+
+def load_init_backbone(path: str | Path, model: VisionTransformer, *, quiet: bool = False) -> LoadReport:
+    """:func:`load_backbone` for the weights a training run starts from (``--init``, a recipe's ``model.init``).
+
+    A file of which no backbone tensor lands in ``model`` is refused, naming the key prefixes it holds and the
+    layouts accepted: loaded leniently, it would leave the model at its random init while the run says it
+    started from the file (e.g. a pre-training method's own ``state_dict``, ``encoder.*`` / ``decoder.*``).
+    A partial load goes on, with the report on stderr (unless ``quiet``: DDP ranks other than 0)."""
+    _, report = load_backbone(path, model)
+    backbone = [k for k in model.state_dict() if k not in HEAD_KEYS]
+    if all(k in report.missing for k in backbone):
+        found = Counter(k.split(".")[0] for k in report.unexpected + report.dropped)
+        held = ", ".join(f"{p}.* ({n})" for p, n in found.most_common(6)) or "no tensors besides the head"
+        raise CheckpointError(
+            f"{path}: none of its tensors is a backbone weight of this {type(model).__name__} (read as layout "
+            f"{report.layout}; its keys: {held}). A start must be a ViT backbone in one of the layouts "
+            f"{', '.join(LAYOUTS)}: e.g. a pre-training run's folder or backbone.safetensors, a model bundle, or a "
+            f"DINO / MAE / I-JEPA / timm checkpoint")
+    if report.missing and not quiet:
+        print(f"[init] loaded only part of the backbone; the rest keeps its initialisation:\n{report.summary()}",
+              file=sys.stderr, flush=True)
+    return report
 
 
 def read_export_metadata(path: str | Path) -> dict:

@@ -6,6 +6,7 @@ known, types are checked, and an error names the key. Only the dataclasses are S
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -15,7 +16,7 @@ import yaml
 from cxrvit.ssl.dino import DinoConfig
 from cxrvit.ssl.ijepa import IJepaConfig
 from cxrvit.ssl.mae import MaeConfig
-from cxrvit.training.configparse import apply_overrides, build_dataclass, check_all
+from cxrvit.training.configparse import apply_overrides, build_config, check_all
 
 METHODS = ("dino", "mae", "ijepa")
 
@@ -90,19 +91,30 @@ class PretrainConfig:
     ijepa: IJepaConfig = field(default_factory=IJepaConfig)
 
     def validate(self) -> "PretrainConfig":
-        p = self.model.patch_size
+        """Raise ``ValueError`` naming the offending key; rows that divide guard themselves (patch size 0)."""
+        p, o = self.model.patch_size, self.optim
         sizes = {"dino": [self.dino.global_size, self.dino.local_size], "mae": [self.mae.size],
                  "ijepa": [self.ijepa.size]}
         checks = [
             ("method", self.method in METHODS, f"must be one of {', '.join(METHODS)}"),
             ("engine.precision", self.engine.precision in ("auto", "bf16", "fp32"), "must be auto, bf16 or fp32"),
             ("model.depth", self.model.depth >= 1, "must be >= 1"),
+            ("model.patch_size", p >= 1, "must be >= 1"),
             ("model.attention", self.model.attention in ("auto", "sdpa", "explicit"), "must be auto, sdpa or explicit"),
             ("schedule.batch_size", self.schedule.batch_size >= 2, "must be >= 2"),
             ("schedule.epochs", self.schedule.epochs >= 1, "must be >= 1"),
-            (f"{self.method} view sizes", all(s % p == 0 for s in sizes.get(self.method, [p])),
+            (f"{self.method} view sizes", p >= 1 and all(s % p == 0 for s in sizes.get(self.method, [p])),
              f"must be multiples of model.patch_size={p}"),
             ("mae.mask_ratio", 0 < self.mae.mask_ratio < 1, "must be in (0, 1)"),
+            ("engine.log_every", self.engine.log_every >= 1, "must be >= 1 (steps between train records)"),
+            ("engine.checkpoint_every", self.engine.checkpoint_every >= 0, "must be >= 0 (0 = epoch ends only)"),
+            ("schedule.max_steps", self.schedule.max_steps >= 0, "must be >= 0 (0 = off)"),
+            ("optim.lr", math.isfinite(o.lr) and o.lr >= 0, "must be a finite number >= 0"),
+            ("optim.min_lr", math.isfinite(o.min_lr) and o.min_lr >= 0, "must be a finite number >= 0"),
+            ("optim.betas", len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+             "must be [beta1, beta2], each in [0, 1)"),
+            ("optim.warmup_epochs", o.warmup_epochs >= 0, "must be >= 0"),
+            ("optim.clip_grad", o.clip_grad >= 0, "must be >= 0 (0 = off)"),
         ]
         check_all(self, checks, "pretrain config")
         return self
@@ -117,7 +129,7 @@ def config_to_dict(cfg: PretrainConfig) -> dict:
 
 
 def config_from_dict(d: dict, source: str = "config") -> PretrainConfig:
-    return build_dataclass(PretrainConfig, d, prefix="", source=source).validate()
+    return build_config(PretrainConfig, d, source)
 
 
 def recipe_path(name_or_path: str | Path) -> Path:

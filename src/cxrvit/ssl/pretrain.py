@@ -181,6 +181,11 @@ def _pretrain(cfg, caches, out: Path, ctx: dist_.DistContext, rows, probe, resum
 
     data = UnlabelledImages(caches, rows, seed=cfg.engine.seed)
     bs = cfg.schedule.batch_size
+    if bs % ctx.world_size:
+        # Each rank takes every world-th image of the global batch: uneven shares would weigh images unequally
+        # in the all-reduced mean. The supervised loop refuses it the same way.
+        raise ValueError(f"schedule.batch_size={bs} is not divisible by the {ctx.world_size} processes; use a "
+                         f"multiple of {ctx.world_size}")
     spe = data.batches_per_epoch(bs)
     if spe < 1:
         raise ValueError(f"{len(data)} images cannot fill one batch of {bs}; lower schedule.batch_size")

@@ -101,7 +101,8 @@ class BatchAugment:
 
         ``draw``/``take``: parameters are drawn for ``draw`` samples and only positions ``take`` are used. Under
         DDP every rank draws for the *global* batch and keeps its own samples, so a 2-process run
-        sees exactly the augmentations of a 1-process run with the same global batch.
+        sees exactly the augmentations of a 1-process run with the same global batch. Not so for
+        mixup/cutmix (:meth:`mix`): they pair images within the batch given, i.e. within a rank's share.
         """
         c = self.cfg
         x = to_float(images)
@@ -139,7 +140,10 @@ class BatchAugment:
 
     def mix(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Multi-label mixup or cutmix: pair each image with another from the batch; targets are
-        mixed with the same weight (soft multi-hot: a finding visible in 30% of the pixels is 0.3)."""
+        mixed with the same weight (soft multi-hot: a finding visible in 30% of the pixels is 0.3).
+
+        The partner comes from ``x`` only: under DDP, from this rank's share of the global batch, so an N-process
+        run mixes other pairs (and draws other weights) than one process would; no gather makes them equal."""
         c = self.cfg
         if torch.rand(1, generator=self.generator).item() >= c.mix_prob:
             return x, y

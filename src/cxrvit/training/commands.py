@@ -72,9 +72,19 @@ def run_train(args: argparse.Namespace) -> int:
         if not cfg_path.is_file():
             print(f"cxrvit train --resume: {cfg_path} not found; is {out} a training run?", file=sys.stderr)
             return 2
-        cfg = config_from_dict(yaml.safe_load(cfg_path.read_text()), source=str(cfg_path))
-        if (out / RUN_FILE).is_file():
-            launch = json.loads((out / RUN_FILE).read_text())
+        try:   # a hand-edited config.yaml or run.json: an error naming the file, as a bad recipe gives
+            cfg = config_from_dict(yaml.safe_load(cfg_path.read_text()), source=str(cfg_path))
+            if (out / RUN_FILE).is_file():
+                launch = json.loads((out / RUN_FILE).read_text())
+        except yaml.YAMLError as exc:
+            print(f"cxrvit train --resume: {cfg_path}: not valid YAML: {exc}", file=sys.stderr)
+            return 2
+        except json.JSONDecodeError as exc:
+            print(f"cxrvit train --resume: {out / RUN_FILE}: not valid JSON: {exc}", file=sys.stderr)
+            return 2
+        except (ValueError, OSError) as exc:
+            print(f"cxrvit train --resume: {exc}", file=sys.stderr)
+            return 2
     else:
         if not args.recipe:
             print("cxrvit train: --recipe is required (baseline, improved or a YAML file)", file=sys.stderr)

@@ -12,6 +12,7 @@ exactly how it was trained; such saved configs hold every section and load as th
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -19,8 +20,8 @@ from pathlib import Path
 import yaml
 
 from cxrvit.labels import DEFAULT_LABELS, SCORED_TARGETS, validate_label_names
-from cxrvit.model.vit import GLOBAL_POOLS
-from cxrvit.training.configparse import (apply_overrides, build_dataclass, check_all, copy_nested, dotted_keys, merge,
+from cxrvit.model.vit import ARCHITECTURES, GLOBAL_POOLS
+from cxrvit.training.configparse import (apply_overrides, build_config, check_all, copy_nested, dotted_keys, merge,
                                          parse_override)
 
 
@@ -145,9 +146,14 @@ class TrainConfig:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     def validate(self) -> "TrainConfig":
-        """Raise ``ValueError`` naming the offending key; return self for chaining."""
+        """Raise ``ValueError`` naming the offending key; return self for chaining.
+
+        Rows are evaluated before any is checked, so a row that divides or indexes guards itself (a zero
+        ``grad_accum`` must be reported by its own row, not crash the one after it)."""
         self.data.labels = list(validate_label_names(self.data.labels))
+        o, a, s = self.optim, self.augment, self.schedule
         checks = [
+            ("data.labels", len(self.data.labels) >= 1, "must name at least one label"),
             ("strategy", self.strategy in ("finetune", "linear_probe", "lp_ft"),
              "must be one of finetune, linear_probe, lp_ft"),
             ("probe.c_grid", len(self.probe.c_grid) > 0 and all(c > 0 for c in self.probe.c_grid),
@@ -156,10 +162,12 @@ class TrainConfig:
             ("probe.views", self.probe.views >= 1, "must be >= 1"),
             ("loss.kind", self.loss.kind in ("bce", "weighted_bce", "focal", "asl"),
              "must be one of bce, weighted_bce, focal, asl"),
+            ("loss.alpha", self.loss.alpha <= 1, "must be in [0, 1] (focal's weight of positives), or < 0 for off"),
             ("engine.precision", self.engine.precision in ("auto", "bf16", "fp16", "fp32"),
              "must be one of auto, bf16, fp16, fp32"),
             ("eval.select", self.eval.select in ("mean_auroc_scored", "mean_auroc", "neg_val_loss"),
              "must be one of mean_auroc_scored, mean_auroc, neg_val_loss"),
+            ("model.arch", self.model.arch in ARCHITECTURES, f"must be one of {', '.join(sorted(ARCHITECTURES))}"),
             ("model.img_size", self.model.img_size > 0 and self.model.img_size % 16 == 0,
              "must be a positive multiple of 16"),
             ("model.attention", self.model.attention in ("auto", "sdpa", "explicit"),
@@ -168,12 +176,28 @@ class TrainConfig:
             ("model.global_pool", self.model.global_pool in GLOBAL_POOLS, f"must be one of {', '.join(GLOBAL_POOLS)}"),
             ("model.n_last_blocks", 1 <= self.model.n_last_blocks <= 12, "must be in 1..12 (ViT-S/16 has 12 blocks)"),
             ("schedule.epochs", self.schedule.epochs >= 1, "must be >= 1"),
-            ("schedule.grad_accum", self.schedule.grad_accum >= 1, "must be >= 1"),
-            ("schedule.batch_size", self.schedule.batch_size % self.schedule.grad_accum == 0,
+            ("schedule.batch_size", s.batch_size >= 1, "must be >= 1"),
+            ("schedule.grad_accum", s.grad_accum >= 1, "must be >= 1"),
+            ("schedule.batch_size", s.grad_accum >= 1 and s.batch_size % s.grad_accum == 0,
              "must be divisible by schedule.grad_accum"),
+            ("eval.batch_size", self.eval.batch_size >= 1, "must be >= 1"),
+            ("engine.log_every", self.engine.log_every >= 1, "must be >= 1 (optimizer steps between train records)"),
+            ("engine.checkpoint_every", self.engine.checkpoint_every >= 0, "must be >= 0 (0 = epoch ends only)"),
+            # lr 0 is allowed: it keeps the weights where they start (an lp_ft run then ends as its probe).
+            ("optim.lr", math.isfinite(o.lr) and o.lr >= 0, "must be a finite number >= 0"),
+            ("optim.min_lr", math.isfinite(o.min_lr) and o.min_lr >= 0, "must be a finite number >= 0"),
+            ("optim.betas", len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+             "must be [beta1, beta2], each in [0, 1)"),
+            ("optim.warmup_epochs", o.warmup_epochs >= 0, "must be >= 0"),
+            ("optim.clip_grad", o.clip_grad >= 0, "must be >= 0 (0 = off)"),
+            ("model.drop_path", 0 <= self.model.drop_path < 1, "must be in [0, 1)"),
             ("data.val_fraction", 0.0 < self.data.val_fraction < 1.0, "must be in (0, 1)"),
             ("augment.scale", len(self.augment.scale) == 2 and 0 < self.augment.scale[0] <= self.augment.scale[1] <= 1,
              "must be [min, max] with 0 < min <= max <= 1"),
+            ("augment.ratio", len(a.ratio) == 2 and 0 < a.ratio[0] <= a.ratio[1],
+             "must be [min, max] aspect ratios with 0 < min <= max"),
+            ("augment.hflip", 0 <= a.hflip <= 1, "must be a probability in [0, 1]"),
+            ("augment.mix_prob", 0 <= a.mix_prob <= 1, "must be a probability in [0, 1]"),
             ("optim.layer_decay", 0 < self.optim.layer_decay <= 1, "must be in (0, 1]"),
             ("ema.decay", 0 <= self.ema.decay < 1, "must be in [0, 1)"),
         ]
@@ -209,7 +233,7 @@ def config_from_dict(d: dict, *, source: str = "config") -> TrainConfig:
         section, leaf = dotted.split(".")
         if isinstance(d.get(section), dict):
             d[section].pop(leaf, None)
-    return build_dataclass(TrainConfig, d, prefix="", source=source).validate()
+    return build_config(TrainConfig, d, source)
 
 
 # -- recipes and overrides -----------------------------------------------------------------------
@@ -329,7 +353,7 @@ def load_recipe(recipe: str | Path, overrides: list[str] | None = None, *,
         raise ValueError(f"{source}: --set {_unread_message(hits, strategy, '=...')}")
     resolved = apply_overrides(raw, shared + overrides)
     resolved.setdefault("name", path.stem)
-    return build_dataclass(TrainConfig, resolved, prefix="", source=source).validate()
+    return build_config(TrainConfig, resolved, source)
 
 
 def _unread_message(hits: list[tuple[str, str]], strategy, suffix: str = "") -> str:

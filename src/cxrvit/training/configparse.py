@@ -33,6 +33,16 @@ def build_dataclass(cls, d: dict, prefix: str, source: str):
     return cls(**kwargs)
 
 
+def build_config(cls, d: dict, source: str):
+    """:func:`build_dataclass` of a whole config, then its own ``validate()``: a value its checks refuse names
+    ``source`` (the recipe file, a saved ``config.yaml`` or checkpoint) as a wrong key or type already does."""
+    cfg = build_dataclass(cls, d, prefix="", source=source)
+    try:
+        return cfg.validate()
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
+
+
 def _coerce(value: Any, hint, key: str, source: str):
     """Check/convert a YAML value to the field's type (ints are accepted for floats)."""
     origin = typing.get_origin(hint)

@@ -34,7 +34,7 @@ from cxrvit.engine.runlog import read_metrics
 from cxrvit.evaluation.metrics import tune_thresholds
 from cxrvit.fileio import atomic_write, json_safe
 from cxrvit.inference.bundle import save_bundle
-from cxrvit.model.checkpoints import load_backbone
+from cxrvit.model.checkpoints import load_init_backbone
 from cxrvit.model.vit import build_model
 from cxrvit.training.augment import BatchAugment
 from cxrvit.training.config import TrainConfig, config_from_dict, config_to_dict, save_config
@@ -132,6 +132,12 @@ class Trainer:
         if b % ctx.world_size:
             raise ValueError(f"schedule.batch_size={b} is not divisible by the {ctx.world_size} processes")
         self.rank_batch = b // ctx.world_size
+        accum = cfg.schedule.grad_accum
+        if self.rank_batch % accum:
+            # Fewer micro-batches than grad_accum would all run under no_sync: the ranks would never all-reduce.
+            raise ValueError(f"schedule.batch_size={b} over {ctx.world_size} processes is {self.rank_batch} images "
+                             f"each, which schedule.grad_accum={accum} does not divide; use a schedule.batch_size "
+                             f"divisible by {ctx.world_size * accum} (processes x grad_accum)")
         self.loader = BatchLoader(cache, train_rows, targets, batch_size=self.rank_batch, shuffle=True,
                                   seed=cfg.engine.seed, drop_last=True, rank=ctx.rank, world_size=ctx.world_size)
         self.val_loader = BatchLoader(cache, val_rows, targets, batch_size=cfg.eval.batch_size, shuffle=False,
@@ -148,8 +154,8 @@ class Trainer:
                             global_pool=cfg.model.global_pool,
                         n_last_blocks=cfg.model.n_last_blocks)
         self.init_report = None
-        if init is not None and state is None:
-            _, self.init_report = load_backbone(init, model)
+        if init is not None and state is None:   # a file with no backbone weights for this model is refused
+            self.init_report = load_init_backbone(init, model, quiet=not ctx.is_main)
         if start_from is not None and state is None:
             model.load_state_dict(load_file(str(start_from)))   # the probe: same backbone, fitted head
         self.model = model.to(self.device)
@@ -172,7 +178,7 @@ class Trainer:
         if ctx.is_main:
             out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, out / "config.yaml")
-        self.log = self.engine.open_log(state, self.progress.step)
+        self.log = self.engine.open_log(state, self.progress.step, keep=self._checkpointed)
 
     # -- checkpoint state (the engine adds optimizer, scaler and every rank's generators) ------
     def _load_state(self, state: dict) -> None:
@@ -182,6 +188,12 @@ class Trainer:
         # One generator for the global batch, identical on every rank: rank 0's copy is the state.
         self.augment.load_state_dict(state["augment"])
         self.progress = Progress.from_dict(state["progress"])
+
+    def _checkpointed(self, record: dict) -> bool:
+        """Whether the checkpoint resumed from covers ``record``. An epoch's val record is written before the
+        checkpoint that ends the epoch, at the step a mid-epoch checkpoint may also have saved; the checkpoint's
+        ``epoch`` counts the epochs it saw end, so a val record of a later epoch is redone on resume."""
+        return record.get("kind") != "val" or record.get("epoch", 0) < self.progress.epoch
 
     def save_checkpoint(self) -> None:
         self.engine.save({"format": "cxrvit-train-checkpoint/1", "config": config_to_dict(self.cfg),
@@ -222,7 +234,8 @@ class Trainer:
         images = batch.images.to(self.device, non_blocking=True)
         targets = batch.targets.to(self.device, non_blocking=True)
         # Draw augmentation parameters for the whole global batch and keep this rank's share,
-        # so that N processes see what one process with the same global batch would.
+        # so that N processes see what one process with the same global batch would (mixup/cutmix
+        # aside: they pair images within this rank's share, see BatchAugment.mix).
         r, b = self.ctx.rank, len(images)
         # BatchLoader deals rank r the global positions r, r + W, r + 2W, ... of each global batch.
         x, y = self.augment(images, targets, draw=b * self.ctx.world_size, take=slice(r, b * self.ctx.world_size, self.ctx.world_size))
@@ -230,10 +243,11 @@ class Trainer:
 
         accum = cfg.schedule.grad_accum
         total = torch.zeros((), device=self.device)
-        for i, (xs, ys) in enumerate(zip(x.chunk(accum), y.chunk(accum))):
+        chunks = list(zip(x.chunk(accum), y.chunk(accum)))
+        for i, (xs, ys) in enumerate(chunks):
             # DDP all-reduces the gradients once, on the last micro-batch (the forward must be inside
-            # no_sync too: DDP prepares the reduction there).
-            with (self.net.no_sync() if i < accum - 1 and self.ctx.distributed else contextlib.nullcontext()):
+            # no_sync too: DDP prepares the reduction there). The last one that exists: chunk() may make fewer.
+            with (self.net.no_sync() if i < len(chunks) - 1 and self.ctx.distributed else contextlib.nullcontext()):
                 with self.engine.autocast():
                     logits = self.net(xs)
                 loss = self.loss_fn(logits, ys) * (len(xs) / len(x))

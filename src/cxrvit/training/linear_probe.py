@@ -21,7 +21,9 @@ What is fitted, and on what:
 from __future__ import annotations
 
 import json
+import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +33,9 @@ from cxrvit.data import splits
 from cxrvit.data.preprocess import Preprocessing, eval_transform
 from cxrvit.engine.runlog import METRICS
 from cxrvit.evaluation.metrics import auroc, tune_thresholds
-from cxrvit.fileio import json_safe
+from cxrvit.fileio import atomic_write, json_safe
 from cxrvit.inference.bundle import save_bundle
-from cxrvit.model.checkpoints import load_backbone
+from cxrvit.model.checkpoints import load_init_backbone
 from cxrvit.model.vit import VisionTransformer, build_model
 from cxrvit.runtime import resolve_device
 from cxrvit.training.augment import BatchAugment
@@ -264,9 +266,7 @@ def fit_linear_probe(cfg: TrainConfig, cache, train_rows, val_rows, out_dir, ini
     model = build_model(cfg.model.arch, num_classes=len(labels), attention=cfg.model.attention,
                         pos_embed=cfg.model.pos_embed, global_pool=cfg.model.global_pool,
                         n_last_blocks=cfg.model.n_last_blocks)
-    init_report = None
-    if init is not None:
-        _, init_report = load_backbone(init, model)
+    init_report = load_init_backbone(init, model) if init is not None else None   # refuses a file with no backbone
     model.to(dev)
     prep = Preprocessing(size=cfg.model.img_size)
 
@@ -274,7 +274,9 @@ def fit_linear_probe(cfg: TrainConfig, cache, train_rows, val_rows, out_dir, ini
     feats = _load_features(feats_path, rows, p.views, _fingerprint(cfg, init)) if resume else None
     if feats is None:
         feats = _extract(model, cache, rows, cfg, prep, dev, progress)
-        np.savez(feats_path, rows=rows, feats=feats, views=p.views, fingerprint=_fingerprint(cfg, init))
+        # Atomically: a kill mid-write must leave no torn file for the next --resume to trip on.
+        atomic_write(feats_path, lambda tmp: np.savez(tmp, rows=rows, feats=feats, views=p.views,
+                                                      fingerprint=_fingerprint(cfg, init)))
     n = len(rows)
     plain = feats[:n]                                  # view 0 is always the scoring view
     view_rows = np.tile(rows, p.views)
@@ -347,10 +349,16 @@ def _fingerprint(cfg: TrainConfig, init) -> str:
 
 
 def _load_features(path: Path, rows: np.ndarray, views: int, fingerprint: str) -> np.ndarray | None:
+    """The cached features when they are these rows' and this backbone's, else None (extract them again)."""
     if not path.is_file():
         return None
-    with np.load(path, allow_pickle=False) as z:
-        if (np.array_equal(z["rows"], rows) and int(z["views"]) == views
-                and str(z["fingerprint"]) == fingerprint):
-            return z["feats"]
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if (np.array_equal(z["rows"], rows) and int(z["views"]) == views
+                    and str(z["fingerprint"]) == fingerprint):
+                return z["feats"]
+    except (zipfile.BadZipFile, ValueError, KeyError, EOFError, OSError) as exc:
+        # A torn file (written in place by versions before the atomic write) or a foreign one: only a cache.
+        print(f"linear probe: {path} is unreadable ({type(exc).__name__}: {exc}); extracting the features again",
+              file=sys.stderr, flush=True)
     return None
