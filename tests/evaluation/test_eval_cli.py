@@ -3,8 +3,10 @@ import json
 
 import numpy as np
 
+import cxrvit.evaluation.compare as compare_module
 from cxrvit.cli import main
-from evalfakes import LABELS, make_bundle
+from cxrvit.evaluation.compare import paired_compare
+from evalfakes import LABELS, FakeCache, make_bundle
 
 
 def _bundles(tmp_path, cache):
@@ -56,3 +58,18 @@ def test_compare_cli(tmp_path, nih_tiny_cache, capsys):
     assert "b − a mean F1 = " in out
     c = json.loads((tmp_path / "c.json").read_text())
     assert c["difference"] == "b - a" and set(c["targets"]) == {"Atelectasis", "Effusion", "Mass/Nodule"}
+
+
+def test_compare_json_into_a_new_folder_is_strict(tmp_path, monkeypatch, capsys):
+    """--json DIR/new/c.json used to crash with FileNotFoundError after the whole bootstrap."""
+    cache = FakeCache(n_patients=20)
+    y = cache.labels(LABELS).astype(float)
+    y[:, LABELS.index("Mass/Nodule")] = 0               # an undefined AUROC: null in the file, not NaN
+    rng = np.random.default_rng(0)
+    c = paired_compare(y, rng.random(y.shape), 0.5, rng.random(y.shape), 0.5, cache.patient_ids, LABELS,
+                       names=("a", "b"), n_resamples=10)
+    monkeypatch.setattr(compare_module, "compare_runs", lambda *a, **kw: c)
+    out = tmp_path / "new" / "deeper" / "c.json"
+    assert main(["compare", "A", "B", "--data", "C", "--split", "all", "--json", str(out)]) == 0
+    text = out.read_text()
+    assert "NaN" not in text and json.loads(text)["targets"]["Mass/Nodule"]["auroc_a"] is None

@@ -1,4 +1,6 @@
 """Paired comparison and the patient bootstrap it rests on."""
+import json
+
 import numpy as np
 import pytest
 from evalfakes import LABELS, FakeCache, make_bundle
@@ -105,3 +107,18 @@ def test_compare_runs_uses_same_rows_and_refuses_leaks(tmp_path, cache):
         compare_runs(a, leaky, "C", "test", cache=cache, n_resamples=10)
     with pytest.raises(ValueError, match="held-out"):
         compare_runs(a, b, "C", "val", cache=cache)
+
+
+def test_comparison_json_is_strict_where_an_auroc_is_undefined():
+    """A target without a positive among the images has a NaN AUROC; the JSON says null, never NaN."""
+    cache, y, weak, strong = _preds(n_patients=40)
+    y[:, LABELS.index("Mass/Nodule")] = 0
+    c = paired_compare(y, weak, 0.5, strong, 0.5, cache.patient_ids, LABELS, n_resamples=20)
+    out = json.loads(json.dumps(c.to_json(), allow_nan=False))
+    mass = out["targets"]["Mass/Nodule"]
+    assert mass["auroc_a"] is None and mass["auroc_b"] is None and mass["diff_auroc"]["value"] is None
+    assert out["targets"]["Effusion"]["auroc_b"] == pytest.approx(M.auroc(y, strong)[1])
+    g = gain_contrast(y, (weak, 0.5), (strong, 0.5), (weak, 0.5), (strong, 0.5), cache.patient_ids, LABELS,
+                      n_resamples=20)
+    gains = json.loads(json.dumps(g.to_json(), allow_nan=False))["gain_auroc"]
+    assert gains["Mass/Nodule"] == [None, None] and all(v is not None for v in gains["Effusion"])

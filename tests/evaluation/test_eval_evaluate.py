@@ -9,7 +9,7 @@ from sklearn.metrics import roc_auc_score
 
 from cxrvit.evaluation.evaluate import (ThresholdLeakError, check_thresholds_held_out, evaluate_run,
                                         predict_rows, score_predictions, select_rows)
-from cxrvit.evaluation.report import markdown
+from cxrvit.evaluation.report import markdown, provenance_line
 from cxrvit.inference.bundle import load_bundle
 
 from evalfakes import LABELS, FakeCache, make_bundle
@@ -34,7 +34,7 @@ def test_eval_end_to_end_json_keys(tmp_path, cache):
     run = make_bundle(tmp_path / "run", cache, _val_rows(cache))
     res = evaluate_run(run, "C", "test", cache=cache, n_resamples=50)
     out = res.to_json()
-    json.dumps(out)  # serialisable: no NaN objects, no numpy scalars
+    json.dumps(out, allow_nan=False)  # strict JSON: no NaN, no numpy scalars
     assert list(out["targets"])[:3] == ["Atelectasis", "Effusion", "Mass/Nodule"]  # scored first
     test_rows = select_rows(cache, "test")
     y = cache.labels(LABELS)[test_rows]
@@ -84,6 +84,53 @@ def test_guard_refuses_tuning_images_and_their_patients(tmp_path, cache):
     # Asking for the tuning images by name works, and is flagged as in-sample.
     res = evaluate_run(run, "C", "val", cache=cache, n_resamples=10)
     assert res.provenance["in_sample"] is True and res.n_images == 1
+
+
+def _follow_up_cache(cache, tuned):
+    """Another cache of the same patients without the tuning films themselves (their other films stay)."""
+    other = FakeCache()
+    keep = ~other.index["image"].isin(cache.index["image"].iloc[tuned]).to_numpy()
+    other.index = other.index[keep].reset_index(drop=True)
+    other.pixels, other.patient_ids = other.pixels[keep], other.patient_ids[keep]
+    return other
+
+
+def _tuning(cache):
+    """First films of train_val patients with more than one film, so each has a follow-up elsewhere."""
+    pid = cache.patient_ids
+    many = {p for p in pid if (pid == p).sum() > 1}
+    first = cache.index["image"].str.endswith("_000.png").to_numpy()
+    tv = cache.index["official_split"].to_numpy() == "train_val"
+    return np.flatnonzero(first & tv & np.isin(pid, list(many)))[:5]
+
+
+def test_guard_reads_recorded_patients_against_another_cache(cache):
+    tuned = _tuning(cache)
+    other = _follow_up_cache(cache, tuned)
+    rows = select_rows(other, "all")
+    patients = sorted(set(cache.patient_ids[tuned]))
+    source = {"split": "val", "images": cache.index["image"].iloc[tuned].tolist(), "patients": patients}
+    assert np.isin(other.patient_ids, patients).any()         # the follow-up films are there...
+    with pytest.raises(ThresholdLeakError, match=f"{len(patients)} patients"):
+        check_thresholds_held_out(source, other, rows)       # ...and are refused, by patient ID
+    held_out = rows[~np.isin(other.patient_ids[rows], patients)]
+    prov = check_thresholds_held_out(source, other, held_out)
+    assert prov["verified"] is True and prov["in_sample"] is False and prov["overlap_images"] == 0
+
+
+def test_guard_without_patients_cannot_verify_images_absent_from_the_cache(cache):
+    tuned = _tuning(cache)
+    other = _follow_up_cache(cache, tuned)
+    rows = select_rows(other, "all")
+    source = {"split": "val", "images": cache.index["image"].iloc[tuned].tolist()}
+    prov = check_thresholds_held_out(source, other, rows)     # it used to say verified, no overlap
+    assert prov["verified"] is False and prov["in_sample"] is None
+    assert prov["reason"].startswith(f"{len(tuned)} of the {len(tuned)} tuning images are not in this cache")
+    assert "threshold_source.patients" in prov["reason"] and prov["reason"] in provenance_line(prov)
+    # the same cache the images came from: looked up there, refused as before
+    with pytest.raises(ThresholdLeakError, match="optimistic"):
+        check_thresholds_held_out(source, cache, select_rows(cache, "all"))
+    assert check_thresholds_held_out(source, cache, select_rows(cache, "test"))["verified"] is True
 
 
 def test_guard_requires_recorded_threshold_source(cache):

@@ -164,6 +164,16 @@ def test_pretraining_runs_per_fold_on_training_images_only(tmp_path, monkeypatch
     ({"pretrain": {"mae-seed1": {"method": "mae"}},
       "arms": [{"name": "baseline", "recipe": "baseline"}, {"name": "x", "recipe": "improved", "pretrain": "mae-seed1"}]},
      "may not contain"),
+    # a repeated seed used to fail only after training, as "the folds are not a partition"
+    ({"seeds": [0, 1, 0], "arms": [{"name": "baseline", "recipe": "baseline"}, {"name": "x", "recipe": "probe-random"}]},
+     r"'seeds' repeats \[0\]"),
+    ({"seeds": [0, "1"], "arms": [{"name": "baseline", "recipe": "baseline"}, {"name": "x", "recipe": "probe-random"}]},
+     r"non-negative integers; \['1'\]"),
+    ({"seeds": [0, 1.5, True, -1], "arms": [{"name": "baseline", "recipe": "baseline"},
+                                           {"name": "x", "recipe": "probe-random"}]},
+     r"non-negative integers; \[1\.5, True, -1\]"),
+    ({"seeds": 3, "arms": [{"name": "baseline", "recipe": "baseline"}, {"name": "x", "recipe": "probe-random"}]},
+     "non-empty list of integers, got 3"),
 ])
 def test_bad_arms_files_name_the_file_and_the_problem(tmp_path, body, message):
     path = tmp_path / "bad.yaml"

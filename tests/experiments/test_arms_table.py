@@ -7,8 +7,8 @@ from sklearn.metrics import f1_score, roc_auc_score
 
 import cxrvit.experiments.arms as arms_module
 from cxrvit.experiments.arms import run_arms
-from cxrvit.experiments.arms_table import learning_summary
-from cxrvit.experiments.crossval import git_commit, load_fold
+from cxrvit.experiments.arms_table import ArmsResult, fold_seed_cells, learning_summary
+from cxrvit.experiments.crossval import FoldPredictions, git_commit, load_fold
 from cxrvit.experiments.plan import arm_dir, load_plan
 from cxrvit.labels import SCORED_TARGETS
 from cxrvit.runtime import machine_description
@@ -140,3 +140,19 @@ def test_learning_summary_reads_epochs_of_fine_tuning_and_the_c_search_of_a_prob
     probes = [run(f"p{i}", [{"kind": "val", "C": c, "score": v} for c, v in grid])
               for i, grid in enumerate([[(0.1, 0.55), (1.0, 0.60)], [(0.1, 0.58), (1.0, 0.52)]])]
     assert learning_summary(probes) == {"probe_oof": pytest.approx(0.59), "C": [1.0, 0.1]}
+
+
+def test_a_fold_without_a_positive_is_null_in_the_table_json():
+    """One fold's held-out images carry no Effusion: its per-fold mean AUROC is NaN, written as null."""
+    labels = ["Atelectasis", "Effusion", "Mass/Nodule"]
+    rng = np.random.default_rng(0)
+    y = (rng.random((12, 3)) < 0.5).astype(float)
+    y[:6, 1] = 0                                           # fold 0 (rows 0..5): no Effusion
+    folds = [FoldPredictions(np.arange(6 * f, 6 * f + 6), rng.random((6, 3)), np.full(3, 0.5), labels, 1.0)
+             for f in range(2)]
+    cells = fold_seed_cells(y, {"a": {0: folds}}, labels, [0, 1])
+    assert np.isnan(cells["a"]["f0s0"]["mean_auroc"]) and not np.isnan(cells["a"]["f1s0"]["mean_auroc"])
+    res = ArmsResult(["a"], "a", {}, {}, {"a": {"train": 1.0, "pretrain": 0.0}}, {}, cells=cells)
+    out = json.loads(json.dumps(res.to_json(), allow_nan=False))
+    assert out["per_fold_seed"]["a"]["f0s0"]["mean_auroc"] is None
+    assert out["per_fold_seed"]["a"]["f1s0"] == pytest.approx(cells["a"]["f1s0"])

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import cxrvit.experiments.arms as arms_module
 from cxrvit.cli import main
 
 TINY = ["model.arch=vit_tiny", "model.img_size=32", "schedule.epochs=1", "schedule.batch_size=16",
@@ -68,3 +69,20 @@ def test_bench_arms_refuses_a_bad_reference_or_tables_stem_before_any_work(tmp_p
                  flag, value]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()                                     # refused before a folder or a cache is touched
+
+
+def test_append_to_a_file_in_a_new_folder(tmp_path, monkeypatch, capsys):
+    """--append-to DIR/new/x.md used to crash with FileNotFoundError once the benchmark had finished."""
+    plan = tmp_path / "arms.yaml"
+    plan.write_text(yaml.safe_dump({"folds": 2, "arms": [{"name": "baseline", "recipe": "baseline"},
+                                                         {"name": "probe", "recipe": "probe-random"}]}))
+
+    class Finished:
+        def markdown(self):
+            return "| the table |\n"
+
+    monkeypatch.setattr(arms_module, "run_arms", lambda *a, **kw: Finished())
+    target = tmp_path / "new" / "notes.md"
+    assert main(["bench", "arms", str(plan), "--data", "C", "--out", str(tmp_path / "o"),
+                 "--append-to", str(target)]) == 0
+    assert target.read_text() == "\n| the table |\n"

@@ -15,7 +15,7 @@ from cxrvit.cli import main
 from cxrvit.data.preprocess import Preprocessing
 import cxrvit.inference.bundle as bundle_module
 from cxrvit.inference.bundle import load_bundle, save_bundle
-from cxrvit.inference.export import select_labels
+from cxrvit.inference.export import metadata_path, select_labels
 from cxrvit.labels import DEFAULT_LABELS
 from cxrvit.model.checkpoints import load_backbone, read_export_metadata
 from cxrvit.model.vit import VisionTransformer, vit_small
@@ -73,7 +73,8 @@ def test_dino_export_loads_strict_into_independent_dino(small_run, dino_export):
     cols = [DEFAULT_LABELS.index(c) for c in CHOSEN]
     with torch.no_grad():
         torch.testing.assert_close(ref.head(ref(x)), model(x)[:, cols], atol=1e-5, rtol=1e-5)
-    meta = json.loads(dino_export.with_suffix(".json").read_text())
+    meta = json.loads(metadata_path(dino_export).read_text())
+    assert metadata_path(dino_export).name == "model.pth.json"
     assert meta["labels"] == CHOSEN and meta["layout"] == "dino"
     assert meta["thresholds"] == {c: bundle_meta["thresholds"][c] for c in CHOSEN}
     exported = meta["preprocessing"]
@@ -103,6 +104,23 @@ def test_unknown_label_is_named(tmp_path, capsys, monkeypatch):
                "--out", str(tmp_path / "x.pth")])
     assert rc == 2 and "Cardiomegally" in capsys.readouterr().err
     assert not (tmp_path / "x.pth").exists()
+
+
+def test_side_files_of_two_formats_differ_and_never_overwrite_the_weights(tmp_path, capsys, monkeypatch):
+    # model.pth and model.onnx used to share model.json; --out x.json wrote the metadata over the weights.
+    assert metadata_path(tmp_path / "model.pth") != metadata_path(tmp_path / "model.onnx")
+    assert metadata_path(tmp_path / "model.onnx").name == "model.onnx.json"
+    monkeypatch.setattr(bundle_module, "build_model", one_block)
+    run = make_bundle(tmp_path / "run_t", one_block(num_classes=len(DEFAULT_LABELS)), 32)
+    out = tmp_path / "x.json"
+    assert main(["export", "--model", str(run), "--format", "dino", "--labels", "Effusion", "--out", str(out)]) == 0
+    assert torch.load(out, weights_only=True)["head.weight"].shape == (1, 192)   # still the weights
+    assert json.loads((tmp_path / "x.json.json").read_text())["labels"] == ["Effusion"]
+    assert "x.json.json" in capsys.readouterr().out
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    assert main(["export", "--model", str(run), "--format", "onnx", "--out", str(folder)]) == 2
+    assert f"{folder}: --out must name a file" in capsys.readouterr().err
 
 
 def test_select_labels_keeps_requested_order():
@@ -143,7 +161,7 @@ def test_onnx_export_dynamic_batch_and_size_matches_torch(tmp_path, monkeypatch,
     out = tmp_path / "model.onnx"
     assert main(["export", "--model", str(run), "--format", "onnx", "--labels", ",".join(CHOSEN),
                  "--dynamic-size", "--out", str(out)]) == 0
-    meta = json.loads(out.with_suffix(".json").read_text())
+    meta = json.loads((tmp_path / "model.onnx.json").read_text())
     assert meta["labels"] == CHOSEN and meta["onnx"]["max_abs_diff_vs_torch"] < 1e-4
     assert meta["read_out"] == {"global_pool": pool, "n_last_blocks": blocks}
     assert meta["onnx"]["checked_sizes"] == [[32, 32], [64, 48]]

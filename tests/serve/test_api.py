@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import logging
 import threading
@@ -45,6 +46,14 @@ def test_health_model_page_and_openapi(serve_bundle):
     assert page.status_code == 200 and 'id="findings"' in page.text and "/static/viewer.js" in page.text
     assert c.get("/static/viewer.js").status_code == 200
     assert "/api/predict" in c.get("/openapi.json").json()["paths"]
+
+
+def test_model_info_counts_tuning_patients_instead_of_listing_them(serve_bundle):
+    """Bundles now record their tuning patients' IDs (the evaluation guard reads them): the API says how many."""
+    bundle = dataclasses.replace(serve_bundle, threshold_source={"split": "val", "images": ["a.png", "b.png"],
+                                                                 "patients": ["00000001", "00000002"]})
+    m = client(bundle).get("/api/model").json()
+    assert m["threshold_source"] == {"split": "val", "images": 2, "patients": 2}
 
 
 def test_predict_real_cxr_dicom_matches_cli_scoring(serve_bundle, dicoms):

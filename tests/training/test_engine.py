@@ -41,6 +41,7 @@ def test_run_writes_a_loadable_bundle_with_val_thresholds(tiny_run, tiny_cache):
     names = tiny_cache.index["image"].to_numpy()
     assert bundle.threshold_source["split"] == "val"
     assert sorted(bundle.threshold_source["images"]) == sorted(names[va])
+    assert bundle.threshold_source["patients"] == sorted(set(tiny_cache.patient_ids[va].astype(str)))
     assert bundle.config["name"] == "finetune"
     # the bundle holds the best-on-validation (EMA) weights
     best = load_file(str(out / engine.BEST))

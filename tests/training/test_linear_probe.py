@@ -115,6 +115,8 @@ def test_probe_bundle_scores_as_fitted_and_thresholds_are_cross_fitted(tiny_cach
     # Every training image (train and validation rows) tuned the thresholds; none of the test split did.
     assert meta["threshold_source"]["split"] == "cross-fitted"
     assert set(meta["threshold_source"]["images"]) == names
+    # ... and their patients, so scoring another cache with other films of them is caught (evaluate's guard)
+    assert meta["threshold_source"]["patients"] == sorted(set(tiny_cache.patient_ids[rows].astype(str)))
     assert meta["training"]["C"] in (0.1, 1.0) and len(meta["training"]["c_search"]) == 2
     assert [json.loads(line)["C"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0.1, 1.0]
 

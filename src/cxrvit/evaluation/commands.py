@@ -61,8 +61,7 @@ def cmd_eval(args) -> int:
     if result.provenance.get("in_sample") or not result.provenance.get("verified"):
         print("warning: " + provenance_line(result.provenance).replace("**", ""), file=sys.stderr)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result.to_json(), indent=2))
+        _write_json(args.json, result.to_json())
     if args.report:
         path = write_report(result, args.report, title=f"cxrvit eval: {args.model} ({args.split})")
         print(f"report: {path}")
@@ -80,5 +79,14 @@ def cmd_compare(args) -> int:
         return _fail(exc)
     print(c.markdown())
     if args.json:
-        Path(args.json).write_text(json.dumps(c.to_json(), indent=2))
+        _write_json(args.json, c.to_json())
     return 0
+
+
+def _write_json(path: str, obj: dict) -> None:
+    """Write ``--json`` output, creating its folder (the numbers took a bootstrap to get: do not lose them to a
+    missing folder). allow_nan=False: to_json maps undefined numbers to null, and a NaN that slips past it
+    fails here instead of writing a file that strict JSON parsers reject."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(obj, indent=2, allow_nan=False))

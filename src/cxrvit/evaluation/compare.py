@@ -17,6 +17,7 @@ from cxrvit.evaluation import metrics as M
 from cxrvit.evaluation.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, Estimate, PatientBootstrap, estimates, verdict
 from cxrvit.evaluation.evaluate import (bundle_thresholds, cache_targets, check_thresholds_held_out, predict_rows,
                                         read_bundle_meta, select_rows)
+from cxrvit.fileio import json_safe
 from cxrvit.inference.bundle import load_bundle
 from cxrvit.labels import SCORED_TARGETS
 from cxrvit.runtime import resolve_device
@@ -47,7 +48,8 @@ class Comparison:
 
     def to_json(self) -> dict:
         a, b = self.names
-        return {
+        # json_safe: an AUROC is NaN where a target has no positive among the images; JSON has no NaN.
+        return json_safe({
             "a": a, "b": b, "difference": "b - a", "n_images": self.n_images, "n_patients": self.n_patients,
             "bootstrap": self.bootstrap, "verdict": self.verdict, "verdict_auroc": self.verdict_auroc,
             "targets": {
@@ -57,7 +59,7 @@ class Comparison:
                 for t in self.targets
             },
             "mean": {"diff_f1": self.diff_f1["mean"].to_dict(), "diff_auroc": self.diff_auroc["mean"].to_dict()},
-        }
+        })
 
     def markdown(self) -> str:
         a, b = self.names
@@ -166,12 +168,13 @@ class GainContrast:
     bootstrap: dict
 
     def to_json(self) -> dict:
-        return {"a": self.curves[0], "b": self.curves[1], "shares": list(self.shares),
+        # json_safe: a gain in AUROC is NaN where a target has no positive among the images.
+        return json_safe({"a": self.curves[0], "b": self.curves[1], "shares": list(self.shares),
                 "difference": "(b_hi - b_lo) - (a_hi - a_lo)", "n_images": self.n_images, "bootstrap": self.bootstrap,
                 "gain_auroc": {t: list(v) for t, v in self.gain_auroc.items()},
                 "gain_f1": {t: list(v) for t, v in self.gain_f1.items()},
                 "diff_auroc": {t: e.to_dict() for t, e in self.diff_auroc.items()},
-                "diff_f1": {t: e.to_dict() for t, e in self.diff_f1.items()}}
+                "diff_f1": {t: e.to_dict() for t, e in self.diff_f1.items()}})
 
 
 def gain_contrast(y_true, a_lo, a_hi, b_lo, b_hi, patient_ids, labels, *, curves=("A", "B"), shares=("lo", "hi"),

@@ -9,7 +9,6 @@ Honesty rules this module enforces rather than documents:
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from cxrvit.data.cache import CXRCache
 from cxrvit.evaluation import metrics as M
 from cxrvit.evaluation.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED, Estimate, PatientBootstrap, estimates
 from cxrvit.fileio import json_safe
-from cxrvit.inference.bundle import load_bundle
+from cxrvit.inference.bundle import META_FILE, TUNING_PATIENTS_KEY, load_bundle, read_meta
 from cxrvit.labels import SCORED_TARGETS
 from cxrvit.runtime import resolve_device
 
@@ -65,25 +64,45 @@ def check_thresholds_held_out(threshold_source: dict, cache, rows: np.ndarray, *
                               allow_unverified: bool = False, run: str = "bundle") -> dict:
     """Refuse to score images that share a patient with the threshold-tuning images.
 
+    The tuning patients are ``threshold_source.patients`` when the bundle records them (compared with the
+    scored rows' patient IDs directly, so any cache can be checked); otherwise they are looked up from
+    ``threshold_source.images`` in this cache, which only works for the images the cache holds: when some
+    are not in it, the check cannot be complete and the provenance says ``verified: False`` and why.
+
     Returns a provenance dict for the report: where the thresholds came from, whether that could
     be verified, and whether the scored images are in-sample for them.
     """
     source = dict(threshold_source or {})
     where = source.get("split", "unknown")
-    fitted = source.get("images")
-    if fitted is None:
+    fitted, recorded_patients = source.get("images"), source.get(TUNING_PATIENTS_KEY)
+    if fitted is None and recorded_patients is None:
         if not allow_unverified:
             raise ThresholdLeakError(
                 f"{run}: bundle.json does not record which images its thresholds were tuned on "
                 "(threshold_source.images), so cxrvit cannot show they are held out from the images being "
                 "scored. Pass --allow-unverified-thresholds to score anyway; the report will say so."
             )
-        return {"split": where, "verified": False, "in_sample": None, "tuning_images": None, "overlap_images": None}
-    fitted = set(map(str, fitted))
+        return {"split": where, "verified": False, "in_sample": None, "tuning_images": None, "overlap_images": None,
+                "reason": "the bundle does not record its tuning images"}
+    fitted = set(map(str, fitted or ()))
     names = cache.index["image"].astype(str).to_numpy()
     patients = np.asarray(cache.patient_ids).astype(str)
+    if recorded_patients is not None and not isinstance(recorded_patients, list):
+        raise ValueError(f"{run}: bundle.json threshold_source.{TUNING_PATIENTS_KEY} must be a list of patient IDs, "
+                         f"found {type(recorded_patients).__name__}")
+    found = np.isin(names, list(fitted))
+    tuning_patients = np.unique(patients[found])
+    reason = None
+    if recorded_patients is not None:
+        tuning_patients = np.union1d(tuning_patients, np.asarray([str(p) for p in recorded_patients], dtype=str))
+    else:
+        n_absent = len(fitted - set(names[found]))
+        if n_absent:
+            # An absent tuning image's patient may still have other films in this cache: no overlap cannot be shown.
+            reason = (f"{n_absent} of the {len(fitted)} tuning images are not in this cache and the bundle does not "
+                      f"record their patients (threshold_source.{TUNING_PATIENTS_KEY}), so follow-up films of those "
+                      "patients cannot be recognised")
     # Patient-level: a follow-up image of a tuning patient is not independent of the tuning set.
-    tuning_patients = np.unique(patients[np.isin(names, list(fitted))])
     leak = np.isin(names[rows], list(fitted)) | np.isin(patients[rows], tuning_patients)
     n_leak = int(leak.sum())
     if n_leak and not allow_in_sample:
@@ -94,8 +113,13 @@ def check_thresholds_held_out(threshold_source: dict, cache, rows: np.ndarray, *
             "Scoring them would report an optimistic F1. Score a held-out split (--split test, or another "
             "cache with --split all), or ask for --split val to score the tuning images knowingly."
         )
-    return {"split": where, "verified": True, "in_sample": bool(n_leak), "tuning_images": len(fitted),
-            "overlap_images": n_leak}
+    # Unverified and no overlap found: whether the scored images are in-sample is unknown, not "no".
+    in_sample = True if n_leak else (False if reason is None else None)
+    provenance = {"split": where, "verified": reason is None, "in_sample": in_sample,
+                  "tuning_images": len(fitted) if fitted else None, "overlap_images": n_leak}
+    if reason:
+        provenance["reason"] = reason
+    return provenance
 
 
 # --------------------------------------------------------------------------- predictions
@@ -150,7 +174,8 @@ class EvalResult:
         return self.headline["mean_f1_scored"].value
 
     def to_json(self) -> dict:
-        return {
+        # json_safe over the whole: info and provenance may carry floats too; JSON has no NaN.
+        return json_safe({
             **self.info,
             "split": self.split,
             "n_images": self.n_images,
@@ -162,7 +187,7 @@ class EvalResult:
             "per_image": self.per_image,
             "bootstrap": self.bootstrap,
             "targets": self.targets,
-        }
+        })
 
 
 def score_predictions(y_true: np.ndarray, y_prob: np.ndarray, thresholds: np.ndarray, patient_ids, labels,
@@ -252,13 +277,10 @@ def cache_targets(cache, labels, data: str = "cache") -> np.ndarray:
 
 def read_bundle_meta(run: str | os.PathLike) -> dict:
     """``RUN/bundle.json`` as a dict, with a clear error when ``run`` is not a bundle."""
-    path = Path(run) / "bundle.json"
+    path = Path(run) / META_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{run}: not a cxrvit model bundle (bundle.json missing)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON: {exc}") from exc
+        raise FileNotFoundError(f"{run}: not a cxrvit model bundle ({META_FILE} missing)")
+    return read_meta(path)
 
 
 def bundle_thresholds(bundle, run: str = "bundle") -> np.ndarray:

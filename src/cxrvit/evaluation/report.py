@@ -9,6 +9,7 @@ Plots (matplotlib, Agg backend, no display needed), one set for the scored targe
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -38,7 +39,8 @@ def _ci(v, ci) -> str:
 
 def provenance_line(p: dict) -> str:
     if not p.get("verified"):
-        return (f"**Thresholds: source not verifiable** — the bundle does not record its tuning images "
+        why = p.get("reason") or "the bundle does not record its tuning images"
+        return (f"**Thresholds: source not verifiable** — {why} "
                 f"(declared split: {p.get('split', 'unknown')}). F1 may be optimistic.")
     if p.get("in_sample"):
         return (f"**In-sample thresholds: F1 is optimistic.** The thresholds were tuned on these very images "
@@ -163,12 +165,11 @@ def _save(fig, path: Path, plt) -> Path:
 
 def write_report(result, directory: os.PathLike | str, title: str = "cxrvit evaluation") -> Path:
     """Write ``report.md``, ``metrics.json`` and the four PNGs into ``directory``; return report.md."""
-    import json
-
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     plot_all(result, out)
-    (out / "metrics.json").write_text(json.dumps(result.to_json(), indent=2))
+    # allow_nan=False: to_json maps undefined numbers to null; a NaN past it must fail, not write bad JSON.
+    (out / "metrics.json").write_text(json.dumps(result.to_json(), indent=2, allow_nan=False))
     path = out / "report.md"
     path.write_text(markdown(result, title))
     return path

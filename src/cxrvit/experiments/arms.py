@@ -237,7 +237,8 @@ def run_arms(plan: ArmsPlan, data, out, *, only=None, device=None, progress: boo
             write_report(score, out / f"report-{name}", title=f"{name}: {score.split} predictions")
     stem = tables if reference == plan.reference else f"{tables}-vs-{reference}"
     (out / f"{stem}.md").write_text(result.markdown())
-    (out / f"{stem}.json").write_text(json.dumps(result.to_json(), indent=2))
+    # allow_nan=False: to_json maps undefined numbers to null; a NaN past it must fail, not write bad JSON.
+    (out / f"{stem}.json").write_text(json.dumps(result.to_json(), indent=2, allow_nan=False))
     return result
 
 

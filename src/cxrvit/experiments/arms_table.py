@@ -17,6 +17,7 @@ from cxrvit.evaluation.compare import Comparison, GainContrast, gain_contrast, p
 from cxrvit.evaluation.evaluate import EvalResult, score_predictions
 from cxrvit.experiments.crossval import FoldPredictions, pool
 from cxrvit.experiments.plan import arm_dir, pretrain_dirs, scaling_key
+from cxrvit.fileio import json_safe
 from cxrvit.labels import SCORED_TARGETS
 from cxrvit.engine.runlog import METRICS, read_metrics
 
@@ -173,13 +174,14 @@ class ArmsResult:
         return "\n".join(lines)
 
     def to_json(self) -> dict:
-        return {"info": self.info, "reference": self.reference, "arms": self.arms,
+        # json_safe: a fold or seed without a positive of a target has a NaN AUROC; JSON has no NaN.
+        return json_safe({"info": self.info, "reference": self.reference, "arms": self.arms,
                 "scores": {a: s.to_json() for a, s in self.scores.items()},
                 "vs_reference": {a: c.to_json() for a, c in self.comparisons.items()},
                 "cost_minutes": self.cost_minutes, "learning": self.learning, "pretrain_probes": self.probes,
                 "scaling": self.scaling, "scaling_gain": {k: c.to_json() for k, c in self.scaling_gain.items()},
                 "scaling_contrast": {k: c.to_json() for k, c in self.scaling_contrast.items()},
-                "identical_seeds": self.identical_seeds, "per_fold_seed": self.cells}
+                "identical_seeds": self.identical_seeds, "per_fold_seed": self.cells})
 
 
 def fold_seed_cells(y_all: np.ndarray, results: dict[str, dict[int, list[FoldPredictions]]], labels: list[str],

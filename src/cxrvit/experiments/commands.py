@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from pathlib import Path
 
 from cxrvit.evaluation.bootstrap import DEFAULT_RESAMPLES
 
@@ -104,6 +105,8 @@ def _run(plan, args, *, reports: bool) -> int:
         return 0
     print(result.markdown())
     if args.append_to:
+        # The benchmark behind this table took hours: a missing folder must not lose it.
+        Path(args.append_to).parent.mkdir(parents=True, exist_ok=True)
         with open(args.append_to, "a") as f:
             f.write("\n" + result.markdown())
     return 0

@@ -120,9 +120,21 @@ def check_plan(plan: ArmsPlan, source: str) -> ArmsPlan:
                              "a data-scaling arm must see the same images in both stages")
         if "-seed" in a.name or "/" in a.name:
             raise ValueError(f"{source}: arm name {a.name!r} may not contain '/' or '-seed'")
-    if not plan.seeds:
-        raise ValueError(f"{source}: 'seeds' is empty")
+    _check_seeds(plan.seeds, source)
     return plan
+
+
+def _check_seeds(seeds, source: str) -> None:
+    """A list of distinct non-negative integers: each seed is a folder and a training of every arm, so a repeated
+    one would run and stack the same folds twice (and then fail, late, as folds that do not partition the cache)."""
+    if not isinstance(seeds, list) or not seeds:
+        raise ValueError(f"{source}: 'seeds' must be a non-empty list of integers, got {seeds!r}")
+    bad = [s for s in seeds if not isinstance(s, int) or isinstance(s, bool) or s < 0]
+    if bad:
+        raise ValueError(f"{source}: 'seeds' must be non-negative integers; {bad!r} are not")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise ValueError(f"{source}: 'seeds' repeats {repeated} ({seeds}); each seed may appear once")
 
 
 def _check_init_from(plan: ArmsPlan, name: str, source: str) -> None:

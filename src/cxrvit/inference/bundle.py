@@ -3,7 +3,8 @@
 A bundle (a finished training run's folder, ``RUN/``) holds
 - ``model.safetensors``: the chosen (best-on-validation) weights, DINO key layout, head of K labels;
 - ``bundle.json``: ``arch``, ``global_pool`` (what the head reads), ``labels`` (K names, head order),
-  ``thresholds`` (label -> float, tuned on validation data), ``threshold_source`` (which split and images they were fitted on),
+  ``thresholds`` (label -> float, tuned on validation data), ``threshold_source`` (which split and images
+  they were fitted on, and ``patients``: those images' patient IDs, so another cache can be checked too),
   ``preprocessing`` (:class:`~cxrvit.data.preprocess.Preprocessing` as a dict), ``config`` (the
   resolved training config) and ``val_patients_hash`` (so evaluation can refuse to score the
   images the thresholds were tuned on).
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cxrvit.data.preprocess import Preprocessing
@@ -25,6 +27,18 @@ from cxrvit.model.vit import VisionTransformer, build_model
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "bundle.json"
+#: Keys of bundle.json that load_bundle cannot do without.
+REQUIRED_META = ("labels", "thresholds", "preprocessing")
+#: threshold_source key under which a bundle records its tuning images' patient IDs: scoring checks held-out
+#: patients against it, so another cache holding other films of those patients is caught too.
+TUNING_PATIENTS_KEY = "patients"
+
+
+def tuning_source(split: str, images, patients, **details) -> dict:
+    """``threshold_source`` for a bundle: the split its thresholds were tuned on, those images' names and
+    their patients (distinct, sorted)."""
+    return {"split": split, **details, "images": [str(i) for i in images],
+            TUNING_PATIENTS_KEY: sorted({str(p) for p in patients})}
 
 
 @dataclass
@@ -80,12 +94,15 @@ def save_bundle(directory: os.PathLike | str, model: VisionTransformer, labels: 
 
 
 def load_bundle(directory: os.PathLike | str, device: str | torch.device = "cpu") -> Bundle:
+    """Read a bundle folder. A missing file raises FileNotFoundError; a file that is there but unreadable
+    (truncated weights, bad JSON, a key missing) raises ValueError naming that file, which every command
+    turns into a one-line error and exit code 2."""
     directory = Path(directory)
     meta_path, weights_path = directory / META_FILE, directory / WEIGHTS_FILE
     for p in (meta_path, weights_path):
         if not p.is_file():
             raise FileNotFoundError(f"{directory}: not a cxrvit model bundle ({p.name} missing)")
-    meta = json.loads(meta_path.read_text())
+    meta = read_meta(meta_path)
     labels = list(meta["labels"])
     # Built on the meta device: random initialisation of 22M parameters that the file overwrites
     # anyway was most of the load time; assign=True adopts the loaded tensors instead.
@@ -96,16 +113,45 @@ def load_bundle(directory: os.PathLike | str, device: str | torch.device = "cpu"
                                 n_last_blocks=int(meta.get("n_last_blocks", 1)))
         except ValueError as exc:   # an unknown arch or global_pool, or n_last_blocks beyond the depth
             raise ValueError(f"{meta_path}: {exc}") from None
-    state = load_file(str(weights_path))
-    model.load_state_dict(state, strict=True, assign=True)
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError) as exc:   # truncated or not a safetensors file at all
+        raise ValueError(f"{weights_path}: unreadable weights: {exc}") from None
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:   # keys or shapes of another model than bundle.json describes
+        raise ValueError(f"{weights_path}: weights do not fit the model {meta_path.name} describes: {exc}") from None
     model.to(device).eval()
+    try:
+        thresholds = {str(k): float(v) for k, v in meta["thresholds"].items()}
+        preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+    except (AttributeError, TypeError, ValueError, KeyError) as exc:
+        raise ValueError(f"{meta_path}: bad thresholds or preprocessing: {exc!r}") from None
     return Bundle(
         model=model,
         labels=labels,
-        thresholds={k: float(v) for k, v in meta["thresholds"].items()},
-        preprocessing=Preprocessing.from_dict(meta["preprocessing"]),
+        thresholds=thresholds,
+        preprocessing=preprocessing,
         arch=meta.get("arch", "vit_small"),
         threshold_source=meta.get("threshold_source", {}),
         config=meta.get("config", {}),
         meta=meta,
     )
+
+
+def read_meta(meta_path: Path) -> dict:
+    """``bundle.json`` as a dict holding at least :data:`REQUIRED_META`, or ValueError naming the file."""
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{meta_path}: not valid JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path}: expected a JSON object, found {type(meta).__name__}")
+    missing = [key for key in REQUIRED_META if key not in meta]
+    if missing:
+        raise ValueError(f"{meta_path}: missing {', '.join(repr(k) for k in missing)} "
+                         f"(a cxrvit bundle.json records {', '.join(REQUIRED_META)})")
+    labels = meta["labels"]
+    if not isinstance(labels, list) or not labels or not all(isinstance(name, str) for name in labels):
+        raise ValueError(f"{meta_path}: 'labels' must be a non-empty list of label names, found {labels!r}")
+    return meta

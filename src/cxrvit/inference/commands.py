@@ -56,8 +56,9 @@ def register(subparsers) -> None:
         description="Export a model bundle. The head keeps only --labels (in that order).")
     e.add_argument("--model", required=True, metavar="RUN", help="model bundle folder (model.safetensors + bundle.json)")
     e.add_argument("--format", default="dino", choices=("dino", "safetensors", "onnx"),
-                   help="dino: plain DINO-layout state_dict (torch.save) + <out>.json; safetensors: metadata "
-                        "in the header; onnx: grey [B,1,H,W] in 0..1 -> logits, probabilities (+ <out>.json)")
+                   help="dino: plain DINO-layout state_dict (torch.save) + <out>.json (model.pth -> "
+                        "model.pth.json); safetensors: metadata in the header; onnx: grey [B,1,H,W] in 0..1 -> "
+                        "logits, probabilities (+ <out>.json)")
     e.add_argument("--labels", default=None,
                    help="comma-separated labels to keep, e.g. Atelectasis,Effusion,Mass/Nodule (default: all)")
     e.add_argument("--out", required=True, help="output file")

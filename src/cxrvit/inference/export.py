@@ -6,7 +6,8 @@ information needed to use the weights without cxrvit: labels, tuned thresholds a
 - ``dino``: ``torch.save`` of a plain ``{name: tensor}`` dict in DINO's layout (150 backbone keys +
   ``head.weight [K, 384]`` + ``head.bias [K]``), loadable with ``strict=True`` by DINO's own
   ``vit_small(num_classes=K)`` and readable with ``torch.load(weights_only=True)``; the metadata sits
-  beside it as ``<out>.json``.
+  beside it as ``<out>.json``, the whole name plus ``.json`` (``model.pth.json``), so a ``.pth`` and an
+  ``.onnx`` export of the same stem keep their own metadata (:func:`metadata_path`).
 - ``safetensors``: the same tensors, with the metadata JSON stored in the file header (key
   ``cxrvit``; read it with :func:`cxrvit.model.checkpoints.read_export_metadata`).
 - ``onnx``: a graph from one-channel grey in [0, 1] (``grey [B, 1, H, W]``) to ``logits`` and
@@ -96,14 +97,14 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike, fmt: str = "di
     """Export the bundle at ``run`` to ``out`` in ``fmt`` (see the module docstring)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+    out = Path(out)
+    meta_path = metadata_path(out)   # a bad --out is refused before any work (safetensors: header, no side file)
     bundle = load_bundle(run)
     state, chosen = select_labels(bundle.model, bundle.labels, labels)
     meta = export_metadata(bundle, chosen, fmt)
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "dino":
         atomic_write(out, lambda tmp: torch.save(state, tmp))
-        meta_path = out.with_suffix(".json")
         atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
         return ExportResult(out, meta, meta_path)
     if fmt == "safetensors":
@@ -122,9 +123,20 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike, fmt: str = "di
                     "outputs": ["logits", "probabilities"], "dynamic_batch": True,
                     "dynamic_size": "multiples of 16" if dynamic_size else False,
                     "opset": opset, "max_abs_diff_vs_torch": diff, "checked_sizes": [list(s) for s in sizes]}
-    meta_path = out.with_suffix(".json")
     atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
     return ExportResult(out, meta, meta_path, [f"onnxruntime vs PyTorch: max |logit diff| = {diff:.2e}"])
+
+
+def metadata_path(out: str | os.PathLike) -> Path:
+    """The metadata file beside a dino or onnx export: ``out``'s whole name plus ``.json``.
+
+    Not ``with_suffix(".json")``: ``model.pth`` and ``model.onnx`` would share ``model.json``, and
+    ``--out model.json`` would write the metadata over the weights.
+    """
+    out = Path(out)
+    if not out.name or out.is_dir():   # "/" or an existing folder: no file to put the weights in
+        raise ValueError(f"{out}: --out must name a file for the weights, not a folder")
+    return out.with_name(out.name + ".json")   # longer than out's name, so never out itself
 
 
 # -- ONNX ------------------------------------------------------------------------------------------

@@ -31,8 +31,10 @@ def model_info(bundle, source: str) -> dict:
     meta = bundle.meta
     training = dict(meta.get("training") or {})
     src = dict(bundle.threshold_source or {})
-    if isinstance(src.get("images"), list):  # the file list is long; its size says enough here
-        src["images"] = len(src["images"])
+    # The lists are long and the patient IDs identify people: their sizes say enough here.
+    for key in ("images", "patients"):
+        if isinstance(src.get(key), list):
+            src[key] = len(src[key])
     cfg = bundle.config or {}
     return {
         "bundle": Path(source).name,

@@ -33,7 +33,7 @@ from cxrvit.engine.optim import apply_schedule, param_groups, warmup_cosine
 from cxrvit.engine.runlog import read_metrics
 from cxrvit.evaluation.metrics import tune_thresholds
 from cxrvit.fileio import atomic_write, json_safe
-from cxrvit.inference.bundle import save_bundle
+from cxrvit.inference.bundle import save_bundle, tuning_source
 from cxrvit.model.checkpoints import load_init_backbone
 from cxrvit.model.vit import build_model
 from cxrvit.training.augment import BatchAugment
@@ -301,9 +301,10 @@ class Trainer:
                              self.cfg.eval.tta)
             thresholds = tune_thresholds(result.targets, result.probs)
             metrics = result.metrics(self.labels, self.scored)
-            names = [str(n) for n in self.cache.index["image"].to_numpy()[self.val_rows]]
             save_bundle(self.out, self.eval_model, self.labels, dict(zip(self.labels, thresholds.tolist())),
-                        self.prep, arch=self.cfg.model.arch, threshold_source={"split": "val", "images": names},
+                        self.prep, arch=self.cfg.model.arch, threshold_source=tuning_source(
+                            "val", self.cache.index["image"].to_numpy()[self.val_rows],
+                            self.cache.patient_ids[self.val_rows]),
                         config=config_to_dict(self.cfg),
                         extra={"training": {"best_epoch": self.progress.best_epoch, "steps": self.progress.step,
                                             "val_metrics": json_safe(metrics), "tta": self.cfg.eval.tta,

@@ -34,7 +34,7 @@ from cxrvit.data.preprocess import Preprocessing, eval_transform
 from cxrvit.engine.runlog import METRICS
 from cxrvit.evaluation.metrics import auroc, tune_thresholds
 from cxrvit.fileio import atomic_write, json_safe
-from cxrvit.inference.bundle import save_bundle
+from cxrvit.inference.bundle import save_bundle, tuning_source
 from cxrvit.model.checkpoints import load_init_backbone
 from cxrvit.model.vit import VisionTransformer, build_model
 from cxrvit.runtime import resolve_device
@@ -303,12 +303,12 @@ def fit_linear_probe(cfg: TrainConfig, cache, train_rows, val_rows, out_dir, ini
     with torch.no_grad():
         model.head.weight.copy_(torch.as_tensor(w, dtype=torch.float32))
         model.head.bias.copy_(torch.as_tensor(b, dtype=torch.float32))
-    names = [str(s) for s in cache.index["image"].to_numpy()[rows]]
     with open(out / METRICS, "w") as fh:
         for record in search:
             fh.write(json.dumps(record) + "\n")
     save_bundle(out, model.cpu(), labels, dict(zip(labels, thresholds.tolist())), prep, arch=cfg.model.arch,
-                threshold_source={"split": "cross-fitted", "folds": k, "images": names},
+                threshold_source=tuning_source("cross-fitted", cache.index["image"].to_numpy()[rows],
+                                                 cache.patient_ids[rows], folds=k),
                 config=config_to_dict(cfg),
                 extra={"training": {"strategy": "linear_probe", "C": c, "oof_mean_auroc_scored": json_safe(float(score)),
                                     "c_search": search, "images": n, "views": p.views,
