@@ -33,6 +33,48 @@ def test_bootstrap_resamples_whole_patients_and_is_seeded():
     np.testing.assert_array_equal(w, w2)  # chunking does not change the draws
 
 
+def test_crossed_bootstrap_draws_seeds_and_patients_and_leaves_one_seed_alone():
+    pids = np.tile(np.array(["a", "a", "b", "c"]), 3)           # the same 4 images under 3 seeds
+    seeds = np.repeat([0, 1, 2], 4)
+    w = np.concatenate(list(PatientBootstrap(pids, n_resamples=200, seed=5, groups=seeds).weights()))
+    plain = np.concatenate(list(PatientBootstrap(pids, n_resamples=200, seed=5).weights()))
+    # a row's weight = its patient's draws x its seed's draws; each resample draws 3 patients and 3 seeds.
+    # Read the seed draws off the most-drawn patient of the resample (drawn at least once).
+    top = plain[:, :4].argmax(1)
+    seed_draws = np.stack([w[np.arange(len(w)), top + 4 * k] / plain[np.arange(len(w)), top] for k in range(3)], 1)
+    assert np.allclose(seed_draws.sum(1), 3) and set(np.unique(seed_draws)) <= {0, 1, 2, 3}
+    np.testing.assert_array_equal(w, plain * np.repeat(seed_draws, 4, axis=1))
+    assert (seed_draws == 0).any(axis=1).mean() > 0.5             # most resamples leave a seed out (P = 7/9)
+    # one group is no group: the plain patient bootstrap, draw for draw
+    one = np.concatenate(list(PatientBootstrap(pids, n_resamples=200, seed=5, groups=np.zeros(12)).weights()))
+    np.testing.assert_array_equal(one, plain)
+    with pytest.raises(ValueError, match="one group per image"):
+        PatientBootstrap(pids, groups=seeds[:5])
+
+
+def test_seed_to_seed_variation_widens_the_paired_interval_only_when_seeds_differ():
+    """Arm B is A plus a shift that changes sign with the seed: patient-only resampling holds the three seeds'
+    models fixed and sees a tight interval around their average; resampling seeds shows that another seed could
+    land anywhere in their spread. Where every seed's predictions are the same, the two intervals agree."""
+    cache, y, weak, _ = _preds(n_patients=150)
+    rng = np.random.default_rng(0)
+    shifts = [0.25, -0.2, 0.02]
+    a = np.concatenate([weak] * 3)
+    b = np.concatenate([np.clip(weak + s * (y - 0.5) + 0.01 * rng.random(y.shape), 0, 1) for s in shifts])
+    yy, pids, seeds = np.concatenate([y] * 3), np.tile(cache.patient_ids, 3), np.repeat([0, 1, 2], len(y))
+    fixed = paired_compare(yy, a, 0.5, b, 0.5, pids, LABELS, n_resamples=300)
+    crossed = paired_compare(yy, a, 0.5, b, 0.5, pids, LABELS, n_resamples=300, groups=seeds)
+    width = lambda c: c.diff_auroc["mean"].hi - c.diff_auroc["mean"].lo
+    assert crossed.diff_auroc["mean"].value == fixed.diff_auroc["mean"].value   # the point estimate is unchanged
+    assert width(crossed) > 2 * width(fixed)
+    assert (fixed.bootstrap["unit"], crossed.bootstrap["unit"]) == ("patient", "patient x seed")
+    same_b = np.concatenate([b[: len(y)]] * 3)
+    f2 = paired_compare(yy, a, 0.5, same_b, 0.5, pids, LABELS, n_resamples=300)
+    c2 = paired_compare(yy, a, 0.5, same_b, 0.5, pids, LABELS, n_resamples=300, groups=seeds)
+    assert (c2.diff_auroc["mean"].lo, c2.diff_auroc["mean"].hi) == pytest.approx(
+        (f2.diff_auroc["mean"].lo, f2.diff_auroc["mean"].hi), abs=0.01)
+
+
 def test_identical_models_differ_by_exactly_zero():
     cache, y, weak, _ = _preds()
     c = paired_compare(y, weak, 0.5, weak, 0.5, cache.patient_ids, LABELS, n_resamples=100)

@@ -72,6 +72,22 @@ def test_seeds_that_changed_nothing_are_named(tmp_path):
     assert json.loads((tmp_path / "b" / "results.json").read_text())["identical_seeds"] == res.identical_seeds
 
 
+def test_several_seeds_are_resampled_with_the_patients_unless_held_fixed(tmp_path):
+    cache = FakeCache(n_patients=40, seed=7)
+    plan = load_plan(write_plan(tmp_path / "arms.yaml", seeds=[0, 1]))
+    res = run_arms(plan, "C", tmp_path / "b", cache=cache, train_fn=RecordingTrain(), **QUIET)
+    assert {c.bootstrap["unit"] for c in res.comparisons.values()} == {"patient x seed"}
+    assert res.scores["baseline"].bootstrap["unit"] == "patient x seed"
+    assert "resamples patients and, crossed with them, seeds" in (tmp_path / "b" / "results.md").read_text()
+    fixed = run_arms(plan, "C", tmp_path / "b", cache=cache, train_fn=RecordingTrain(), resample_seeds=False,
+                     tables="fixed", **QUIET)
+    assert {c.bootstrap["unit"] for c in fixed.comparisons.values()} == {"patient"}
+    assert "seeds, if several, held fixed" in (tmp_path / "b" / "fixed.md").read_text()
+    one = run_arms(load_plan(write_plan(tmp_path / "one.yaml", seeds=[0])), "C", tmp_path / "c", cache=cache,
+                   train_fn=RecordingTrain(), **QUIET)
+    assert {c.bootstrap["unit"] for c in one.comparisons.values()} == {"patient"}   # one seed: nothing to draw
+
+
 def test_each_fold_and_seed_is_scored_alone_beside_the_pooled_table(tmp_path):
     """The pooled rows hide where a difference comes from; the per-fold-and-seed cells are each fold's held-out
     predictions scored by themselves (sklearn's AUROC and F1 at that fold's thresholds), the reference absolute."""

@@ -8,6 +8,12 @@ and take all of each drawn patient's images. A resample is represented as per-im
 
 Paired comparisons reuse the same :class:`PatientBootstrap` (same seed -> same draws) for both
 models, so the difference is computed on identical resamples and the shared noise cancels.
+
+Several training seeds stacked (each image once per seed, ``groups`` = the seed of each row): patients and
+seeds are crossed, so each resample draws both, independently and with replacement, and a row's weight is
+the product of its patient's and its seed's draw counts (a crossed, "pigeonhole" bootstrap; Owen 2007,
+Ann. Appl. Stat.). Resampling patients alone would treat the seeds' models as fixed: the interval would
+say nothing about how much another pre-training or training seed moves the score.
 """
 from __future__ import annotations
 
@@ -47,11 +53,14 @@ class PatientBootstrap:
     """Seeded patient resampling over a fixed list of images.
 
     ``patient_ids[i]`` is the patient of image i. Each resample draws as many patients as there are
-    (with replacement, uniformly); an image's weight is its patient's draw count.
+    (with replacement, uniformly); an image's weight is its patient's draw count. ``groups[i]`` (optional:
+    the training seed whose prediction row i is) adds the crossed level: each resample also draws as many
+    groups as there are, and row i's weight is multiplied by its group's draw count. One group, or none,
+    gives the plain patient bootstrap, draw for draw.
     """
 
     def __init__(self, patient_ids, n_resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED,
-                 chunk: int | None = None):
+                 chunk: int | None = None, groups=None):
         patient_ids = np.asarray(patient_ids).astype(str)
         if patient_ids.ndim != 1 or len(patient_ids) == 0:
             raise ValueError("bootstrap needs a non-empty 1-D list of patient ids, one per image")
@@ -59,6 +68,14 @@ class PatientBootstrap:
             raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
         _, self.image_patient = np.unique(patient_ids, return_inverse=True)
         self.n_patients = int(self.image_patient.max()) + 1
+        self.image_group, self.n_groups = None, 1
+        if groups is not None:
+            groups = np.asarray(groups).astype(str)
+            if groups.shape != patient_ids.shape:
+                raise ValueError(f"groups must give one group per image: {len(groups)} for {len(patient_ids)} images")
+            _, image_group = np.unique(groups, return_inverse=True)
+            if image_group.max() > 0:
+                self.image_group, self.n_groups = image_group, int(image_group.max()) + 1
         self.n_images = len(patient_ids)
         self.n_resamples = n_resamples
         self.seed = seed
@@ -73,8 +90,17 @@ class PatientBootstrap:
         while done < self.n_resamples:
             b = min(self.chunk, self.n_resamples - done)
             counts = rng.multinomial(self.n_patients, uniform, size=b)  # [b, patients]
-            yield counts[:, self.image_patient].astype(np.float64)
+            w = counts[:, self.image_patient].astype(np.float64)
+            if self.image_group is not None:   # drawn after the patients: without groups the draws are unchanged
+                g = rng.multinomial(self.n_groups, np.full(self.n_groups, 1.0 / self.n_groups), size=b)
+                w *= g[:, self.image_group]
+            yield w
             done += b
+
+    @property
+    def unit(self) -> str:
+        """What a resample draws: ``"patient"``, or ``"patient x seed"`` (crossed) with several groups."""
+        return "patient" if self.image_group is None else "patient x seed"
 
     def run(self, statistic: Callable[[np.ndarray | None], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         """Evaluate ``statistic(weights)`` on every resample block and stack the results.

@@ -104,25 +104,29 @@ def _scored_columns(y_true, labels: list[str], targets=None):
     return targets, idx, np.asarray(y_true, dtype=np.float64)[:, idx]
 
 
-def _paired_estimates(stat, targets, patient_ids, n_resamples, seed):
+def _paired_estimates(stat, targets, patient_ids, n_resamples, seed, groups=None):
     """Point value and patient-bootstrap CI of a paired statistic: ``stat(weights)`` gives per-target "f1" and
-    "auroc" differences and their "f1_mean"/"auroc_mean"; returns (ΔF1, ΔAUROC), per target and "mean"."""
+    "auroc" differences and their "f1_mean"/"auroc_mean"; returns (ΔF1, ΔAUROC), per target and "mean", and the
+    bootstrap's description. ``groups``: the seed of each row, resampled too (:class:`PatientBootstrap`)."""
     point = stat(None)
-    boot = PatientBootstrap(patient_ids, n_resamples, seed).run(stat)
+    bootstrap = PatientBootstrap(patient_ids, n_resamples, seed, groups=groups)
+    boot = bootstrap.run(stat)
     out = []
     for key in ("f1", "auroc"):
         d = dict(zip(targets, estimates(point[key], boot[key])))
         d["mean"] = estimates(point[key + "_mean"], boot[key + "_mean"])[0]
         out.append(d)
-    return tuple(out)
+    return (*out, {"unit": bootstrap.unit, "paired": True, "resamples": n_resamples, "seed": seed})
 
 
 def paired_compare(y_true, prob_a, thr_a, prob_b, thr_b, patient_ids, labels, *, names=("A", "B"),
-                   targets=None, n_resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> Comparison:
+                   targets=None, n_resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED,
+                   groups=None) -> Comparison:
     """Paired patient bootstrap of B − A on fixed predictions of both models.
 
     ``prob_*`` are ``[N, K]`` over ``labels``; ``thr_*`` are ``[K]`` or ``[N, K]`` (pooled CV folds).
-    ``targets`` defaults to the scored targets present in ``labels``.
+    ``targets`` defaults to the scored targets present in ``labels``. ``groups``: the training seed of each
+    row when several seeds' predictions are stacked, resampled with the patients (crossed bootstrap).
     """
     labels = list(labels)
     targets, idx, y = _scored_columns(y_true, labels, targets)
@@ -139,7 +143,7 @@ def paired_compare(y_true, prob_a, thr_a, prob_b, thr_b, patient_ids, labels, *,
         df, da = f1b - f1a, aub - aua
         return {"f1": df, "auroc": da, "f1_mean": df.mean(-1, keepdims=True), "auroc_mean": _nanmean_last(da)}
 
-    d_f1, d_au = _paired_estimates(stat, targets, patient_ids, n_resamples, seed)
+    d_f1, d_au, bootstrap = _paired_estimates(stat, targets, patient_ids, n_resamples, seed, groups)
     f1a, f1b = M.f1_at(y, pa, ta), M.f1_at(y, pb, tb)
     aua, aub = M.auroc(y, pa), M.auroc(y, pb)
     triv = M.trivial_f1(y)
@@ -150,7 +154,7 @@ def paired_compare(y_true, prob_a, thr_a, prob_b, thr_b, patient_ids, labels, *,
         trivial_f1={t: float(triv[i]) for i, t in enumerate(targets)},
         diff_f1=d_f1, diff_auroc=d_au, n_images=len(y),
         n_patients=len(np.unique(np.asarray(patient_ids).astype(str))),
-        bootstrap={"unit": "patient", "paired": True, "resamples": n_resamples, "seed": seed},
+        bootstrap=bootstrap,
     )
 
 
@@ -178,7 +182,7 @@ class GainContrast:
 
 
 def gain_contrast(y_true, a_lo, a_hi, b_lo, b_hi, patient_ids, labels, *, curves=("A", "B"), shares=("lo", "hi"),
-                  n_resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> GainContrast:
+                  n_resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED, groups=None) -> GainContrast:
     """Paired patient bootstrap of the difference between two data-scaling gains.
 
     Each of ``a_lo, a_hi, b_lo, b_hi`` is ``(prob [N, K], thr [K] or [N, K])`` on the same ``N`` images;
@@ -200,7 +204,7 @@ def gain_contrast(y_true, a_lo, a_hi, b_lo, b_hi, patient_ids, labels, *, curves
         df, da = np.tensordot(signs, f1, axes=1), np.tensordot(signs, au, axes=1)
         return {"f1": df, "auroc": da, "f1_mean": df.mean(-1, keepdims=True), "auroc_mean": _nanmean_last(da)}
 
-    d_f1, d_au = _paired_estimates(stat, targets, patient_ids, n_resamples, seed)
+    d_f1, d_au, bootstrap = _paired_estimates(stat, targets, patient_ids, n_resamples, seed, groups)
     f1 = [M.f1_at(y, p, t) for p, t in preds]
     au = [M.auroc(y, p) for p, t in preds]
     gain = lambda s, lo, hi: {**{t: float(s[hi][i] - s[lo][i]) for i, t in enumerate(targets)},
@@ -209,8 +213,7 @@ def gain_contrast(y_true, a_lo, a_hi, b_lo, b_hi, patient_ids, labels, *, curves
     fa, fb = gain(f1, 0, 1), gain(f1, 2, 3)
     return GainContrast(curves=tuple(curves), shares=tuple(shares),
                         gain_auroc={k: (ga[k], gb[k]) for k in ga}, gain_f1={k: (fa[k], fb[k]) for k in fa},
-                        diff_auroc=d_au, diff_f1=d_f1, n_images=len(y),
-                        bootstrap={"unit": "patient", "paired": True, "resamples": n_resamples, "seed": seed})
+                        diff_auroc=d_au, diff_f1=d_f1, n_images=len(y), bootstrap=bootstrap)
 
 
 def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike, data: str | os.PathLike, split: str = "test", *,

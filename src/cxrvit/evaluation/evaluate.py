@@ -192,8 +192,9 @@ class EvalResult:
 
 def score_predictions(y_true: np.ndarray, y_prob: np.ndarray, thresholds: np.ndarray, patient_ids, labels,
                       *, provenance: dict, split: str, n_resamples: int = DEFAULT_RESAMPLES,
-                      seed: int = DEFAULT_SEED, info: dict | None = None) -> EvalResult:
-    """Score fixed predictions. ``thresholds`` is ``[K]`` or ``[N, K]`` (pooled folds).
+                      seed: int = DEFAULT_SEED, info: dict | None = None, groups=None) -> EvalResult:
+    """Score fixed predictions. ``thresholds`` is ``[K]`` or ``[N, K]`` (pooled folds). ``groups``: the training
+    seed of each row when several seeds' predictions are stacked (resampled too: :class:`PatientBootstrap`).
 
     This function trusts its caller about where the thresholds came from (``provenance``);
     :func:`evaluate_run` and the cross-validation benchmark establish it before calling here.
@@ -217,7 +218,8 @@ def score_predictions(y_true: np.ndarray, y_prob: np.ndarray, thresholds: np.nda
                 "mean_trivial_f1_scored": mean(triv)}
 
     point = stat(None)
-    boot = PatientBootstrap(patient_ids, n_resamples, seed).run(stat)
+    bootstrap = PatientBootstrap(patient_ids, n_resamples, seed, groups=groups)
+    boot = bootstrap.run(stat)
     est = {name: estimates(point[name], boot[name]) for name in point}
 
     c = M.confusion(y_true, y_prob, thr)
@@ -259,7 +261,7 @@ def score_predictions(y_true: np.ndarray, y_prob: np.ndarray, thresholds: np.nda
     return EvalResult(
         labels=labels, scored=scored, targets=targets, headline=headline, provenance=provenance, split=split,
         n_images=int(len(y_true)), n_patients=int(len(np.unique(np.asarray(patient_ids).astype(str)))),
-        bootstrap={"unit": "patient", "resamples": n_resamples, "seed": seed, "interval": "percentile 95%"},
+        bootstrap={"unit": bootstrap.unit, "resamples": n_resamples, "seed": seed, "interval": "percentile 95%"},
         per_image=per_image, y_true=y_true, y_prob=y_prob, thresholds=np.array(thr), info=dict(info or {}),
     )
 

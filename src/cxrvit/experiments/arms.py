@@ -10,9 +10,10 @@ trivial all-positive F1, AUROC, AP, each with a patient-bootstrap CI, and a *pai
 bootstrap of every arm against the reference arm (``baseline``).
 
 Seeds are stacked, not averaged: with S seeds each image appears S times, once per seed's
-prediction, and a bootstrap resample that draws a patient takes all of that patient's rows. The
-numbers are therefore the expected single-model score (not an ensemble's), and the interval
-still counts patients, not predictions.
+prediction, so the numbers are the expected single-model score (not an ensemble's). A bootstrap
+resample draws patients (taking all of a patient's rows) and, crossed with them, seeds (a row's
+weight is the product of the two draw counts): the interval counts patients, not predictions, and
+how much another seed's model would move the score (``resample_seeds``; evaluation.bootstrap).
 
 Layout (``cxrvit bench recipes`` is a two-arm plan with the same layout; a rerun skips whatever
 is finished, and a killed stage resumes from its checkpoint)::
@@ -168,7 +169,7 @@ def run_arm_fold(plan: ArmsPlan, arm: Arm, seed: int, cache, fold: int, train_ro
 
 def run_arms(plan: ArmsPlan, data, out, *, only=None, device=None, progress: bool = True, cache=None,
              n_resamples: int | None = None, command: str = "", train_fn=None, reports: bool = False, log=print,
-             reference: str | None = None, tables: str = "results"):
+             reference: str | None = None, tables: str = "results", resample_seeds: bool = True):
     """Run (or resume) every stage this invocation owns, then score if every arm is complete.
 
     Returns the :class:`~cxrvit.experiments.arms_table.ArmsResult`, or ``None`` when stages of
@@ -177,7 +178,8 @@ def run_arms(plan: ArmsPlan, data, out, *, only=None, device=None, progress: boo
     arm with another arm than the plan's; that table goes to ``OUT/results-vs-<reference>.md|json``
     (it changes no stage, so a finished benchmark is only re-scored). ``tables`` is the file stem of the
     scored tables (``OUT/<tables>.md``, ``OUT/<tables>-vs-<reference>.md``), for a plan that shares its OUT
-    with another plan whose ``results.md`` must stay.
+    with another plan whose ``results.md`` must stay. ``resample_seeds`` False holds several seeds fixed in the
+    bootstrap (patients only), as tables scored before 6 December did.
     """
     started = time.time()
     out = Path(out)
@@ -231,7 +233,7 @@ def run_arms(plan: ArmsPlan, data, out, *, only=None, device=None, progress: boo
                                                                                a.train_fraction, fraction_seed(plan, f)))
                                                     for f in indices])) for a in plan.arms}}
     result = score_arms(replace(plan, reference=reference), cache, results, indices, out, info,
-                        n_resamples=n_resamples)
+                        n_resamples=n_resamples, resample_seeds=resample_seeds)
     if reports:
         for name, score in result.scores.items():
             write_report(score, out / f"report-{name}", title=f"{name}: {score.split} predictions")

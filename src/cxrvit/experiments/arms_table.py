@@ -90,9 +90,8 @@ class ArmsResult:
         lines += ["", f"Trivial all-positive mean F1: {triv:.3f} ("
                   + ", ".join(f"{t} {self.scores[ref].targets[t]['trivial_f1']:.3f}" for t in targets) + "). "
                   "F1 at each fold's own thresholds (validation-tuned when fine-tuned, cross-fitted over the "
-                  "fold's training images for linear probes); CIs are patient-bootstrap percentiles "
-                  f"({self.scores[ref].bootstrap['resamples']} resamples); Δ = arm − {ref}, paired on the same "
-                  "patients. Validation AUROC: mean over folds/seeds of the scored-target mean per epoch; for a "
+                  f"fold's training images for linear probes); CIs are {_interval_words(self.scores[ref].bootstrap)}; "
+                  f"Δ = arm − {ref}, paired on the same patients. Validation AUROC: mean over folds/seeds of the scored-target mean per epoch; for a "
                   "probe, its best out-of-fold mean AUROC over the C grid and the C chosen per fold/seed."]
         if self.identical_seeds:
             lines += ["", f"Seeds that changed nothing: {', '.join(self.identical_seeds)} gave identical predictions for "
@@ -200,6 +199,14 @@ def fold_seed_cells(y_all: np.ndarray, results: dict[str, dict[int, list[FoldPre
     return cells
 
 
+def _interval_words(bootstrap: dict) -> str:
+    n = bootstrap["resamples"]
+    if bootstrap.get("unit") == "patient x seed":
+        return (f"percentiles of a bootstrap that resamples patients and, crossed with them, seeds ({n} resamples): "
+                "they count how much another seed's model moves the score, not only which patients were drawn")
+    return f"patient-bootstrap percentiles ({n} resamples; seeds, if several, held fixed)"
+
+
 def _f(x, signed: bool = False) -> str:
     """A score to 3 decimals ("n/a" when undefined, e.g. AUROC of a fold without a positive)."""
     return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:+.3f}" if signed else f"{x:.3f}"
@@ -271,7 +278,9 @@ def _mean(values) -> float | None:
 
 
 def score_arms(plan, cache, results: dict[str, dict[int, list[FoldPredictions]]], fold_indices, out: Path, info: dict,
-               n_resamples: int | None = None) -> ArmsResult:
+               n_resamples: int | None = None, resample_seeds: bool = True) -> ArmsResult:
+    """Score every arm on the stacked predictions; ``resample_seeds`` False gives the patient-only bootstrap of
+    tables scored before 6 December (seeds treated as fixed)."""
     n_resamples = n_resamples or DEFAULT_RESAMPLES
     names = [a.name for a in plan.arms]
     first = results[names[0]][plan.seeds[0]][0]
@@ -285,16 +294,21 @@ def score_arms(plan, cache, results: dict[str, dict[int, list[FoldPredictions]]]
     y_all = cache.labels(labels).astype(np.float64)
     y = y_all[rows]
     pids = np.asarray(cache.patient_ids)[rows]
+    # The seed of each stacked row (stack_seeds stacks whole seeds in seed order): with several seeds every
+    # bootstrap resample draws seeds as well as patients, so the CIs count seed-to-seed variation too.
+    if len(rows) % len(plan.seeds):
+        raise ValueError(f"{len(rows)} stacked rows do not split into {len(plan.seeds)} seeds of the same images")
+    groups = np.repeat(np.asarray(plan.seeds), len(rows) // len(plan.seeds)) if resample_seeds else None
     provenance = {"split": "validation carve-out of each fold's training patients", "verified": True,
                   "in_sample": False, "tuning_images": None, "overlap_images": 0}
     split = ("official test" if info["protocol"] != "cv" else "pooled out-of-fold"
              if len(fold_indices) == info["folds"] else "patient-wise hold-out")
     scores = {a: score_predictions(y, stacked[a][1], stacked[a][2], pids, labels, provenance=provenance, split=split,
-                                   n_resamples=n_resamples, info={"arm": a})
+                                   n_resamples=n_resamples, info={"arm": a}, groups=groups)
               for a in names}
     ref = stacked[plan.reference]
     comparisons = {a: paired_compare(y, ref[1], ref[2], stacked[a][1], stacked[a][2], pids, labels,
-                                     names=(plan.reference, a), n_resamples=n_resamples)
+                                     names=(plan.reference, a), n_resamples=n_resamples, groups=groups)
                    for a in names if a != plan.reference}
     pre = info.get("pretrain_seconds", {})
     cost, learning = {}, {}
@@ -309,7 +323,7 @@ def score_arms(plan, cache, results: dict[str, dict[int, list[FoldPredictions]]]
     for curve, members in scaling.items():
         (lo, _), (hi, _) = members[0], members[-1]
         gains[curve] = paired_compare(y, stacked[lo][1], stacked[lo][2], stacked[hi][1], stacked[hi][2], pids, labels,
-                                      names=(lo, hi), n_resamples=n_resamples)
+                                      names=(lo, hi), n_resamples=n_resamples, groups=groups)
     contrasts = {}
     base = next((c for c, members in scaling.items() if plan.reference in dict(members)), None)
     for curve, members in scaling.items():
@@ -320,7 +334,7 @@ def score_arms(plan, cache, results: dict[str, dict[int, list[FoldPredictions]]]
         b_lo, b_hi = members[0][0], members[-1][0]
         contrasts[curve] = gain_contrast(y, *[stacked[a][1:3] for a in (a_lo, a_hi, b_lo, b_hi)], pids, labels,
                                          curves=(base, curve), shares=(f"{f_lo:g}", f"{f_hi:g}"),
-                                         n_resamples=n_resamples)
+                                         n_resamples=n_resamples, groups=groups)
     per_seed = {a: np.split(stacked[a][1], len(plan.seeds)) for a in names}
     identical = [a for a in names if len(plan.seeds) > 1 and all(np.array_equal(p, per_seed[a][0])
                                                                   for p in per_seed[a][1:])]

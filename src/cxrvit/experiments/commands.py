@@ -32,6 +32,9 @@ def register(subparsers) -> None:
     p.add_argument("--reference", metavar="ARM",
                    help="pair every arm with this arm instead of the plan's reference; the table goes to "
                         "OUT/results-vs-ARM.md (re-scores a finished benchmark without training anything)")
+    p.add_argument("--seeds-fixed", action="store_true",
+                   help="bootstrap patients only, holding several seeds' models fixed (how tables scored before "
+                        "6 December were made); by default each resample draws seeds as well as patients")
     p.add_argument("--tables", default="results", metavar="STEM",
                    help="file stem of the scored tables in OUT (default results: OUT/results.md, "
                         "OUT/results-vs-ARM.md); a plan that shares its OUT with another plan (a stage continued "
@@ -97,7 +100,8 @@ def _run(plan, args, *, reports: bool) -> int:
         result = run_arms(plan, args.data, args.out, only=getattr(args, "only", None), device=args.device,
                           progress=not args.quiet, n_resamples=args.bootstrap, command=command, reports=reports,
                           log=lambda m: print(m, file=sys.stderr, flush=True),
-                          reference=getattr(args, "reference", None), tables=getattr(args, "tables", "results"))
+                          reference=getattr(args, "reference", None), tables=getattr(args, "tables", "results"),
+                          resample_seeds=not getattr(args, "seeds_fixed", False))
     # FloatingPointError: a fold whose loss diverged (engine.core.NonFiniteLossError), named with its step
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, FloatingPointError) as exc:
         return _fail(exc)
