@@ -10,8 +10,9 @@ from cxrvit.evaluation.bootstrap import DEFAULT_RESAMPLES, DEFAULT_SEED
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="score a trained model bundle on a prepared cache",
-                              description="Per-label F1 at the bundle's validation-tuned thresholds, F1 at 0.5, "
-                                          "trivial F1, AUROC/AP with patient-bootstrap 95%% CIs, confusion counts.")
+                              description="Per-label F1 at the bundle's thresholds (tuned on validation or "
+                                          "cross-fitted predictions, never the scored images), F1 at 0.5, trivial F1, "
+                                          "AUROC/AP with patient-bootstrap 95% CIs, confusion counts.")
     p.add_argument("--model", required=True, metavar="RUN", help="model bundle folder (bundle.json + model.safetensors)")
     _common(p)
     p.add_argument("--json", metavar="OUT", help="write the metrics as JSON to this file")
