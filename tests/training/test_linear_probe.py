@@ -138,12 +138,13 @@ def test_probe_bundle_scores_as_fitted_and_thresholds_are_cross_fitted(tiny_cach
 
 
 def test_resume_reuses_features_and_refits_a_new_grid(tiny_cache, tmp_path, one_thread, monkeypatch):
-    from cxrvit.training import linear_probe
+    from cxrvit.training import probe_features
     from cxrvit.training.engine import train
 
     tr, va = _rows(tiny_cache)
     train(load_recipe(PROBE_RECIPE, PROBE), tiny_cache, tr, va, tmp_path / "run", progress=False)
-    monkeypatch.setattr(linear_probe, "_extract", lambda *a, **k: pytest.fail("features were extracted again"))
+    monkeypatch.setattr(probe_features, "extract_features",
+                        lambda *a, **k: pytest.fail("features were extracted again"))
     cfg = load_recipe(PROBE_RECIPE, PROBE[:-2] + ["probe.c_grid=[0.05]", "probe.cv_folds=3"])
     out = train(cfg, tiny_cache, tr, va, tmp_path / "run", resume=True, progress=False)
     assert json.loads((out / "bundle.json").read_text())["training"]["C"] == 0.05
@@ -268,4 +269,6 @@ def test_a_torn_features_file_is_extracted_again_and_a_killed_write_leaves_none(
     monkeypatch.setattr(linear_probe.np, "savez", killed_midway)
     with pytest.raises(RuntimeError, match="killed"):
         train(cfg, tiny_cache, tr, va, run, resume=True, progress=False)
-    assert sorted(p.name for p in run.glob("features*")) == []   # no torn file, no temporary
+    # No torn file, no temporary; only the (empty) chunk folder of the pass, for the next --resume to continue
+    assert sorted(p.name for p in run.glob("features*")) == [linear_probe.PARTIAL]
+    assert sorted(p.name for p in (run / linear_probe.PARTIAL).iterdir()) == ["manifest.json"]

@@ -9,7 +9,8 @@ self-supervised run) this is DINO's own linear evaluation.
 What is fitted, and on what:
   1. CLS features of every training image (train + validation rows: the thresholds no longer need a
      carve-out), in the scoring pass's fp32 preprocessing, so the head sees exactly what ``predict``
-     will feed it; ``probe.views > 1`` adds augmented views of each training image.
+     will feed it; ``probe.views > 1`` adds augmented views of each training image. The pass is the
+     cost: it is written in chunks and resumes where it was killed (``probe_features.py``).
   2. For each C in ``probe.c_grid``: out-of-fold probabilities over ``probe.cv_folds`` patient folds
      of those rows (``cross_fit_path``: folds outside, the C grid inside, warm-started). The C with the
      best mean out-of-fold AUROC of the scored targets is kept.
@@ -21,49 +22,24 @@ What is fitted, and on what:
 from __future__ import annotations
 
 import json
-import sys
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from cxrvit.data import splits
-from cxrvit.data.preprocess import Preprocessing, eval_transform
+from cxrvit.data.preprocess import Preprocessing
 from cxrvit.engine.runlog import METRICS
 from cxrvit.evaluation.metrics import auroc, tune_thresholds
-from cxrvit.fileio import atomic_write, json_safe
+from cxrvit.fileio import json_safe
 from cxrvit.inference.bundle import save_bundle, tuning_source
 from cxrvit.model.checkpoints import load_init_backbone
-from cxrvit.model.vit import VisionTransformer, build_model
+from cxrvit.model.vit import build_model
 from cxrvit.runtime import resolve_device
-from cxrvit.training.augment import BatchAugment
 from cxrvit.training.config import TrainConfig, config_to_dict, save_config
-
-FEATURES = "features.npz"   # resume: extraction is most of the cost, fitting takes seconds
-
-
-@torch.no_grad()
-def head_features(model: VisionTransformer, cache, rows: np.ndarray, size: int, prep: Preprocessing,
-                  augment: BatchAugment | None = None, batch_size: int = 64, device: torch.device | str = "cpu",
-                  progress=None) -> np.ndarray:
-    """``[len(rows), D]`` what the head reads, in fp32: ``forward_head(pre_logits=True)`` (the final-norm CLS
-    token, the mean of the patch tokens, or a pair of them side by side: ``model.global_pool``).
-
-    Without ``augment`` this is the scoring pass's view (whole image resized to ``size``), so a head fitted
-    on these features sees at ``predict`` time exactly what it was fitted on.
-    """
-    model.eval()
-    out = []
-    for start in range(0, len(rows), batch_size):
-        chunk = np.asarray(rows[start:start + batch_size])
-        grey = torch.from_numpy(np.ascontiguousarray(cache.pixels[chunk]))[:, None].to(device)
-        x = augment(grey)[0] if augment is not None else eval_transform(grey, size)
-        out.append(model.forward_head(model.forward_features(prep.normalize(x)), pre_logits=True).float().cpu())
-        if progress is not None:
-            progress(len(chunk))
-    return torch.cat(out).numpy().astype(np.float64)
+# head_features: also what bench/rehearsal imports from here (the feature pass moved to probe_features).
+from cxrvit.training.probe_features import FEATURES, PARTIAL, head_features, probe_features  # noqa: F401
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -257,9 +233,9 @@ def fit_linear_probe(cfg: TrainConfig, cache, train_rows, val_rows, out_dir, ini
         raise ValueError("linear probe: no training rows")
     labels, scored, p = list(cfg.data.labels), cfg.scored_labels, cfg.probe
     dev = resolve_device(device or cfg.engine.device)
-    if not resume and any((out / f).exists() for f in (FEATURES, "bundle.json")):
-        raise FileExistsError(f"{out} already holds a linear probe ({FEATURES} or bundle.json); pass resume=True "
-                              f"(--resume) to reuse its features, or choose a new output folder")
+    if not resume and any((out / f).exists() for f in (FEATURES, PARTIAL, "bundle.json")):
+        raise FileExistsError(f"{out} already holds a linear probe ({FEATURES}, {PARTIAL} or bundle.json); pass "
+                              f"resume=True (--resume) to reuse its features, or choose a new output folder")
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     torch.manual_seed(cfg.engine.seed)
@@ -270,13 +246,8 @@ def fit_linear_probe(cfg: TrainConfig, cache, train_rows, val_rows, out_dir, ini
     model.to(dev)
     prep = Preprocessing(size=cfg.model.img_size)
 
-    feats_path = out / FEATURES
-    feats = _load_features(feats_path, rows, p.views, _fingerprint(cfg, init)) if resume else None
-    if feats is None:
-        feats = _extract(model, cache, rows, cfg, prep, dev, progress)
-        # Atomically: a kill mid-write must leave no torn file for the next --resume to trip on.
-        atomic_write(feats_path, lambda tmp: np.savez(tmp, rows=rows, feats=feats, views=p.views,
-                                                      fingerprint=_fingerprint(cfg, init)))
+    # Resumable: a killed pass continues from its last chunk in RUN/features.partial (probe_features.py).
+    feats = probe_features(out, model, cache, rows, cfg, init, prep, dev, resume, progress)
     n = len(rows)
     plain = feats[:n]                                  # view 0 is always the scoring view
     view_rows = np.tile(rows, p.views)
@@ -317,48 +288,3 @@ def fit_linear_probe(cfg: TrainConfig, cache, train_rows, val_rows, out_dir, ini
                                     "seconds": round(time.time() - start, 1), "weights": "model",
                                     "precision": "fp32"}})  # features come from a scoring pass
     return out
-
-
-def _extract(model, cache, rows, cfg: TrainConfig, prep, dev, progress: bool) -> np.ndarray:
-    total = len(rows) * cfg.probe.views
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=total, unit="img", desc="features", dynamic_ncols=True)
-    step = bar.update if bar is not None else None
-    parts = [head_features(model, cache, rows, cfg.model.img_size, prep, device=dev, progress=step)]
-    augment = BatchAugment(cfg.augment, cfg.model.img_size, seed=cfg.engine.seed + 1)
-    for _ in range(cfg.probe.views - 1):
-        parts.append(head_features(model, cache, rows, cfg.model.img_size, prep, augment, device=dev, progress=step))
-    if bar is not None:
-        bar.close()
-    return np.concatenate(parts)
-
-
-def _fingerprint(cfg: TrainConfig, init) -> str:
-    # What the features depend on; the head's settings (C grid, folds) are free to change on resume.
-    key = [cfg.model.arch, cfg.model.img_size, cfg.engine.seed, config_to_dict(cfg)["augment"],
-           str(Path(init).resolve()) if init else None]
-    if cfg.model.pos_embed != "random":   # appended only when set, so features cached before the key still match
-        key.append(cfg.model.pos_embed)
-    if cfg.model.global_pool != "token":
-        key.append(f"pool={cfg.model.global_pool}")
-    if cfg.model.n_last_blocks != 1:
-        key.append(f"blocks={cfg.model.n_last_blocks}")
-    return json.dumps(key)
-
-
-def _load_features(path: Path, rows: np.ndarray, views: int, fingerprint: str) -> np.ndarray | None:
-    """The cached features when they are these rows' and this backbone's, else None (extract them again)."""
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if (np.array_equal(z["rows"], rows) and int(z["views"]) == views
-                    and str(z["fingerprint"]) == fingerprint):
-                return z["feats"]
-    except (zipfile.BadZipFile, ValueError, KeyError, EOFError, OSError) as exc:
-        # A torn file (written in place by versions before the atomic write) or a foreign one: only a cache.
-        print(f"linear probe: {path} is unreadable ({type(exc).__name__}: {exc}); extracting the features again",
-              file=sys.stderr, flush=True)
-    return None
