@@ -9,7 +9,8 @@
 # backbone the repository ships (sample/backbones/, made by the same pre-training: sample/README.md), and the
 # job takes a few minutes on 2 CPU cores. --pretrain runs the pre-training here instead (`cxrvit pretrain
 # --recipe mae224` on OUT_DIR/cache: ~3.5 h on 2 cores with native bf16, longer without), resumes it when
-# killed, reuses it when finished, and reads out that backbone (README: cost).
+# killed, reuses it when finished, and reads out that backbone (README: cost); its run and results go to
+# OUT_DIR/own-backbone/, so they never overwrite the default job's (OUT_DIR/run, test_metrics.json, ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PRETRAIN=0
@@ -19,7 +20,7 @@ OUT=${2:-runs/sample}
 shift $(( $# > 2 ? 2 : $# ))
 CXRVIT=${CXRVIT:-.venv/bin/cxrvit}
 INIT=()
-RUN="$OUT/run"
+RES="$OUT"                             # where this job's run, metrics, report and predictions go
 
 echo "== 1/5 prepare: decode $DATA once into a 160-px cache"
 "$CXRVIT" prepare --data "$DATA" --out "$OUT/cache" --size 160
@@ -27,7 +28,7 @@ echo "== 1/5 prepare: decode $DATA once into a 160-px cache"
 
 if [ "$PRETRAIN" = 1 ]; then
   SSL="$OUT/pretrain-mae224"
-  RUN="$OUT/run-own-backbone"          # never mixed up with a run on the shipped backbone
+  RES="$OUT/own-backbone"              # never mixed up with the job on the shipped backbone
   INIT=(--init "$SSL/backbone.safetensors")
   if [ -f "$SSL/pretrain.json" ] && [ -f "$SSL/backbone.safetensors" ]; then
     echo "== 2/5 pre-train: $SSL is finished (delete it to pre-train again)"
@@ -39,11 +40,15 @@ if [ "$PRETRAIN" = 1 ]; then
 else
   echo "== 2/5 pre-train: using the shipped backbone (improved's model.init; --pretrain makes your own)"
 fi
+RUN="$RES/run"
 
 if [ "$PRETRAIN" = 0 ] && [ -f "$RUN/config.yaml" ] && ! grep -q "init: sample/backbones/" "$RUN/config.yaml"; then
   echo "error: $RUN was trained without the shipped learned backbone (an earlier improved recipe?); delete it," \
        "or give another OUT_DIR" >&2
   exit 2
+fi
+if [ -f "$RUN/config.yaml" ] && [ $# -gt 0 ]; then
+  echo "warning: $RUN exists, so the overrides '$*' are not applied (its saved config is); delete it to use them" >&2
 fi
 if [ -f "$RUN/bundle.json" ]; then
   echo "== 3/5 train: $RUN is finished (delete it to train again)"
@@ -55,14 +60,24 @@ else
   "$CXRVIT" train --recipe improved --data "$OUT/cache" --out "$RUN" "${INIT[@]}" "$@"
 fi
 
-echo "== 4/5 evaluate on NIH's official test images (never used for pre-training, training or thresholds)"
-"$CXRVIT" eval --model "$RUN" --data "$OUT/cache" --split test --json "$OUT/test_metrics.json" --report "$OUT/report"
+# Steps 4-5 are redone only when the model is newer than their outputs (a finished job re-runs in seconds).
+if [ "$RES/test_metrics.json" -nt "$RUN/bundle.json" ] && [ -f "$RES/report/report.md" ]; then
+  echo "== 4/5 evaluate: $RES/test_metrics.json is up to date with $RUN"
+else
+  echo "== 4/5 evaluate on NIH's official test images (never used for pre-training, training or thresholds)"
+  "$CXRVIT" eval --model "$RUN" --data "$OUT/cache" --split test --json "$RES/test_metrics.json" --report "$RES/report"
+fi
 
-echo "== 5/5 predict: official test images, with explanation heat-maps for the first 8"
-IMAGES=$(cd "$DATA/images" && pwd)   # absolute: paths in a list file are read relative to the list
-awk -v d="$IMAGES" '{print d "/" $1}' "$DATA/test_list.txt" > "$OUT/test_images.txt"
-head -n 8 "$OUT/test_images.txt" > "$OUT/heatmap_images.txt"
-"$CXRVIT" predict --model "$RUN" "$OUT/test_images.txt" --out "$OUT/predictions.csv"
-"$CXRVIT" predict --model "$RUN" "$OUT/heatmap_images.txt" --out "$OUT/heatmap_predictions.csv" --heatmaps "$OUT/heatmaps"
+if [ "$RES/predict.done" -nt "$RUN/bundle.json" ]; then   # written only once both predictions are complete
+  echo "== 5/5 predict: $RES/predictions.csv and heatmaps/ are up to date with $RUN"
+else
+  echo "== 5/5 predict: official test images, with explanation heat-maps for the first 8"
+  IMAGES=$(cd "$DATA/images" && pwd)   # absolute: paths in a list file are read relative to the list
+  awk -v d="$IMAGES" '{print d "/" $1}' "$DATA/test_list.txt" > "$RES/test_images.txt"
+  head -n 8 "$RES/test_images.txt" > "$RES/heatmap_images.txt"
+  "$CXRVIT" predict --model "$RUN" "$RES/test_images.txt" --out "$RES/predictions.csv"
+  "$CXRVIT" predict --model "$RUN" "$RES/heatmap_images.txt" --out "$RES/heatmap_predictions.csv" --heatmaps "$RES/heatmaps"
+  date -u > "$RES/predict.done"
+fi
 
-echo "done: $OUT/test_metrics.json, $OUT/report/report.md, $OUT/predictions.csv, $OUT/heatmaps/"
+echo "done: $RES/test_metrics.json, $RES/report/report.md, $RES/predictions.csv, $RES/heatmaps/"

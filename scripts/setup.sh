@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Set up cxrvit in ./.venv: the pinned CPU build of PyTorch first, then the package with its
-# dev extras. A CUDA user sets TORCH_SPEC / TORCH_INDEX_URL (see README) instead.
+# Set up cxrvit in ./.venv: PyTorch 2.13.0 first (TORCH_SPEC), from pip's configured index, or from
+# TORCH_INDEX_URL when set (PyTorch's own wheel index: .../whl/cpu for the CPU build, .../whl/cu128 for CUDA;
+# README "GPU users"), then the package with its dev extras. Which build a bare `pip install torch==2.13.0`
+# gives depends on the index: the project's development machines serve the CPU build from a local wheel; a
+# plain PyPI serves a CUDA build on Linux.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

@@ -65,9 +65,14 @@ def test_main_job_runs_improved_on_the_shipped_backbone_and_reuses_it(data, cxrv
     assert any((out / "heatmaps").iterdir())
     # again: the finished run is reused, not retrained
     stamp = (out / "run" / "model.safetensors").stat().st_mtime_ns
-    again = _run(cxrvit, data, out)
+    metrics_stamp = (out / "test_metrics.json").stat().st_mtime_ns
+    again = _run(cxrvit, data, out, "schedule.epochs=3")
     assert again.returncode == 0 and "is finished" in again.stdout
     assert (out / "run" / "model.safetensors").stat().st_mtime_ns == stamp
+    # ... and so are its scores and predictions; the overrides a finished run cannot take are named
+    assert "test_metrics.json is up to date" in again.stdout and "heatmaps/ are up to date" in again.stdout
+    assert (out / "test_metrics.json").stat().st_mtime_ns == metrics_stamp
+    assert "overrides 'schedule.epochs=3' are not applied" in again.stderr
 
 
 def test_pretrain_flag_reads_its_own_backbone_and_a_run_of_another_start_is_refused(data, cxrvit, tmp_path):
@@ -83,9 +88,11 @@ def test_pretrain_flag_reads_its_own_backbone_and_a_run_of_another_start_is_refu
     r = _run(cxrvit, "--pretrain", data, out)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"pre-train: {out}/pretrain-mae224 is finished" in r.stdout
-    launched = json.loads((out / "run-own-backbone" / "run.json").read_text())
+    launched = json.loads((out / "own-backbone" / "run" / "run.json").read_text())
     assert launched["init"] == str((ssl / "backbone.safetensors").resolve()) and launched["recipe"] == "improved"
-    assert not (out / "run").exists()             # never mixed up with a run on the shipped backbone
+    # never mixed up with the job on the shipped backbone: its run and results live in their own folder
+    assert not (out / "run").exists() and not (out / "test_metrics.json").exists()
+    assert (out / "own-backbone" / "test_metrics.json").is_file() and (out / "own-backbone" / "predictions.csv").is_file()
 
     # A run in OUT/run that did not start from the shipped backbone (e.g. the random probe that `improved`
     # was before issue 20) is refused by name instead of being scored as if it were today's product.
