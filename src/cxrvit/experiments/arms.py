@@ -20,7 +20,8 @@ is finished, and a killed stage resumes from its checkpoint)::
 
     OUT/plan.yaml                          the arms file as last run (every arm ever run in OUT)
     OUT/identity.yaml                      what each arm and pre-training stage is: its resolved
-                                           config with defaults left out (plan.py, identity.py)
+                                           config with defaults left out (plan.py, identity.py), and
+                                           the cache's checksums, size and count (``cache``)
     OUT/fold<f>/pretrain-<name>/           pre-training run on fold f's training images
     OUT/fold<f>/pretrain-<name>-seed<s>/   ... for seed s > 0 of a ``per_seed`` stage
     OUT/fold<f>/<arm>[-seed<s>]/run/       the fold model (bundle, metrics.jsonl)
@@ -34,7 +35,8 @@ is finished, and a killed stage resumes from its checkpoint)::
 
 A rerun reuses every arm and stage whose identity is unchanged, whatever happened to the text of
 the arms file or to the config's list of fields (a field added at its default changes nothing),
-and refuses one whose identity changed, naming it and the keys that differ.
+and refuses one whose identity changed, naming it and the keys that differ. An OUT is tied to the cache it
+was first run on (its COMPLETE checksums): another cache is refused, whatever its path.
 
 Two processes may work on one OUT at the same time on disjoint arms (``--only``); a stage that
 another live process is running is refused, never run twice (``<stage>/.lock``, a kernel lock that a
@@ -54,10 +56,12 @@ from cxrvit.data import splits
 from cxrvit.data.cache import CXRCache
 from cxrvit.evaluation.report import write_report
 from cxrvit.experiments.arms_table import score_arms
-from cxrvit.experiments.crossval import FoldPredictions, choose_protocol, git_commit, load_fold, plan_folds, run_fold
-from cxrvit.experiments.identity import differing_keys, hash_matches, upgrade_identity, upgrade_pretrain_identity
+from cxrvit.experiments.crossval import (FoldPredictions, check_pins, choose_protocol, git_commit, load_fold,
+                                         plan_folds, run_fold)
+from cxrvit.experiments.identity import (cache_differences, cache_identity, differing_keys, hash_matches,
+                                         upgrade_identity, upgrade_pretrain_identity)
 from cxrvit.experiments.plan import (Arm, ArmsPlan, PretrainSpec, arm_config, arm_dir, arm_identity, check_starts,
-                                     fraction_seed, pretrain_config, pretrain_dir, pretrain_dirs, pretrain_identity)
+                                     fold_pins, fraction_seed, pretrain_config, pretrain_dir, pretrain_dirs, pretrain_identity)
 from cxrvit.fileio import LockHeld, atomic_write, exclusive_lock
 from cxrvit.runtime import machine_description
 import cxrvit.ssl.pretrain as ssl_pretrain   # called through the module: tests stand in a fake engine
@@ -150,10 +154,11 @@ def run_arm_fold(plan: ArmsPlan, arm: Arm, seed: int, cache, fold: int, train_ro
                  log=print) -> FoldPredictions:
     folder = arm_dir(out, fold, arm, seed)
     cfg = arm_config(plan, arm, seed)
+    pins = fold_pins(arm)
     # A finished arm is read back before its pre-training stage is looked at: results copied into a
     # new OUT without the (83-280 MB) weights must not re-run the pre-training they were made with.
     if (folder / "heldout.npz").is_file():
-        return run_fold(cfg, cache, train_rows, heldout, folder)
+        return run_fold(cfg, cache, train_rows, heldout, folder, pins=pins)
     init = arm.init
     if arm.pretrain:
         init = str(run_pretrain_stage(plan, arm.pretrain, cache, train_rows, heldout, out, fold,
@@ -161,7 +166,7 @@ def run_arm_fold(plan: ArmsPlan, arm: Arm, seed: int, cache, fold: int, train_ro
     log(f"[arms] fold {fold} arm {arm.name} seed {seed}: train {len(train_rows)} images, held out {len(heldout)}")
     with StageLock(folder):
         return run_fold(cfg, cache, train_rows, heldout, folder, device=device, progress=progress,
-                        train_fn=train_fn, init=init)
+                        train_fn=train_fn, init=init, pins=pins)
 
 
 # --------------------------------------------------------------------------- the benchmark
@@ -198,7 +203,7 @@ def run_arms(plan: ArmsPlan, data, out, *, only=None, device=None, progress: boo
     if not indices or any(not 0 <= i < len(all_folds) for i in indices) or len(set(indices)) != len(indices):
         raise ValueError(f"run_folds {plan.run_folds} must be distinct fold numbers in 0..{len(all_folds) - 1}")
     folds = {i: all_folds[i] for i in indices}
-    _check_plan_file(plan, out)
+    _check_plan_file(plan, out, cache_identity(cache, getattr(cache, "root", data)), log)
     mine = [plan.arm(n) for n in only] if only else plan.arms
     for f, (train_rows, heldout) in folds.items():
         for seed in plan.seeds:
@@ -217,6 +222,7 @@ def run_arms(plan: ArmsPlan, data, out, *, only=None, device=None, progress: boo
                 fold, chash = load_fold(path)
                 if not hash_matches(chash, arm_config(plan, arm, seed)) or not np.array_equal(fold.rows, heldout):
                     raise ValueError(f"{path}: made with a different config or fold; use a new OUT folder")
+                check_pins(path, fold_pins(arm))
                 results.setdefault(arm.name, {}).setdefault(seed, []).append(fold)
     if missing:
         log(f"[arms] {len(missing)} fold predictions still missing (other workers'?), e.g. {missing[0]}; "
@@ -238,9 +244,11 @@ def run_arms(plan: ArmsPlan, data, out, *, only=None, device=None, progress: boo
         for name, score in result.scores.items():
             write_report(score, out / f"report-{name}", title=f"{name}: {score.split} predictions")
     stem = tables if reference == plan.reference else f"{tables}-vs-{reference}"
-    (out / f"{stem}.md").write_text(result.markdown())
+    # Replaced, never rewritten in place: an OUT hard-linked from another (cp -al) leaves the other's tables alone.
+    atomic_write(out / f"{stem}.md", lambda tmp: tmp.write_text(result.markdown()))
     # allow_nan=False: to_json maps undefined numbers to null; a NaN past it must fail, not write bad JSON.
-    (out / f"{stem}.json").write_text(json.dumps(result.to_json(), indent=2, allow_nan=False))
+    text = json.dumps(result.to_json(), indent=2, allow_nan=False)
+    atomic_write(out / f"{stem}.json", lambda tmp: tmp.write_text(text))
     return result
 
 
@@ -253,9 +261,10 @@ def _pretrain_seconds(out: Path, plan: ArmsPlan, fold_indices: list[int]) -> dic
     return total
 
 
-def _check_plan_file(plan: ArmsPlan, out: Path) -> None:
+def _check_plan_file(plan: ArmsPlan, out: Path, cache_ident: dict, log=print) -> None:
     """Arms can be added to a finished benchmark and finished arms reused while their identity holds;
-    the folds cannot change under it."""
+    the folds and the cache cannot change under it. An OUT made before caches were recorded is not checked
+    (and gets no record: nothing vouches for the cache it was made with)."""
     out.mkdir(parents=True, exist_ok=True)
     path, ident_path = out / PLAN_FILE, out / IDENTITY_FILE
     now = asdict(plan)
@@ -268,20 +277,41 @@ def _check_plan_file(plan: ArmsPlan, out: Path) -> None:
                 raise ValueError(f"{path}: this OUT was made with {key}={before.get(key)!r}, the plan now says "
                                  f"{now[key]!r}; use a new OUT folder")
         ident_before = _identities_before(before, ident_path)
+        _check_cache(out, ident_before.get("cache"), cache_ident, log)
         for kind, what, hint in (("pretrain", "pre-training", "give it a new name"),
                                  ("arms", "arm", "give it a new name or use a new OUT folder")):
             for name, new in ident[kind].items():
                 old = ident_before[kind].get(name)
+                if old is not None and "init_sha256" not in old:   # recorded before init files were hashed
+                    new = {k: v for k, v in new.items() if k != "init_sha256"}
                 if old is not None and old != new:
+                    file = (f"; init file {new.get('init')} is not the file it was run with"
+                            if old.get("init_sha256") not in (None, new.get("init_sha256")) else "")
                     raise ValueError(f"{path}: {what} {name!r} changed since it was run "
-                                     f"({'; '.join(differing_keys(old, new))}); {hint}")
+                                     f"({'; '.join(differing_keys(old, new))}{file}); {hint}")
         merged = {a["name"]: a for a in before.get("arms", [])} | {a["name"]: a for a in now["arms"]}
         now = now | {"arms": list(merged.values()),
                      "pretrain": (before.get("pretrain") or {}) | now["pretrain"],
                      "seeds": sorted(set(before.get("seeds", [])) | set(now["seeds"]))}
-        ident = {k: ident_before[k] | ident[k] for k in ident}
+        ident = {k: ident_before[k] | ident[k] for k in ("arms", "pretrain")}
+        if ident_before.get("cache") is not None:
+            ident["cache"] = cache_ident
+    else:
+        ident["cache"] = cache_ident
     atomic_write(path, lambda tmp: tmp.write_text(yaml.safe_dump(now, sort_keys=False)))
     atomic_write(ident_path, lambda tmp: tmp.write_text(yaml.safe_dump(ident, sort_keys=False)))
+
+
+def _check_cache(out: Path, before: dict | None, now: dict, log) -> None:
+    if before is None:
+        log(f"[arms] {out} records no cache (made before caches were recorded): could not check that "
+            f"{now['data']} is the cache its finished arms were run on")
+        return
+    diffs = cache_differences(before, now)
+    if diffs:
+        raise ValueError(f"{out} was run on the cache {before.get('data')}; {now['data']} is another cache "
+                         f"({'; '.join(diffs)}): its finished arms would be relabelled as this cache's. "
+                         "Use a new --out")
 
 
 def _identities_before(before: dict, ident_path: Path) -> dict:
@@ -293,9 +323,9 @@ def _identities_before(before: dict, ident_path: Path) -> dict:
                 for name, ident in (saved.get("arms") or {}).items()}
         stages = {name: {**ident, "config": upgrade_pretrain_identity(ident.get("config") or {})}
                   for name, ident in (saved.get("pretrain") or {}).items()}
-        return {"arms": arms, "pretrain": stages}
+        return {"arms": arms, "pretrain": stages, "cache": saved.get("cache")}
     old = ArmsPlan(arms=[], overrides=list(before.get("overrides") or []))
-    found = {"arms": {}, "pretrain": {}}
+    found = {"arms": {}, "pretrain": {}, "cache": None}
     for name, spec in (before.get("pretrain") or {}).items():
         try:
             found["pretrain"][name] = pretrain_identity(PretrainSpec(**spec))

@@ -11,11 +11,13 @@ On the full NIH dataset (``protocol: official``, or ``auto`` above ~20k images) 
 runs NIH's official split instead: train_val -> train/val carve-out, test_list -> test.
 
 A fold's bundle lives in ``<fold dir>/run/`` and its held-out predictions in ``heldout.npz``,
-saved with the hash of the arm's identity (``identity.py``); a rerun reuses them while that
-identity is unchanged, so an interrupted benchmark resumes where it stopped.
+saved with the hash of the arm's identity (``identity.py``) and its *pins* (train_fraction, pre-training stage,
+``init`` file checksum: ``plan.fold_pins``); a rerun reuses them while both are unchanged, so an interrupted
+benchmark resumes where it stopped. Predictions saved before pins existed are accepted on the hash alone.
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from dataclasses import dataclass
@@ -79,10 +81,11 @@ def plan_folds(cache, protocol: str, k: int, seed: int) -> list[tuple[np.ndarray
 
 
 def run_fold(cfg, cache, train_rows, heldout, fold_dir: Path, *, device=None, progress: bool = True,
-             train_fn=None, init=None) -> FoldPredictions:
+             train_fn=None, init=None, pins: dict | None = None) -> FoldPredictions:
     """Train ``cfg`` on ``train_rows`` (minus its validation carve-out), predict ``heldout``.
 
     Finished predictions are reused while the arm's identity and the fold's rows are unchanged;
+    ``pins`` (``plan.fold_pins``) are saved with the predictions and checked on reuse;
     ``train_fn`` replaces the engine (``training.engine.train``) in tests."""
     pred_path = fold_dir / PREDICTIONS
     if pred_path.is_file():
@@ -93,6 +96,7 @@ def run_fold(cfg, cache, train_rows, heldout, fold_dir: Path, *, device=None, pr
         if not hash_matches(chash, cfg):
             raise ValueError(f"{pred_path}: made with a different config{_config_change(fold_dir, cfg)}; "
                              "give the arm a new name or use a new OUT folder")
+        check_pins(pred_path, pins)
         return saved
     train_fn = train_fn or train
     start = time.time()
@@ -109,7 +113,7 @@ def run_fold(cfg, cache, train_rows, heldout, fold_dir: Path, *, device=None, pr
     probs = predict_rows(bundle, cache, heldout, batch_size=cfg.eval.batch_size)
     fold = FoldPredictions(heldout, probs, bundle_thresholds(bundle, str(run_dir)), list(bundle.labels),
                            time.time() - start, f"commit {git_commit()} on {machine_description(device)}")
-    save_fold(pred_path, fold, config_hash(cfg))
+    save_fold(pred_path, fold, config_hash(cfg), pins)
     return fold
 
 
@@ -123,10 +127,24 @@ def _config_change(fold_dir: Path, cfg) -> str:
     return f" ({'; '.join(keys)})" if keys else ""
 
 
-def save_fold(path: Path, fold: FoldPredictions, chash: str) -> None:
+def save_fold(path: Path, fold: FoldPredictions, chash: str, pins: dict | None = None) -> None:
+    extra = {"pins": json.dumps(pins, sort_keys=True)} if pins is not None else {}
     atomic_write(path, lambda tmp: np.savez(tmp, rows=fold.rows, probs=fold.probs, thresholds=fold.thresholds,
                                             labels=np.array(fold.labels), seconds=fold.seconds, config_hash=chash,
-                                            provenance=fold.provenance))
+                                            provenance=fold.provenance, **extra))
+
+
+def check_pins(path: Path, pins: dict | None) -> None:
+    """Refuse predictions whose saved pins differ from ``pins``. Predictions saved before pins existed (or a key
+    added since) pass: ``OUT/identity.yaml`` vouches for them, as it did before."""
+    if pins is None:
+        return
+    with np.load(path, allow_pickle=False) as z:
+        saved = json.loads(str(z["pins"])) if "pins" in z.files else {}
+    diffs = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in pins.items() if k in saved and saved[k] != v]
+    if diffs:
+        raise ValueError(f"{path}: made for another arm ({'; '.join(diffs)}), e.g. a folder copied under another "
+                         "arm's name; delete it to train this arm, or use a new OUT folder")
 
 
 def load_fold(path: Path) -> tuple[FoldPredictions, str]:

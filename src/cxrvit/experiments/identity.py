@@ -17,6 +17,8 @@ import dataclasses
 import hashlib
 import json
 
+import numpy as np
+
 from cxrvit.ssl.config import NOT_THE_BACKBONE, PretrainConfig
 from cxrvit.training.config import REMOVED_KEYS, TrainConfig, config_to_dict, drop_unread, read_by_strategy
 
@@ -147,3 +149,20 @@ def differing_keys(before: dict, now: dict, prefix: str = "") -> list[str]:
         if a != b:
             lines.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return lines
+
+
+def cache_identity(cache, where) -> dict:
+    """What a benchmark's images and labels are: the sha256 checksums the cache's ``COMPLETE`` marker holds (pixels,
+    index, meta), its image size and count. ``data`` (where it was) names the cache in messages and is not compared:
+    a moved cache is the same cache. A cache without a marker (tests' in-memory caches) is hashed here."""
+    sums = (getattr(cache, "checksums", None) or {}).get("sha256")
+    if sums is None:
+        sums = {"pixels": hashlib.sha256(np.ascontiguousarray(cache.pixels).tobytes()).hexdigest(),
+                "index": hashlib.sha256(cache.index.to_csv(index=False).encode()).hexdigest()}
+    return {"data": str(where), "size": int(cache.size), "n": int(len(cache)), "sha256": dict(sorted(sums.items()))}
+
+
+def cache_differences(before: dict, now: dict) -> list[str]:
+    """How two :func:`cache_identity` records differ, as ``key: old -> new`` lines; [] for the same cache."""
+    return differing_keys({k: v for k, v in before.items() if k != "data"},
+                          {k: v for k, v in now.items() if k != "data"})

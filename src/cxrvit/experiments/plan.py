@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from cxrvit.data.cache import sha256_file
 from cxrvit.experiments.identity import config_identity
 from cxrvit.ssl.config import load_pretrain_recipe
 from cxrvit.training.config import load_recipe, unread_keys
@@ -195,11 +196,31 @@ def arm_identity(plan: ArmsPlan, arm: Arm) -> dict:
     ident = {"config": config_identity(arm_config(plan, arm, seed=0))}
     if arm.init:
         ident["init"] = str(arm.init)
+        ident["init_sha256"] = init_sha256(arm.init)  # the file's content: other weights at the same path differ
     if arm.pretrain:
         ident["pretrain"] = arm.pretrain        # the stage's own identity is checked by its name
     if arm.train_fraction != 1.0:               # left out at its default, like every config field
         ident["train_fraction"] = arm.train_fraction
     return ident
+
+
+_SHA256: dict = {}
+
+
+def init_sha256(path) -> str:
+    """sha256 of an ``init`` file, computed once per (path, size, mtime) in a process."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256:
+        _SHA256[key] = sha256_file(Path(path))
+    return _SHA256[key]
+
+
+def fold_pins(arm: Arm) -> dict:
+    """What each fold's ``heldout.npz`` is pinned to besides its config hash: the share of patients the arm trained
+    on, its pre-training stage and its ``init`` file's content (a folder copied under another arm's name is refused)."""
+    return {"train_fraction": float(arm.train_fraction), "pretrain": arm.pretrain or "",
+            "init_sha256": init_sha256(arm.init) if arm.init else ""}
 
 
 def scaling_key(plan: ArmsPlan, arm: Arm) -> str:
