@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 import cxrvit.fileio as fileio
-from cxrvit.fileio import (LockHeld, atomic_write, exclusive_lock, json_safe, owner_tag, parse_owner, pid_alive,
+from cxrvit.fileio import (FILE_MODE, LockHeld, atomic_write, exclusive_lock, json_safe, owner_tag, parse_owner, pid_alive,
                            this_host)
 
 
@@ -125,3 +126,15 @@ def test_without_fcntl_the_lock_is_the_file_and_a_leftover_one_is_refused(tmp_pa
     with pytest.raises(LockHeld, match="4242@elsewhere"):
         with exclusive_lock(lock):
             pass
+
+
+def test_an_owner_only_temporary_gets_a_plain_file_mode(tmp_path):
+    """safetensors' save_file creates 0600 files: the renamed result must get the mode open() would give,
+    or other readers of a shared run folder cannot load the model."""
+    import torch
+    from safetensors.torch import save_file
+
+    out = atomic_write(tmp_path / "model.safetensors", lambda tmp: save_file({"w": torch.zeros(2)}, str(tmp)))
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    assert stat.S_IMODE(out.stat().st_mode) == FILE_MODE == stat.S_IMODE(plain.stat().st_mode)

@@ -36,6 +36,18 @@ except ImportError:   # Windows: exclusive_lock falls back to exclusive creation
 STALE_AFTER_S = 3600.0
 
 
+def _process_umask() -> int:
+    mask = os.umask(0o022)   # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+#: The mode a plain ``open(path, "w")`` gives a new file here. Some writers (safetensors' ``save_file``,
+#: ``tempfile``) create owner-only (0600) files; the renamed result gets this mode instead, so a model in a shared
+#: run folder is readable by whoever may read the folder's other files.
+FILE_MODE = 0o666 & ~_process_umask()
+
+
 def atomic_write(path: os.PathLike | str, write: Callable[[Path], object], *, fsync: bool = False) -> Path:
     """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it over ``path``.
 
@@ -48,6 +60,7 @@ def atomic_write(path: os.PathLike | str, write: Callable[[Path], object], *, fs
     tmp = path.with_name(f"{path.stem}.tmp{owner_tag()}{path.suffix}")
     try:
         write(tmp)
+        os.chmod(tmp, FILE_MODE)
         if fsync:
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())

@@ -115,9 +115,39 @@ def test_scoring_pass_is_the_one_it_always_was(bundle, bf16_mode, tta):
     assert torch.equal(bundle.predict_proba(x, batch_size=len(x), tta=tta), expected)
 
 
-def test_forced_bf16_machine_scores_like_this_one(bundle, monkeypatch):
+def test_scoring_is_fp32_whatever_training_uses_and_whatever_autocast_surrounds_it(bundle, monkeypatch):
+    """What is guaranteed: scoring never follows the training precision. ``inference_precision`` says fp32 on
+    every device whether or not the machine claims native bf16 (``CXRVIT_FORCE_BF16``), and the forward pass runs
+    with autocast off even inside a caller's bf16 autocast (a training loop's validation, a notebook), so the
+    probabilities are bit for bit those of a plain fp32 pass. Making inference take ``resolve_precision("auto")``
+    or dropping the pass's own autocast context fails here."""
     x = _images()
-    monkeypatch.setenv(runtime.FORCE_BF16_ENV, "0")
-    plain = bundle.predict_proba(x)
-    monkeypatch.setenv(runtime.FORCE_BF16_ENV, "1")
-    assert torch.equal(bundle.predict_proba(x), plain)
+    seen: list[tuple[bool, torch.dtype]] = []
+
+    def watch(module, args):
+        seen.append((torch.is_autocast_enabled("cpu"), args[0].dtype))
+
+    plain_env = bundle.predict_proba(x)
+    hook = bundle.model.register_forward_pre_hook(watch)
+    try:
+        for forced in ("0", "1"):
+            monkeypatch.setenv(runtime.FORCE_BF16_ENV, forced)
+            assert runtime.resolve_precision("auto", torch.device("cpu")) == ("bf16" if forced == "1" else "fp32")
+            for device in ("cpu", "cuda"):
+                assert runtime.inference_precision(torch.device(device)) == "fp32"
+            for tta in (False, True):
+                seen.clear()
+                plain = bundle.predict_proba(x, tta=tta)
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    inside = bundle.predict_proba(x, tta=tta)
+                assert seen and all(not on and dtype == torch.float32 for on, dtype in seen)
+                assert plain.dtype == inside.dtype == torch.float32 and torch.equal(inside, plain)
+                if not tta:
+                    assert torch.equal(plain, plain_env)
+    finally:
+        hook.remove()
+    # the check can see a bf16 pass: the same model under autocast, without the scoring pass's fp32 context
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        view = eval_transform(x, bundle.preprocessing.size)
+        bf16 = torch.sigmoid(bundle.model(bundle.preprocessing.normalize(view)).float())
+    assert not torch.equal(bf16, plain_env)

@@ -13,7 +13,7 @@ from PIL import Image
 from cxrvit.data import images
 from cxrvit.data.images import load_square
 from cxrvit.data.preprocess import center_zoom, eval_transform, to_float
-from cxrvit.inference.predict import collect_inputs, predict_files, write_predictions
+from cxrvit.inference.predict import collect_inputs, load_for_model, predict_files, write_predictions
 
 from inference_support import SHARED, THRESHOLDS, factory, run_cli as main
 
@@ -169,10 +169,29 @@ def test_true_monochrome1_scores_exactly_like_its_original(bundle):
 
 
 def test_display_copy_for_overlays_matches_the_model_input(folder):
-    from cxrvit.inference.predict import load_for_model
-
     img = load_for_model(folder / "a.png", 32, display_size=128)
     assert img.square.shape == (32, 32) and img.display.shape == (128, 128)
     small = np.asarray(Image.fromarray(img.display).resize((32, 32), Image.BILINEAR), dtype=np.int32)
     assert np.abs(small - img.square).mean() < 8  # the same picture, only sharper
     assert load_for_model(folder / "a.png", 32).display is None
+
+
+def test_exif_rotated_jpeg_is_scored_upright_and_flagged(bundle, tmp_path):
+    upright = Image.fromarray(factory.real_pixels()[:, 8:56].copy())  # non-square: a turn changes the shape
+    upright.save(tmp_path / "upright.jpg", quality=95)
+    exif = Image.Exif()
+    exif[images.EXIF_ORIENTATION] = 6  # "turn 90 degrees clockwise to show": stored sideways
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "exif6.jpg", quality=95, exif=exif)
+    a, b = (load_for_model(tmp_path / n, 32) for n in ("upright.jpg", "exif6.jpg"))
+    assert a.flags == [] and b.flags == ["exif_rotated:6"]
+    assert np.abs(a.square.astype(int) - b.square).mean() < 3 and a.placement == b.placement
+    sideways = images.square_resize(np.rot90(np.asarray(upright)), 32).astype(int)
+    assert np.abs(sideways - b.square).mean() > 10 * np.abs(a.square.astype(int) - b.square).mean()
+    (row,) = predict_files(bundle, [tmp_path / "exif6.jpg"], progress=False)
+    assert row.status == "ok" and row.qc_flags == ["exif_rotated:6"]
+
+
+def test_loaded_image_knows_where_it_lies_in_its_square(tmp_path):
+    Image.fromarray(factory.real_pixels()[12:52].copy()).save(tmp_path / "wide.png")  # 64 x 40
+    img = load_for_model(tmp_path / "wide.png", 32)
+    assert img.placement == images.square_placement((40, 64)) == (12 / 64, 0.0, 52 / 64, 1.0)

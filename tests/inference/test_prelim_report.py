@@ -6,7 +6,9 @@ import sys
 import numpy as np
 import pytest
 
+from cxrvit.data.images import square_placement
 from cxrvit.inference import prelim_report as rp
+from cxrvit.inference import qc
 from cxrvit.inference.findings import MAX_LABELS, labels_to_explain, peak_location
 
 THR = {"Atelectasis": 0.30, "Effusion": 0.40, "Mass/Nodule": 0.20}
@@ -77,6 +79,66 @@ def test_peak_location_uses_radiographic_sides_and_thirds():
     heat[:] = 0
     heat[45, 45] = 1.0
     assert (peak_location(heat)["side"], peak_location(heat)["zone"]) == ("central", "middle")
+
+
+def _peak_at(y: float, x: float, size: int = 224) -> np.ndarray:
+    heat = np.zeros((size, size), np.float32)
+    heat[int(y * size), int(x * size)] = 1.0
+    return heat
+
+
+def test_peak_zone_is_of_the_image_not_of_the_padded_square():
+    """A 640x524 landscape film is padded 58 px above and below to 640x640: its thirds are not the square's."""
+    film = square_placement((524, 640))
+    for y_img, zone in [(0.31, "upper"), (0.36, "middle"), (0.69, "lower")]:
+        y_sq = (y_img * 524 + 58) / 640
+        p = peak_location(_peak_at(y_sq, 0.2), film)
+        assert p["zone"] == zone and abs(p["y"] - y_img) < 0.01 and p["side"] == "right"
+    portrait = square_placement((640, 400))  # padded 120 px left and right: sides are of the image too
+    assert peak_location(_peak_at(0.5, 0.46), portrait)["side"] == "right"  # x = 0.44 of the image
+    assert peak_location(_peak_at(0.5, 0.46))["side"] == "central"  # no placement: the whole square, as before
+
+
+def test_a_peak_in_the_padding_has_no_location():
+    film = square_placement((524, 640))  # rows above 58/640 and below 582/640 are padding
+    assert peak_location(_peak_at(0.02, 0.3), film) is None and peak_location(_peak_at(0.97, 0.7), film) is None
+    call = rp.assess({"Effusion": 0.9}, THR, {"Effusion": None})[0]
+    assert call.where == "" and "zone" not in rp.render([call])
+
+
+def test_every_qc_flag_reads_as_a_sentence():
+    flags = qc.header_flags(qc.HeaderFacts(modality="CT", body_part="HEAD", view_position="OBL", frames=15,
+                                           photometric="RGB"))
+    flags += qc.header_flags(qc.HeaderFacts(view_position="LL")) + qc.decode_flags({"exif_orientation": 6})
+    flags += qc.pixel_flags((10, 20), np.zeros((32, 32), np.uint8)) + ["possibly_inverted", "auto_inverted"]
+    names = {f.partition(":")[0] for f in flags}
+    assert {"multi_frame", "colour_converted", "exif_rotated", "not_radiograph", "no_modality", "lateral_view",
+            "unusual_view", "low_resolution", "unusual_aspect", "blank_image"} <= names
+    for flag in flags:
+        text = rp.qc_message(flag)
+        assert flag.partition(":")[0] not in text and " " in text, flag  # a sentence, never the raw token
+    line = rp.render(rp.assess({"Effusion": 0.9}, THR), ["colour_converted:RGB", "multi_frame:15"]).splitlines()[1]
+    assert line == ("INPUT QUALITY: a colour image (photometric RGB) converted to grey before scoring; multi-frame "
+                    "DICOM (15 frames): only the first frame was scored.")
+
+
+@pytest.mark.parametrize("name", ["No Finding", "No_Finding", "no finding"])
+def test_no_finding_label_is_never_a_finding(name):
+    thr = {name: 0.5, "Effusion": 0.3, "Atelectasis": 0.5}
+    both = rp.assess({name: 0.8, "Effusion": 0.9, "Atelectasis": 0.1}, thr)
+    for full in (True, False):
+        text = rp.render(both, full=full)
+        assert "no finding" not in text.lower().replace("no finding above", "")
+        assert [ln for ln in text.splitlines() if ln.startswith("IMPRESSION")] == ["IMPRESSION: Effusion."]
+    only = rp.assess({name: 0.8, "Effusion": 0.1, "Atelectasis": 0.2}, thr)
+    full = rp.render(only, full=True)
+    assert "IMPRESSION: No finding above threshold." in full
+    assert "No finding above threshold among the 2 labels assessed." in full  # the labels that are findings
+    assert f"The model's {name.replace('_', ' ')} label: probability 0.80, operating point 0.50." in full
+    assert "label: probability" not in rp.render(only, full=False)
+    # below its threshold it is not a near miss or a "below threshold" finding either
+    low = rp.render(rp.assess({name: 0.45, "Effusion": 0.9, "Atelectasis": 0.1}, thr), full=True)
+    assert name.replace("_", " ").lower() not in low.lower().replace("no finding above", "")
 
 
 def test_labels_to_explain_calls_first_then_near_then_top():

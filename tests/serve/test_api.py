@@ -145,7 +145,8 @@ def test_upload_size_cap(serve_bundle, dicoms):
 def test_pixel_count_cap(serve_bundle, tmp_path):
     path = factory.make_dicom(tmp_path / "big.dcm")  # 64 x 64 = 4096 pixels
     r = post_file(client(serve_bundle, settings=Settings(max_pixels=1000)), path)
-    assert r.status_code == 422 and "exceeds the limit of 1000" in r.json()["error"]
+    assert r.status_code == 413 and "exceeds the limit of 1000" in r.json()["error"]
+    assert "at most 1000 pixels" in r.json()["error"] and "--max-pixels" in r.json()["error"]
 
 
 def test_503_when_full_and_health_stays_responsive(serve_bundle, dicoms, monkeypatch):

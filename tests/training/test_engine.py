@@ -37,6 +37,8 @@ def test_run_writes_a_loadable_bundle_with_val_thresholds(tiny_run, tiny_cache):
     cfg, tr, va, out = tiny_run
     bundle = load_bundle(out)
     assert bundle.labels == cfg.data.labels and bundle.preprocessing.size == 32
+    # predict squares a file to the cache's side first, as training saw it (one image, one answer)
+    assert bundle.preprocessing.source_size == tiny_cache.size
     assert set(bundle.thresholds) == set(cfg.data.labels)
     names = tiny_cache.index["image"].to_numpy()
     assert bundle.threshold_source["split"] == "val"

@@ -110,6 +110,7 @@ def test_probe_bundle_scores_as_fitted_and_thresholds_are_cross_fitted(tiny_cach
     out = train(cfg, tiny_cache, tr, va, tmp_path / "run", progress=False)
     meta = json.loads((out / "bundle.json").read_text())
     assert meta["global_pool"] == pool and meta["n_last_blocks"] == blocks
+    assert meta["preprocessing"]["source_size"] == tiny_cache.size   # predict squares files as the cache did
     rows = np.sort(np.concatenate([tr, va]))
     names = set(tiny_cache.index["image"].to_numpy()[rows].astype(str))
     # Every training image (train and validation rows) tuned the thresholds; none of the test split did.
@@ -167,7 +168,7 @@ def test_probe_finds_a_signal_the_features_carry(tiny_cache, tmp_path, one_threa
 
     class Relabelled:
         def __init__(self, cache):
-            self.pixels, self.index, self.patient_ids = cache.pixels, cache.index, cache.patient_ids
+            self.pixels, self.index, self.patient_ids, self.size = cache.pixels, cache.index, cache.patient_ids, cache.size
             bright = np.asarray(cache.pixels, dtype=np.float64).mean((1, 2))
             self.y = (bright > np.median(bright)).astype(np.float32)
 

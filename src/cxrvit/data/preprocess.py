@@ -28,10 +28,30 @@ class Preprocessing:
     channels: str = "grey-repeated-to-3"
     geometry: str = "pad-to-square-with-image-minimum, then bilinear resize"
     extra: dict = field(default_factory=dict)
+    #: Side of the uint8 squares the model's training and validation images were cached at (``cxrvit prepare
+    #: --size``; ``CXRCache.size``), which validation then resized to ``size`` in float (:func:`eval_transform`).
+    #: ``predict`` and ``serve`` square a file to this side with the cache's geometry, so a file scores as its
+    #: cache row does. None (bundles written before the field): they square to ``size`` instead.
+    source_size: int | None = None
+
+    def __post_init__(self) -> None:
+        side = self.source_size
+        if side is not None:
+            if isinstance(side, bool) or not isinstance(side, (int, float)) or side != int(side) or side < 1:
+                raise ValueError(f"preprocessing.source_size must be a positive whole number, got {side!r}")
+            self.source_size = int(side)
+
+    @property
+    def square_size(self) -> int:
+        """Side of the uint8 square a file is fitted to before the scoring pass resizes it to ``size``: the
+        cache's (``source_size``) when the bundle records it, else the model's."""
+        return int(self.source_size or self.size)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        if d["source_size"] is None:  # bundle.json stays as it was (and readable by older versions) without it
+            del d["source_size"]
         return d
 
     @classmethod

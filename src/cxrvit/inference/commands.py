@@ -73,7 +73,7 @@ def register(subparsers) -> None:
 def run_predict(args: argparse.Namespace) -> int:
     # In the handler, not at the top: keeps `cxrvit --help` from importing torch (module docstring).
     from cxrvit.inference.bundle import load_bundle
-    from cxrvit.inference.predict import collect_inputs, predict_files, write_predictions
+    from cxrvit.inference.predict import PredictionWriter, collect_inputs, predict_files
 
     if Path(args.out).suffix.lower() not in (".csv", ".json"):
         print(f"error: --out {args.out}: must end in .csv or .json", file=sys.stderr)
@@ -100,10 +100,22 @@ def run_predict(args: argparse.Namespace) -> int:
         for callback in callbacks:
             callback(loaded, probs)
 
-    rows = predict_files(bundle, paths, batch_size=args.batch_size, tta=args.tta, fix_inverted=args.fix_inverted,
-                         progress=not args.no_progress, on_batch=on_batch if callbacks else None,
-                         display_size=OVERLAY_SIZE if args.heatmaps else None)
-    out = write_predictions(rows, bundle.labels, args.out)
+    try:  # before any scoring: an --out that cannot be written fails now, not after the last file
+        writer = PredictionWriter(args.out, bundle.labels)
+    except OSError as exc:
+        why = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc)
+        print(f"error: --out {args.out}: cannot write it ({why})", file=sys.stderr)
+        return 2
+    try:
+        with writer:  # each batch's rows are appended as it finishes; leaving the block ends the file
+            rows = predict_files(bundle, paths, batch_size=args.batch_size, tta=args.tta,
+                                 fix_inverted=args.fix_inverted, progress=not args.no_progress,
+                                 on_batch=on_batch if callbacks else None, on_rows=writer.write,
+                                 display_size=OVERLAY_SIZE if args.heatmaps else None)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {writer.count} of {len(paths)} files written to {writer.path}", file=sys.stderr)
+        return 130
+    out = writer.path
     failed = [r for r in rows if r.status != "ok"]
     flagged = [r for r in rows if r.qc_flags]
     print(f"scored {len(rows) - len(failed)} of {len(rows)} files -> {out}"
@@ -125,7 +137,8 @@ def _report_writer(bundle, reports: dict[str, str], full: bool):
     def write(loaded, probs: np.ndarray) -> None:
         per_image = [dict(zip(bundle.labels, map(float, p))) for p in probs]
         chosen = [labels_to_explain(p, bundle.thresholds) for p in per_image]
-        explained = explain_findings(bundle, [img.square for img in loaded], probs, chosen)
+        explained = explain_findings(bundle, [img.square for img in loaded], probs, chosen,
+                                     [img.placement for img in loaded])
         for img, p, e in zip(loaded, per_image, explained):
             calls = prelim_report.assess(p, bundle.thresholds, e.peaks)
             reports[str(img.path)] = prelim_report.render(calls, img.flags, full=full)
@@ -138,14 +151,14 @@ def _heatmap_writer(bundle, folder: Path, target: str | None, per_head: bool):
     import torch
 
     # Only when --heatmaps is asked for: matplotlib and torch, which `cxrvit --help` should not import.
-    from cxrvit.inference import heatmaps
+    from cxrvit.inference import heatmaps, scoring
 
     folder.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
 
     def write(loaded, probs: np.ndarray) -> None:
         grey = torch.from_numpy(np.stack([img.square for img in loaded])).unsqueeze(1)
-        x = bundle.preprocessing.normalize(grey.to(next(bundle.model.parameters()).device))
+        x = scoring.model_input(grey.to(next(bundle.model.parameters()).device), bundle.preprocessing)
         idx = [bundle.labels.index(target) if target else int(np.argmax(p)) for p in probs]
         maps = heatmaps.explain(bundle.model, x, idx, per_head=per_head)
         for i, img in enumerate(loaded):

@@ -14,6 +14,10 @@ import torch
 
 from cxrvit.inference import heatmaps
 from cxrvit.inference.prelim_report import assess
+from cxrvit.inference.scoring import model_input
+
+#: Placement of an image that fills its square (no padding): top, left, bottom, right.
+WHOLE = (0.0, 0.0, 1.0, 1.0)
 
 #: How many of the most probable labels get a Grad-CAM map besides the calls and near misses.
 TOP_LABELS = 3
@@ -31,8 +35,14 @@ def labels_to_explain(probs: Mapping[str, float], thresholds: Mapping[str, float
     return chosen[:max(limit, top)]
 
 
-def peak_location(heat: np.ndarray) -> dict:
-    """Side and zone of a map's maximum on a frontal film.
+def peak_location(heat: np.ndarray, placement: Sequence[float] = WHOLE) -> dict | None:
+    """Side and zone of a map's maximum on a frontal film; None when the maximum lies in the padding.
+
+    ``heat`` covers the padded square the model saw; ``placement`` is where the image lies in it (top, left,
+    bottom, right as fractions of the side: :func:`cxrvit.data.images.square_placement`, kept by ``predict`` as
+    ``LoadedImage.placement``). Zones and sides are of the *image*, not of the square: a landscape film padded
+    above and below has its thirds where the film's are. ``x`` and ``y`` are the peak's position as fractions of
+    the image's width and height.
 
     Radiographic convention: a PA/AP film is viewed as if facing the patient, so the image's left
     half is the patient's *right*. Zones are thirds of the image height (upper/middle/lower); the
@@ -40,7 +50,11 @@ def peak_location(heat: np.ndarray) -> dict:
     """
     h, w = heat.shape
     row, col = np.unravel_index(int(np.argmax(heat)), heat.shape)
-    y, x = (row + 0.5) / h, (col + 0.5) / w
+    top, left, bottom, right = (float(v) for v in placement)
+    y_sq, x_sq = (row + 0.5) / h, (col + 0.5) / w
+    if not (top <= y_sq <= bottom and left <= x_sq <= right):
+        return None  # the padding holds no anatomy to name
+    y, x = (y_sq - top) / (bottom - top), (x_sq - left) / (right - left)
     side = "central" if abs(x - 0.5) < 0.05 else ("right" if x < 0.5 else "left")
     zone = "upper" if y < 1 / 3 else ("middle" if y < 2 / 3 else "lower")
     return {"side": side, "zone": zone, "x": round(float(x), 3), "y": round(float(y), 3)}
@@ -51,19 +65,23 @@ class Explanation:
     attention: np.ndarray  # [S, S] in [0, 1]
     rollout: np.ndarray
     gradcam: dict[str, np.ndarray]  # label -> [S, S]
-    peaks: dict[str, dict]  # label -> peak_location of its Grad-CAM map
+    peaks: dict[str, dict | None]  # label -> peak_location of its Grad-CAM map (None: the peak is in the padding)
 
 
 def explain_findings(bundle, squares: Sequence[np.ndarray], probs: np.ndarray,
-                     labels: Sequence[Sequence[str]]) -> list[Explanation]:
-    """Maps for square uint8 images: attention and rollout once each, Grad-CAM for ``labels[i]``.
+                     labels: Sequence[Sequence[str]],
+                     placements: Sequence[Sequence[float]] | None = None) -> list[Explanation]:
+    """Maps for square uint8 images (``LoadedImage.square``; resized to the model size as the scoring pass
+    does): attention and rollout once each, Grad-CAM for ``labels[i]``, peaks located within ``placements[i]``
+    (the image's place in its square; default: the whole square).
 
     All Grad-CAM targets of all images go through one batched backward pass (each image repeated
     once per label it needs).
     """
     device = next(bundle.model.parameters()).device
     grey = torch.from_numpy(np.stack(squares)).unsqueeze(1).to(device)
-    x = bundle.preprocessing.normalize(grey)
+    x = model_input(grey, bundle.preprocessing)
+    placements = list(placements) if placements is not None else [WHOLE] * len(squares)
     size = x.shape[-1]
     attention = heatmaps.to_image(heatmaps.cls_attention(bundle.model, x).mean(dim=1), size)
     rollout = heatmaps.to_image(heatmaps.attention_rollout(bundle.model, x), size)
@@ -75,5 +93,6 @@ def explain_findings(bundle, squares: Sequence[np.ndarray], probs: np.ndarray,
     for i, names in enumerate(labels):
         maps = {name: cams[k + j] for j, name in enumerate(names)}
         k += len(names)
-        out.append(Explanation(attention[i], rollout[i], maps, {n: peak_location(m) for n, m in maps.items()}))
+        out.append(Explanation(attention[i], rollout[i], maps,
+                               {n: peak_location(m, placements[i]) for n, m in maps.items()}))
     return out

@@ -11,6 +11,8 @@ probability, the bundle's tuned threshold (validation or cross-fitted) and the p
 - "no finding above threshold" is said in those words, never "normal": the model only looks for
   its labels;
 - QC flags come first, because they say whether the rest means anything;
+- a "No Finding" label (a bundle may have one) is never reported as a finding: it is left out of the findings,
+  near misses and impression, and named only in the full form when nothing else is called;
 - the same disclaimer closes both forms.
 
 Used by ``cxrvit predict --report`` and by ``cxrvit serve``.
@@ -47,6 +49,9 @@ QC_MESSAGES = {
     "blank_image": "the image is (almost) blank",
     "possibly_inverted": "the image looks inverted (negative)",
     "auto_inverted": "re-inverted before scoring",
+    "multi_frame": "multi-frame DICOM ({detail} frames): only the first frame was scored",
+    "colour_converted": "a colour image (photometric {detail}) converted to grey before scoring",
+    "exif_rotated": "stored rotated or mirrored: turned upright as its EXIF orientation tag ({detail}) says",
 }
 #: Flags after which the scores should not be read at all (the others are caveats).
 SEVERE_FLAGS = frozenset({"not_radiograph", "not_chest", "lateral_view", "blank_image"})
@@ -56,6 +61,11 @@ def qc_message(flag: str) -> str:
     name, _, detail = flag.partition(":")
     template = QC_MESSAGES.get(name)
     return template.format(detail=detail) if template else flag
+
+
+def is_no_finding(label: str) -> bool:
+    """Whether ``label`` is the "No Finding" label (any case; spaces or underscores)."""
+    return " ".join(label.replace("_", " ").split()).lower() == "no finding"
 
 
 def band(p: float) -> str:
@@ -111,12 +121,17 @@ def _finding_sentence(c: LabelCall, full: bool) -> str:
 
 def report_sections(calls: Sequence[LabelCall], qc_flags: Sequence[str] = (), full: bool = True) -> dict:
     """The report as sections: ``quality``, ``findings``, ``impression`` (lists of sentences)."""
+    no_finding = [c for c in calls if is_no_finding(c.label)]
+    calls = [c for c in calls if not is_no_finding(c.label)]  # findings only: "No Finding" is not one
     positive = [c for c in calls if c.call]
     quality = [qc_message(f) for f in qc_flags]
     severe = any(f.partition(":")[0] in SEVERE_FLAGS for f in qc_flags)
     findings = [_finding_sentence(c, full) for c in positive]
     if not positive:
         findings.append(f"No finding above threshold among the {len(calls)} labels assessed.")
+        if full:
+            findings += [f"The model's {c.label.replace('_', ' ')} label: probability {c.probability:.2f}, operating "
+                         f"point {c.threshold:.2f}." for c in no_finding]
     if full:
         excluded = [c for c in calls if not c.call and c.near]
         findings += [f"{c.label.replace('_', ' ')} cannot be excluded (probability {c.probability:.2f}, just below "

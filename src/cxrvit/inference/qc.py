@@ -7,6 +7,7 @@ why its output should not be trusted. Flags come from two places:
 
 - the DICOM header, when there is one: Modality, BodyPartExamined, ViewPosition, and what the reader
   had to do to get one grey image (first of several frames, colour converted to grey);
+- the decoder: a PNG/JPEG stored rotated or mirrored and turned upright by its EXIF orientation tag;
 - the decoded pixels: size, aspect ratio, an (almost) blank image, and a contrast test for
   a picture that looks inverted (MONOCHROME1 data mislabelled as MONOCHROME2, or the reverse).
 
@@ -82,6 +83,13 @@ def header_flags(facts: HeaderFacts) -> list[str]:
     return flags
 
 
+def decode_flags(info: dict) -> list[str]:
+    """Flags from what the reader did (:func:`cxrvit.data.images.read_grey_info`): ``exif_rotated:N`` when a
+    PNG/JPEG's EXIF Orientation tag N (2..8) made it turn the stored pixels upright before scoring."""
+    orientation = int(info.get("exif_orientation", 1) or 1)
+    return [f"exif_rotated:{orientation}"] if orientation != 1 else []
+
+
 def inversion_score(square: np.ndarray) -> float:
     """Mediastinum minus lungs, in units of the image's standard deviation.
 
@@ -101,10 +109,11 @@ def inversion_score(square: np.ndarray) -> float:
 
 
 def pixel_flags(original_shape: tuple[int, int], square: np.ndarray) -> list[str]:
-    """Flags from the decoded image (``original_shape``) and its model-size square version.
+    """Flags from the decoded image (``original_shape``) and the square it is fitted to for scoring.
 
     ``low_resolution`` is relative to the model, not to an absolute number: the image is padded to a
-    square and resized so its long side becomes the model's input side (``square.shape[0]``). Only
+    square and resized so its long side becomes ``square.shape[0]`` (``preprocessing.square_size``: the side
+    the model's training images were cached at when the bundle records it, else the model's input side). Only
     when the long side is shorter than that is the picture *upscaled*, i.e. holds less detail than
     the model was trained to see. A fixed minimum (it was 256 px) flagged every image of a model run
     at 128 px on 160-px inputs -- a flag on every row that users learn to ignore.

@@ -29,6 +29,12 @@ def eval_views(images: torch.Tensor, size: int, tta: bool) -> list[torch.Tensor]
     return views
 
 
+def model_input(images: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
+    """``[B, 1, P, P]`` grey squares of any side -> the normalised model input of the scoring pass's first view
+    (the whole image at ``prep.size``): what the heat-maps explain, so they see what was scored."""
+    return prep.normalize(eval_transform(images, int(prep.size)))
+
+
 @torch.no_grad()
 def score_logits(model: nn.Module, images: torch.Tensor, prep: Preprocessing, size: int, tta: bool) -> torch.Tensor:
     """``[B, 1, S, S]`` grey images (uint8, or float in [0, 1]) on the model's device -> ``[B, K]`` fp32 logits.

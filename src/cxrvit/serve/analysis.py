@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from cxrvit.data import images
-from cxrvit.data.images import ImageReadError
+from cxrvit.data.images import ImageReadError, PixelLimitError
 from cxrvit.inference import prelim_report
 from cxrvit.inference.findings import explain_findings, labels_to_explain
 from cxrvit.inference.predict import load_for_model, score_batch
@@ -25,6 +25,10 @@ from cxrvit.serve.uploads import UploadError, memory_path
 DISPLAY_SIZE = 448
 #: DICOM header fields that identify the patient; hidden unless the server runs with --show-identifiers.
 IDENTIFIERS = ("patient_name", "patient_id")
+#: Default decompression-bomb limit of the server (``--max-pixels``): 50 megapixels. The largest chest
+#: detectors are about 43 x 43 cm at 0.1 mm, 4300 x 4300 = 18.5 MP; 50 MP leaves room and keeps a decoded
+#: 16-bit image under 100 MB, where the library-wide limit (16384^2 = 268 MP) let one upload take gigabytes.
+SERVE_MAX_PIXELS = 50_000_000
 
 
 def png_data_url(arr: np.ndarray) -> str:
@@ -46,7 +50,7 @@ def heat_rgba(heat: np.ndarray) -> np.ndarray:
 @dataclass
 class Settings:
     max_upload_bytes: int = 64 * 2**20
-    max_pixels: int = images.MAX_PIXELS
+    max_pixels: int = SERVE_MAX_PIXELS
     show_identifiers: bool = False
     heatmaps: bool = True
 
@@ -78,10 +82,13 @@ class Analyzer:
             if fmt is None:
                 raise UploadError(415, "not a PNG, JPEG or DICOM file (content not recognised; "
                                        "the file name is not trusted)")
-            try:
-                img = load_for_model(path, self.bundle.preprocessing.size, self.settings.max_pixels,
+            try:  # the pixel count is checked from the header (Pillow's lazy open, DICOM Rows x Columns) first
+                img = load_for_model(path, self.bundle.preprocessing.square_size, self.settings.max_pixels,
                                      display_size=DISPLAY_SIZE)
                 header = _header_summary(path, self.settings.show_identifiers) if fmt == "dicom" else None
+            except PixelLimitError as exc:
+                raise UploadError(413, f"image too large: {exc.reason}; this server accepts at most {exc.limit} "
+                                       "pixels (server option --max-pixels)") from exc
             except ImageReadError as exc:
                 # exc.reason, not str(exc): the latter names the /proc path, which means nothing to a user
                 raise UploadError(422, f"cannot read this {fmt.upper()} file: {exc.reason}") from exc
@@ -93,7 +100,7 @@ class Analyzer:
         overlays, peaks = {}, {}
         if want_heatmaps and self.settings.heatmaps:
             chosen = labels_to_explain(probs, bundle.thresholds)
-            e = explain_findings(bundle, [img.square], probs_arr, [chosen])[0]
+            e = explain_findings(bundle, [img.square], probs_arr, [chosen], [img.placement])[0]
             peaks = e.peaks
             overlays = {"attention": png_data_url(heat_rgba(e.attention)),
                         "rollout": png_data_url(heat_rgba(e.rollout)),

@@ -21,6 +21,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-upload-mb", type=float, default=64.0, help="largest accepted upload (default 64)")
     p.add_argument("--max-pending", type=int, default=16,
                    help="predictions admitted at once, running + queued; more get 503 (default 16)")
+    p.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                   help="refuse images with more pixels than this, from the header before decoding (default "
+                        "50000000: 50 megapixels, above any real chest radiograph)")
     p.add_argument("--show-identifiers", action="store_true",
                    help="show DICOM patient name and ID on the page (hidden by default)")
     p.add_argument("--no-heatmaps", action="store_true", help="skip the explanation maps (faster)")
@@ -31,6 +34,9 @@ def register(subparsers) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     if not args.model:
         print(NO_MODEL, file=sys.stderr)
+        return 2
+    if args.max_pixels is not None and args.max_pixels < 1:
+        print(f"error: --max-pixels {args.max_pixels}: must be a positive number of pixels", file=sys.stderr)
         return 2
     # In the handler: fastapi/uvicorn (and torch behind the bundle) stay out of `cxrvit --help`, and a
     # broken web install is reported here, as an error naming what to reinstall.
@@ -52,6 +58,8 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     settings = Settings(max_upload_bytes=int(args.max_upload_mb * 2**20), show_identifiers=args.show_identifiers,
                         heatmaps=not args.no_heatmaps)
+    if args.max_pixels is not None:
+        settings.max_pixels = args.max_pixels
     app = create_app(bundle, source=str(Path(args.model).resolve()), settings=settings, max_pending=args.max_pending)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding to {args.host}: the viewer has no login; anyone who can reach this port can "

@@ -159,7 +159,7 @@ class Trainer:
         if start_from is not None and state is None:
             model.load_state_dict(load_file(str(start_from)))   # the probe: same backbone, fitted head
         self.model = model.to(self.device)
-        self.prep = Preprocessing(size=cfg.model.img_size)
+        self.prep = Preprocessing(size=cfg.model.img_size, source_size=cache.size)
         # Layer-wise decay assumes pre-trained early blocks worth protecting. From random init it would
         # all but freeze them (0.75**12 = 3% of the lr for block 1), so it applies only with --init.
         self.layer_decay = cfg.optim.layer_decay if init is not None else 1.0

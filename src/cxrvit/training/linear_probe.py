@@ -244,7 +244,7 @@ def fit_linear_probe(cfg: TrainConfig, cache, train_rows, val_rows, out_dir, ini
                         n_last_blocks=cfg.model.n_last_blocks)
     init_report = load_init_backbone(init, model) if init is not None else None   # refuses a file with no backbone
     model.to(dev)
-    prep = Preprocessing(size=cfg.model.img_size)
+    prep = Preprocessing(size=cfg.model.img_size, source_size=cache.size)
 
     # Resumable: a killed pass continues from its last chunk in RUN/features.partial (probe_features.py).
     feats = probe_features(out, model, cache, rows, cfg, init, prep, dev, resume, progress)
