@@ -6,7 +6,6 @@ known, types are checked, and an error names the key. Only the dataclasses are S
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -16,7 +15,7 @@ import yaml
 from cxrvit.ssl.dino import DinoConfig
 from cxrvit.ssl.ijepa import IJepaConfig
 from cxrvit.ssl.mae import MaeConfig
-from cxrvit.training.configparse import apply_overrides, build_config, check_all
+from cxrvit.training.configparse import apply_overrides, build_config, check_all, optimizer_checks
 
 METHODS = ("dino", "mae", "ijepa")
 
@@ -109,13 +108,7 @@ class PretrainConfig:
             ("engine.log_every", self.engine.log_every >= 1, "must be >= 1 (steps between train records)"),
             ("engine.checkpoint_every", self.engine.checkpoint_every >= 0, "must be >= 0 (0 = epoch ends only)"),
             ("schedule.max_steps", self.schedule.max_steps >= 0, "must be >= 0 (0 = off)"),
-            ("optim.lr", math.isfinite(o.lr) and o.lr >= 0, "must be a finite number >= 0"),
-            ("optim.min_lr", math.isfinite(o.min_lr) and o.min_lr >= 0, "must be a finite number >= 0"),
-            ("optim.betas", len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
-             "must be [beta1, beta2], each in [0, 1)"),
-            ("optim.warmup_epochs", o.warmup_epochs >= 0, "must be >= 0"),
-            ("optim.clip_grad", o.clip_grad >= 0, "must be >= 0 (0 = off)"),
-        ]
+        ] + optimizer_checks(o)
         check_all(self, checks, "pretrain config")
         return self
 

@@ -12,7 +12,6 @@ exactly how it was trained; such saved configs hold every section and load as th
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -22,7 +21,7 @@ import yaml
 from cxrvit.labels import DEFAULT_LABELS, SCORED_TARGETS, validate_label_names
 from cxrvit.model.vit import ARCHITECTURES, GLOBAL_POOLS
 from cxrvit.training.configparse import (apply_overrides, build_config, check_all, copy_nested, dotted_keys, merge,
-                                         parse_override)
+                                         optimizer_checks, parse_override)
 
 
 @dataclass
@@ -183,13 +182,6 @@ class TrainConfig:
             ("eval.batch_size", self.eval.batch_size >= 1, "must be >= 1"),
             ("engine.log_every", self.engine.log_every >= 1, "must be >= 1 (optimizer steps between train records)"),
             ("engine.checkpoint_every", self.engine.checkpoint_every >= 0, "must be >= 0 (0 = epoch ends only)"),
-            # lr 0 is allowed: it keeps the weights where they start (an lp_ft run then ends as its probe).
-            ("optim.lr", math.isfinite(o.lr) and o.lr >= 0, "must be a finite number >= 0"),
-            ("optim.min_lr", math.isfinite(o.min_lr) and o.min_lr >= 0, "must be a finite number >= 0"),
-            ("optim.betas", len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
-             "must be [beta1, beta2], each in [0, 1)"),
-            ("optim.warmup_epochs", o.warmup_epochs >= 0, "must be >= 0"),
-            ("optim.clip_grad", o.clip_grad >= 0, "must be >= 0 (0 = off)"),
             ("model.drop_path", 0 <= self.model.drop_path < 1, "must be in [0, 1)"),
             ("data.val_fraction", 0.0 < self.data.val_fraction < 1.0, "must be in (0, 1)"),
             ("augment.scale", len(self.augment.scale) == 2 and 0 < self.augment.scale[0] <= self.augment.scale[1] <= 1,
@@ -200,7 +192,7 @@ class TrainConfig:
             ("augment.mix_prob", 0 <= a.mix_prob <= 1, "must be a probability in [0, 1]"),
             ("optim.layer_decay", 0 < self.optim.layer_decay <= 1, "must be in (0, 1]"),
             ("ema.decay", 0 <= self.ema.decay < 1, "must be in [0, 1)"),
-        ]
+        ] + optimizer_checks(o)
         check_all(self, checks, "config")
         return self
 

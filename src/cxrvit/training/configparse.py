@@ -8,6 +8,7 @@ first failing ``(key, ok, why)`` with the value. :mod:`cxrvit.training.config` a
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Any
 
@@ -62,6 +63,19 @@ def _coerce(value: Any, hint, key: str, source: str):
     if hint is str and isinstance(value, str):
         return value
     raise ValueError(f"{source}: {key} must be {hint.__name__}, got {value!r}")
+
+
+def optimizer_checks(o) -> list[tuple[str, bool, str]]:
+    """The check rows of an ``optim`` section, which training and pre-training configs share (AdamW's lr, min_lr,
+    betas, warm-up and clipping). lr 0 is allowed: it keeps the weights where they start (an lp_ft run then ends
+    as its probe)."""
+    return [
+        ("optim.lr", math.isfinite(o.lr) and o.lr >= 0, "must be a finite number >= 0"),
+        ("optim.min_lr", math.isfinite(o.min_lr) and o.min_lr >= 0, "must be a finite number >= 0"),
+        ("optim.betas", len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "must be [beta1, beta2], each in [0, 1)"),
+        ("optim.warmup_epochs", o.warmup_epochs >= 0, "must be >= 0"),
+        ("optim.clip_grad", o.clip_grad >= 0, "must be >= 0 (0 = off)"),
+    ]
 
 
 def check_all(cfg, checks: list[tuple[str, bool, str]], what: str) -> None:
