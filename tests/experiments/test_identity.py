@@ -6,7 +6,7 @@ import json
 import pytest
 
 from cxrvit.experiments.identity import (LATER_KEYS, config_hash, config_identity, differing_keys, hash_matches,
-                                         legacy_config_hash, strip_defaults)
+                                         legacy_config_hash, strip_defaults, upgrade_identity)
 from cxrvit.training.config import ModelConfig, TrainConfig, config_to_dict, load_recipe
 
 
@@ -165,3 +165,15 @@ def test_an_identity_recorded_under_the_every_field_rule_reads_as_today(recipe, 
     cfg = load_recipe(recipe, shared=shared)
     assert upgrade_identity(field_identity(cfg)) == config_identity(cfg)
     assert upgrade_identity(config_identity(cfg)) == config_identity(cfg)      # today's identities pass unchanged
+
+
+def test_logging_and_checkpoint_cadence_do_not_identify_an_arm():
+    """How often a run logs or checkpoints changes nothing it trains (resume is exact), so a finished arm stays
+    finished when they change; a setting that does change the result still changes the identity."""
+    plain = load_recipe("baseline")
+    chatty = load_recipe("baseline", ["engine.log_every=1", "engine.checkpoint_every=7"])
+    assert config_identity(chatty) == config_identity(plain) and config_hash(chatty) == config_hash(plain)
+    assert config_identity(load_recipe("baseline", ["optim.lr=1e-3"])) != config_identity(plain)
+    recorded = config_identity(plain)
+    recorded["engine"] = {"log_every": 5}     # an identity.yaml written before the rule
+    assert upgrade_identity(recorded) == config_identity(plain)

@@ -43,27 +43,14 @@ def _plain(values) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(values) if dataclasses.is_dataclass(values) else values))
 
 
-def config_identity(cfg) -> dict:
-    """Any all-defaults config dataclass (TrainConfig, PretrainConfig) -> its non-default fields.
-
-    For a training config only what its strategy reads counts (``training.config.read_by_strategy``),
-    and not the recipe's ``name``: a probe recipe and a fine-tuning recipe that leave the probe the same
-    settings train the same probe, whatever they are called."""
-    if isinstance(cfg, TrainConfig):
-        values = _plain(read_by_strategy(cfg))
-        values.pop("name", None)
-        return strip_defaults(values, _plain(type(cfg)()))
-    if isinstance(cfg, PretrainConfig):
-        return upgrade_pretrain_identity(strip_defaults(_plain(cfg), _plain(type(cfg)())))
-    return strip_defaults(_plain(cfg), _plain(type(cfg)()))
+#: Training settings that change how a run logs and checkpoints, never what it trains (resume is exact whatever the
+#: checkpoint interval): changing them on a finished arm re-uses it instead of asking for a new OUT. No shipped plan
+#: sets them for an arm, so every identity recorded before this rule is unchanged by it.
+NOT_THE_RESULT = ("engine.log_every", "engine.checkpoint_every")
 
 
-def upgrade_pretrain_identity(config: dict) -> dict:
-    """A pre-training config's identity less what does not change its backbone (``ssl.config.NOT_THE_BACKBONE``:
-    name, device, logging, checkpoint interval, the monitor). Applied to an identity recorded before this rule,
-    it gives today's, so an ``identity.yaml`` written then still matches its stages."""
-    config = json.loads(json.dumps(config))
-    for dotted in NOT_THE_BACKBONE:
+def _drop(config: dict, dotted_keys) -> dict:
+    for dotted in dotted_keys:
         *parents, leaf = dotted.split(".")
         here = config
         for part in parents:
@@ -73,6 +60,28 @@ def upgrade_pretrain_identity(config: dict) -> dict:
     return strip_defaults(config, {k: {} for k, v in config.items() if isinstance(v, dict)})
 
 
+def config_identity(cfg) -> dict:
+    """Any all-defaults config dataclass (TrainConfig, PretrainConfig) -> its non-default fields.
+
+    For a training config only what its strategy reads counts (``training.config.read_by_strategy``),
+    and not the recipe's ``name``: a probe recipe and a fine-tuning recipe that leave the probe the same
+    settings train the same probe, whatever they are called."""
+    if isinstance(cfg, TrainConfig):
+        values = _plain(read_by_strategy(cfg))
+        values.pop("name", None)
+        return _drop(strip_defaults(values, _plain(type(cfg)())), NOT_THE_RESULT)
+    if isinstance(cfg, PretrainConfig):
+        return upgrade_pretrain_identity(strip_defaults(_plain(cfg), _plain(type(cfg)())))
+    return strip_defaults(_plain(cfg), _plain(type(cfg)()))
+
+
+def upgrade_pretrain_identity(config: dict) -> dict:
+    """A pre-training config's identity less what does not change its backbone (``ssl.config.NOT_THE_BACKBONE``:
+    name, device, logging, checkpoint interval, the monitor). Applied to an identity recorded before this rule,
+    it gives today's, so an ``identity.yaml`` written then still matches its stages."""
+    return _drop(json.loads(json.dumps(config)), NOT_THE_BACKBONE)
+
+
 def upgrade_identity(saved: dict) -> dict:
     """A training config's identity as recorded under the every-field rule, read under today's: the recipe's
     ``name`` and what its strategy does not read are dropped (the rest was recorded without defaults
@@ -80,7 +89,7 @@ def upgrade_identity(saved: dict) -> dict:
     config = json.loads(json.dumps(saved))
     config.pop("name", None)
     drop_unread(config, config.get("strategy", TrainConfig().strategy))
-    return strip_defaults(config, {k: {} for k, v in config.items() if isinstance(v, dict)})
+    return _drop(config, NOT_THE_RESULT)
 
 
 def field_identity(cfg) -> dict:
