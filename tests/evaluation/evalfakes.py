@@ -64,11 +64,12 @@ def tiny_model(num_classes: int, seed: int = 0):
     return _MODELS[key]
 
 
-def make_bundle(path, cache, val_rows, labels=LABELS, size=32, seed=0):
+def make_bundle(path, cache, val_rows, labels=LABELS, size=32, seed=0, source_size=None):
     model = tiny_model(len(labels), seed)
     thresholds = {name: 0.5 for name in labels}
     names = cache.index["image"].to_numpy()[val_rows].tolist()
-    return save_bundle(path, model, list(labels), thresholds, Preprocessing(size=size), arch="vit_tiny",
+    return save_bundle(path, model, list(labels), thresholds, Preprocessing(size=size, source_size=source_size),
+                       arch="vit_tiny",
                        threshold_source={"split": "val", "images": names})
 
 

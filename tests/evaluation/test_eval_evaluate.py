@@ -30,6 +30,17 @@ def test_split_selection(cache):
         select_rows(cache, "train")
 
 
+def test_a_cache_of_another_side_than_the_training_images_is_noted(tmp_path, cache):
+    """Scores on pictures of another resolution than the model was fitted and thresholded on are valid for those
+    pictures, not for the model's own kind: the result says so (and eval prints it)."""
+    same = evaluate_run(make_bundle(tmp_path / "a", cache, _val_rows(cache), source_size=cache.size), "C", "test",
+                        cache=cache, n_resamples=20)
+    assert "input_note" not in same.to_json()
+    other = evaluate_run(make_bundle(tmp_path / "b", cache, _val_rows(cache), source_size=2 * cache.size), "C",
+                         "test", cache=cache, n_resamples=20)
+    assert f"cached at {cache.size} px, the model's training images at {2 * cache.size} px" in other.info["input_note"]
+
+
 def test_eval_end_to_end_json_keys(tmp_path, cache):
     run = make_bundle(tmp_path / "run", cache, _val_rows(cache))
     res = evaluate_run(run, "C", "test", cache=cache, n_resamples=50)

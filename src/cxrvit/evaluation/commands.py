@@ -61,6 +61,8 @@ def cmd_eval(args) -> int:
     print(markdown(result, title=f"cxrvit eval: {args.model} on {args.data} ({args.split})", plots=False))
     if result.provenance.get("in_sample") or not result.provenance.get("verified"):
         print("warning: " + provenance_line(result.provenance).replace("**", ""), file=sys.stderr)
+    if result.info.get("input_note"):
+        print("note: " + result.info["input_note"], file=sys.stderr)
     if args.json:
         _write_json(args.json, result.to_json())
     if args.report:

@@ -311,9 +311,16 @@ def evaluate_run(run: str | os.PathLike, data: str | os.PathLike, split: str = "
     bundle = bundle if bundle is not None else load_bundle(run, device=resolve_device(device))
     y_true = cache_targets(cache, bundle.labels, data)[rows]
     y_prob = predict_rows(bundle, cache, rows, batch_size=batch_size, progress=progress)
+    info = {"run": run, "data": data, "cache_size": int(cache.size), "model_size": int(bundle.preprocessing.size),
+            "arch": bundle.arch}
+    trained_at = bundle.preprocessing.source_size
+    if trained_at and trained_at != cache.size:
+        # The scored pictures are not the model's training pictures' kind: upsampled from another side (sharper or
+        # blurrier than it was fitted and thresholded on). Scores stay valid for these inputs; say so beside them.
+        info["input_note"] = (f"{data} is cached at {cache.size} px, the model's training images at {trained_at} px "
+                              f"(bundle preprocessing.source_size): the scores are for inputs of another resolution "
+                              f"than its thresholds were tuned on")
     return score_predictions(
         y_true, y_prob, bundle_thresholds(bundle, run), np.asarray(cache.patient_ids)[rows], bundle.labels,
-        provenance=provenance, split=split, n_resamples=n_resamples, seed=seed,
-        info={"run": run, "data": data, "cache_size": int(cache.size), "model_size": int(bundle.preprocessing.size),
-              "arch": bundle.arch},
+        provenance=provenance, split=split, n_resamples=n_resamples, seed=seed, info=info,
     )
