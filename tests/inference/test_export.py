@@ -179,3 +179,19 @@ def test_onnx_export_dynamic_batch_and_size_matches_torch(tmp_path, monkeypatch,
         assert logits.shape == (b, 3)
         np.testing.assert_allclose(logits, ref.numpy(), atol=1e-4)
         np.testing.assert_allclose(probs, torch.sigmoid(ref).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("gh, gw", [(6, 6), (8, 8), (28, 28), (14, 14), (14, 20), (20, 28)])
+def test_the_graphs_position_resampling_is_the_models(gh, gw):
+    """The dynamic-size ONNX graph resamples the position table by matrix products (so the grid stays symbolic);
+    they must give the torch model's DINO resampling, the stored table itself at the stored side."""
+    from cxrvit.inference.export import symbolic_dino_resample
+    from cxrvit.model.vit import vit_small
+
+    torch.manual_seed(0)
+    model = vit_small()
+    with torch.no_grad():
+        model.pos_embed.normal_()
+        want = model.interpolate_pos_encoding(torch.zeros(1, 1 + gh * gw, 384), 16 * gh, 16 * gw)
+        got = symbolic_dino_resample(model.pos_embed, gh, gw)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)

@@ -75,11 +75,24 @@ class DinoVisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
+    def interpolate_pos_encoding(self, x, w, h):
+        # DINO's own, for square inputs (it names the axes the other way round, which only non-square inputs see)
+        npatch, N = x.shape[1] - 1, self.pos_embed.shape[1] - 1
+        if npatch == N and w == h:
+            return self.pos_embed
+        dim = x.shape[-1]
+        w0, h0 = w // 16 + 0.1, h // 16 + 0.1   # DINO: a small number to avoid floating point error
+        patch = nn.functional.interpolate(
+            self.pos_embed[:, 1:].reshape(1, int(math.sqrt(N)), int(math.sqrt(N)), dim).permute(0, 3, 1, 2),
+            scale_factor=(w0 / math.sqrt(N), h0 / math.sqrt(N)), mode="bicubic")
+        return torch.cat((self.pos_embed[:, :1], patch.permute(0, 2, 3, 1).view(1, -1, dim)), dim=1)
+
     def forward(self, x):
         B, _, h, w = x.shape
-        assert h == w == 16 * int(math.sqrt(self.pos_embed.shape[1] - 1)), "reference runs at its native size"
+        assert h == w, "the reference runs square inputs"
         x = self.patch_embed(x)
-        x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1) + self.pos_embed
+        x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)
+        x = x + self.interpolate_pos_encoding(x, w, h)
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)[:, 0]

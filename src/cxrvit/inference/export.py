@@ -30,14 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
 from cxrvit.data.preprocess import Preprocessing
 from cxrvit.fileio import atomic_write
 from cxrvit.inference.bundle import Bundle, load_bundle
-from cxrvit.model.vit import VisionTransformer, fold_patch_embed_to_grey
+from cxrvit.model.vit import VisionTransformer, dino_resample_pos_embed, fold_patch_embed_to_grey
 
 FORMATS = ("dino", "safetensors", "onnx")
 EXPORT_FORMAT = "cxrvit-export/1"
@@ -140,12 +139,42 @@ def metadata_path(out: str | os.PathLike) -> Path:
 
 
 # -- ONNX ------------------------------------------------------------------------------------------
+def _bicubic_matrix(out, side: int, dtype) -> torch.Tensor:
+    """``[out, side]`` weights that resample ``side`` positions to ``out`` as DINO's bicubic call does: scale
+    (out + 0.1) / side, half-pixel centres, A = -0.75, edge indices clamped (PyTorch's ``upsample_bicubic2d``);
+    the identity when ``out == side``."""
+    dst = torch.arange(out, dtype=torch.float32)
+    n = dst[-1:] + 1                                     # ``out`` as a tensor: stays symbolic in an export
+    # At the stored side DINO returns the table itself: scale 1 makes these weights the identity.
+    real = (dst + 0.5) * side / (n + 0.1 * (n != side).to(torch.float32)) - 0.5
+    i0 = torch.floor(real)
+    t = (real - i0)[:, None] + torch.tensor([1.0, 0.0, -1.0, -2.0])           # distance to taps -1, 0, 1, 2
+    a, d = -0.75, t.abs()
+    near = ((a + 2) * d - (a + 3)) * d * d + 1
+    far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+    w = torch.where(d <= 1, near, far)                                       # [out, 4]
+    taps = (i0[:, None] + torch.tensor([-1.0, 0.0, 1.0, 2.0])).clamp(0, side - 1)
+    onehot = (taps[..., None] == torch.arange(side, dtype=torch.float32)).to(torch.float32)   # [out, 4, side]
+    return (w[..., None] * onehot).sum(1).to(dtype)
+
+
+def symbolic_dino_resample(pos_embed: torch.Tensor, gh, gw) -> torch.Tensor:
+    """:func:`~cxrvit.model.vit.dino_resample_pos_embed` as two matrix products, so that an exported graph keeps
+    the grid symbolic (``F.interpolate``'s scale factor would be traced as the example's constant). Equal to it
+    within float32 rounding (tests/inference/test_export.py)."""
+    side = int(round((pos_embed.shape[1] - 1) ** 0.5))
+    grid = pos_embed[0, 1:].reshape(side, side, -1)
+    mh, mw = _bicubic_matrix(gh, side, grid.dtype), _bicubic_matrix(gw, side, grid.dtype)
+    out = torch.einsum("hs,std,wt->hwd", mh, grid, mw)
+    return torch.cat((pos_embed[:, :1], out.reshape(1, -1, out.shape[-1])), dim=1)
+
+
 class GreyInputViT(nn.Module):
     """``grey [B, 1, H, W]`` in [0, 1] -> (logits, probabilities), normalisation folded into the patch filter.
 
     Folding is exact (see ``fold_patch_embed_to_grey``) and makes the patch embedding a third of the
     work. With a fixed size the resampled position table is a constant; with ``dynamic_size`` it is
-    resampled in the graph (bicubic, as in DINO's ``interpolate_pos_encoding``).
+    resampled in the graph by the same DINO rule as the torch model (``dino_resample_pos_embed``).
     """
 
     def __init__(self, model: VisionTransformer, pre: Preprocessing, size: int, dynamic_size: bool):
@@ -165,11 +194,7 @@ class GreyInputViT(nn.Module):
     def _pos(self, gh: int, gw: int) -> torch.Tensor:
         if not self.dynamic_size:
             return self.pos_fixed
-        pos = self.vit.pos_embed
-        side = int(round((pos.shape[1] - 1) ** 0.5))
-        grid = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
-        return torch.cat((pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1)), dim=1)
+        return symbolic_dino_resample(self.vit.pos_embed, gh, gw)
 
     def forward(self, grey: torch.Tensor):
         b, _, h, w = grey.shape

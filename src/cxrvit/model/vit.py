@@ -209,13 +209,13 @@ class VisionTransformer(nn.Module):
 
     # -- input ---------------------------------------------------------------------------------
     def interpolate_pos_encoding(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """Resample the stored position grid to an ``h`` x ``w`` pixel input (multiples of 16)."""
+        """The stored position grid for an ``h`` x ``w`` pixel input (multiples of 16), resampled as DINO does."""
         npatch = x.shape[1] - 1
         n = self.pos_embed.shape[1] - 1
         gh, gw = h // self.patch_size, w // self.patch_size
         if npatch == n and gh == gw:
             return self.pos_embed
-        return resample_pos_embed(self.pos_embed, (gh, gw))
+        return dino_resample_pos_embed(self.pos_embed, gh, gw)
 
     def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -317,6 +317,27 @@ def layer_id_for(name: str, depth: int) -> int:
     if name.startswith("blocks."):
         return int(name.split(".")[1]) + 1
     return depth + 1
+
+
+def dino_resample_pos_embed(pos_embed: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
+    """DINO's ``interpolate_pos_encoding``: bicubic, by a scale factor of (grid + 0.1) / stored side.
+
+    The scale factor, not a target size, is what DINO passes, and it also sets where the bicubic samples fall:
+    the same weights give other features at 96-448 px through :func:`resample_pos_embed` (up to 2e-2 in DINO's
+    CLS features at 96 px). We add 0.1 to avoid floating point error in the interpolation (DINO's own note; its
+    issue #8): ``floor(side * g / side)`` can come out one short. Rows are scaled by the grid's height and columns
+    by its width (DINO passes them the other way round, and resamples an axis already at the stored side; only a
+    non-square input can see either difference)."""
+    prefix, patch = pos_embed[:, :1], pos_embed[:, 1:]
+    n, d = patch.shape[1], patch.shape[2]
+    side = int(math.isqrt(n))
+    grid = patch.reshape(1, side, side, d).permute(0, 3, 1, 2).float()
+    # An axis already at the stored side keeps its positions (scale 1), as DINO keeps the whole table at its size.
+    scale = tuple(1.0 if g == side else (g + 0.1) / side for g in (gh, gw))
+    grid = F.interpolate(grid, scale_factor=scale, mode="bicubic")
+    if grid.shape[-2:] != (gh, gw):
+        raise ValueError(f"position table resampled to {tuple(grid.shape[-2:])}, not the input's grid {(gh, gw)}")
+    return torch.cat((prefix, grid.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, -1, d)), dim=1)
 
 
 def resample_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int = 1) -> torch.Tensor:
