@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from cxrvit.engine.core import Engine
+from cxrvit.engine.core import Engine, clip_grad_per_param_
 from cxrvit.engine.distributed import DistContext, setup, wrap_ddp
 from cxrvit.engine.optim import apply_schedule, param_groups, warmup_cosine
 from cxrvit.model.vit import VisionTransformer
@@ -101,6 +101,52 @@ def test_step_clips_and_reports_the_norm_only_when_asked(tmp_path):
     engine.optimizer.zero_grad = lambda set_to_none=True: None
     engine.step(layer.parameters(), clip=1.0)
     assert math.isclose(layer.weight.grad.norm().item(), 1.0, rel_tol=1e-5)
+
+
+def dino_clip_gradients(params, clip):
+    """DINO's utils.clip_gradients, verbatim but for the return value."""
+    for p in params:
+        if p.grad is not None:
+            param_norm = p.grad.data.norm(2)
+            clip_coef = clip / (param_norm + 1e-6)
+            if clip_coef < 1:
+                p.grad.data.mul_(clip_coef)
+
+
+def test_per_param_clipping_is_dinos_clip_gradients():
+    torch.manual_seed(0)
+    grads = [torch.randn(4, 5) * s for s in (0.5, 1.0, 2.9, 3.1, 10.0, 50.0)]
+    ours, ref = ([nn.Parameter(torch.zeros(4, 5)) for _ in grads] for _ in range(2))
+    for a, b, g in zip(ours, ref, grads):
+        a.grad, b.grad = g.clone(), g.clone()
+    ours.append(nn.Parameter(torch.zeros(3)))                  # no gradient: skipped, as in DINO
+    total = clip_grad_per_param_(ours, 3.0)
+    dino_clip_gradients(ref, 3.0)
+    assert math.isclose(float(total), float(torch.stack([g.norm() for g in grads]).norm()), rel_tol=1e-5)
+    for a, b, g in zip(ours, ref, grads):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-6, atol=0)
+        if g.norm() < 3.0:
+            assert torch.equal(a.grad, g)                     # under the bound: untouched, bit for bit
+        else:
+            assert math.isclose(a.grad.norm().item(), 3.0, rel_tol=1e-5)
+
+
+def test_step_clips_per_parameter_when_asked(tmp_path):
+    """Two gradients of norm 2 and 0.5, clip 1: global clipping scales both by 1/2.06; per parameter only
+    the first is clipped (to 1) and the second is left alone."""
+    engine = Engine(tmp_path, DistContext(), "fp32", seed=0)
+    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    engine.build_optimizer([{"params": [a, b]}], lr=0.0, betas=(0.9, 0.999))
+    engine.optimizer.zero_grad = lambda set_to_none=True: None
+    for mode, expect_a, expect_b in (("global", 2 / math.hypot(2, 0.5), 0.5 / math.hypot(2, 0.5)),
+                                     ("per_param", 1.0, 0.5)):
+        a.grad, b.grad = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 0.5])
+        norm = engine.step([a, b], clip=1.0, clip_mode=mode)
+        assert math.isclose(norm, math.hypot(2, 0.5), rel_tol=1e-6)   # the log's norm: global, before clipping
+        assert math.isclose(a.grad.norm().item(), expect_a, rel_tol=1e-5)
+        assert math.isclose(b.grad.norm().item(), expect_b, rel_tol=1e-5)
+    with pytest.raises(ValueError, match="clip_mode"):
+        engine.step([a, b], clip=1.0, clip_mode="per-layer")
 
 
 def test_one_process_needs_no_ddp():

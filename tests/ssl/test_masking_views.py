@@ -6,9 +6,17 @@ from cxrvit.ssl.views import Photometric, gaussian_blur, random_resized_crop
 
 def test_random_masking_partitions_the_grid():
     keep, masked = random_masking(3, 196, 0.9, torch.Generator().manual_seed(0))
-    assert keep.shape == (3, 20) and masked.shape == (3, 176)
+    assert keep.shape == (3, 19) and masked.shape == (3, 177)   # MAE's int(L * (1 - r)): floor, not round
     for k, m in zip(keep, masked):
         assert sorted(torch.cat((k, m)).tolist()) == list(range(196))
+
+
+def test_random_masking_keeps_maes_floor_of_the_visible_count():
+    gen = torch.Generator().manual_seed(0)
+    # (patches, ratio) -> MAE's len_keep = int(L * (1 - mask_ratio)); at least one patch stays visible
+    for n, ratio, visible in ((196, 0.75, 49), (196, 0.9, 19), (64, 0.75, 16), (64, 0.9, 6), (4, 0.9, 1)):
+        keep, masked = random_masking(2, n, ratio, gen)
+        assert keep.shape == (2, visible) and masked.shape == (2, n - visible), (n, ratio)
 
 
 def test_multiblock_context_never_sees_a_target():

@@ -1,9 +1,14 @@
 """Each objective learns: on one fixed batch (fixed views and masks) the loss falls in a few steps."""
+import math
+
 import pytest
 import torch
 
+from cxrvit.engine.core import Engine
 from cxrvit.engine.optim import param_groups
-from cxrvit.ssl.pretrain import build_method
+from cxrvit.ssl import ijepa
+from cxrvit.ssl.encoder import build_encoder
+from cxrvit.ssl.pretrain import build_method, pretrain
 from sslfakes import tiny_config
 
 
@@ -87,3 +92,54 @@ def test_foreach_ema_update_is_bit_identical_to_the_per_parameter_loop():
                 for n, p in teacher.named_parameters()}
     ema_update(teacher, student, 0.996)
     assert all(torch.equal(p, expected[n]) for n, p in teacher.named_parameters())
+
+
+def test_dino_clips_each_parameter_and_mae_ijepa_the_global_norm(tiny_cache, tmp_path, monkeypatch):
+    """What the loop hands the engine's clipping step: DINO's utils.clip_gradients is per parameter."""
+    seen = []
+    step = Engine.step
+    monkeypatch.setattr(Engine, "step", lambda self, params, clip, measure=False, clip_mode="global":
+                        seen.append((clip, clip_mode)) or step(self, params, clip, measure, clip_mode))
+    for method, mode in (("dino", "per_param"), ("mae", "global"), ("ijepa", "global")):
+        seen.clear()
+        cfg = tiny_config(method, optim={"clip_grad": 3.0}, schedule={"epochs": 1, "batch_size": 16, "max_steps": 1})
+        pretrain(cfg, [tiny_cache], tmp_path / method, quiet=True)
+        assert seen == [(3.0, mode)], method
+
+
+def test_ijepa_rescales_residual_outputs_by_depth_and_dino_mae_do_not(monkeypatch):
+    """I-JEPA's fix_init_weight: blocks' attn.proj and mlp.fc2 weights / sqrt(2 * layer_id), in the context
+    encoder (hence the target encoder, its copy) and the predictor; DINO's and MAE's encoders keep the ViT init."""
+    cfg = tiny_config("ijepa", model={"depth": 3}, ijepa={"predictor_depth": 2})
+    torch.manual_seed(0)
+    fixed = dict(build_method(cfg).named_parameters())
+    monkeypatch.setattr(ijepa, "fix_init_weight", lambda blocks: None)
+    torch.manual_seed(0)
+    plain = dict(build_method(cfg).named_parameters())
+    rescaled = 0
+    for name, w in fixed.items():
+        parts = name.split(".")
+        if parts[0] in ("context_encoder", "target_encoder", "predictor") and parts[-2] in ("proj", "fc2") \
+                and parts[1] == "blocks" and parts[-1] == "weight":
+            assert torch.equal(w, plain[name] / math.sqrt(2.0 * (int(parts[2]) + 1))), name
+            rescaled += 1
+        else:
+            assert torch.equal(w, plain[name]), name
+    assert rescaled == 2 * (3 + 3 + 2)
+    for method in ("dino", "mae"):   # the shared encoder: untouched for them
+        torch.manual_seed(0)
+        other = build_method(tiny_config(method, model={"depth": 3}))
+        torch.manual_seed(0)
+        ref = build_encoder("vit_tiny", depth=3, patch_size=8)
+        enc = other.student if method == "dino" else other.encoder
+        assert torch.equal(enc.blocks[2].mlp.fc2.weight, ref.blocks[2].mlp.fc2.weight), method
+
+
+def test_ijepa_momentum_is_linear_to_one_over_1_25x_the_run_and_dino_keeps_the_cosine():
+    total = 1000
+    ij, dino = build_method(tiny_config("ijepa")), build_method(tiny_config("dino"))
+    ref = [0.996 + s * (1.0 - 0.996) / (total * 1.25) for s in range(total)]   # I-JEPA's src/train.py
+    assert all(math.isclose(ij.momentum_at(s, total), ref[s], rel_tol=0, abs_tol=1e-12) for s in range(total))
+    assert math.isclose(ij.momentum_at(total - 1, total), 0.9992, abs_tol=1e-5)
+    assert math.isclose(dino.momentum_at(0, total), 0.996) and dino.momentum_at(total - 1, total) > 0.99999
+    assert math.isclose(dino.momentum_at(total // 2, total), 0.998, abs_tol=1e-5)   # cosine midpoint

@@ -39,6 +39,24 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN/inf; the message names the step and the last good checkpoint."""
 
 
+#: How :meth:`Engine.step` clips: the total norm of all gradients, or each parameter's gradient on its own.
+CLIP_MODES = ("global", "per_param")
+
+
+@torch.no_grad()
+def clip_grad_per_param_(params: Iterable[torch.Tensor], clip: float) -> torch.Tensor:
+    """DINO's ``utils.clip_gradients``: every gradient whose norm exceeds ``clip`` is scaled by
+    ``clip / (norm + 1e-6)``, each parameter on its own; the others are left untouched. Returns the global
+    norm of the gradients before clipping (what ``clip_grad_norm_`` returns), for the log."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    norms = torch._foreach_norm(grads)   # one multi-tensor kernel, no host sync per parameter
+    # min(coef, 1): multiplying by exactly 1.0 leaves a gradient bit-identical, as DINO's `if clip_coef < 1`.
+    torch._foreach_mul_(grads, [torch.clamp(clip / (n + 1e-6), max=1.0) for n in norms])
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+
+
 class Engine:
     def __init__(self, out: Path, ctx: DistContext, precision: str, seed: int, deterministic: bool = False):
         self.out, self.ctx, self.device, self.seed = Path(out), ctx, ctx.device, seed
@@ -120,13 +138,24 @@ class Engine:
         """Backward of the loss, scaled when fp16 needs it (the step unscales before clipping)."""
         self.scaler.scale(loss).backward()
 
-    def step(self, params: Iterable[torch.Tensor], clip: float, measure: bool = False) -> float | None:
-        """Clip (``clip > 0``), step and clear the gradients; returns the gradient norm when clipped or
-        ``measure``d (None otherwise: measuring costs a pass over every gradient)."""
+    def step(self, params: Iterable[torch.Tensor], clip: float, measure: bool = False,
+             clip_mode: str = "global") -> float | None:
+        """Clip (``clip > 0``), step and clear the gradients; returns the (global, pre-clip) gradient norm when
+        clipped or ``measure``d (None otherwise: measuring costs a pass over every gradient).
+
+        ``clip_mode``: ``"global"`` scales all gradients together to a total norm of at most ``clip``
+        (``clip_grad_norm_``: supervised training, MAE, I-JEPA); ``"per_param"`` clips each parameter's gradient
+        to norm ``clip`` on its own (:func:`clip_grad_per_param_`: DINO's ``utils.clip_gradients``)."""
+        if clip_mode not in CLIP_MODES:
+            raise ValueError(f"clip_mode must be one of {CLIP_MODES}, got {clip_mode!r}")
         norm = None
         if clip > 0 or measure:
             self.scaler.unscale_(self.optimizer)   # clip the true gradients, not the scaled ones
-            norm = float(nn.utils.clip_grad_norm_(list(params), clip if clip > 0 else math.inf))
+            params = list(params)
+            if clip > 0 and clip_mode == "per_param":
+                norm = float(clip_grad_per_param_(params, clip))
+            else:
+                norm = float(nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cxrvit.data.preprocess import Preprocessing
+from cxrvit.engine.optim import warmup_cosine
 from cxrvit.model.vit import VisionTransformer
 from cxrvit.ssl.encoder import ema_update
 from cxrvit.ssl.views import Photometric, random_resized_crop
@@ -106,6 +107,8 @@ class DINOLoss(nn.Module):
 class DINO(nn.Module):
     method = "dino"
     cls_token_note = "trained: DINO's objective is computed on the CLS token (teacher weights exported)"
+    #: DINO's utils.clip_gradients: `optim.clip_grad` bounds each student parameter's gradient norm on its own.
+    clip_mode = "per_param"
 
     def __init__(self, encoder: VisionTransformer, cfg: DinoConfig, preprocessing: Preprocessing):
         super().__init__()
@@ -131,6 +134,10 @@ class DINO(nn.Module):
     @property
     def momentum_base(self) -> float:
         return self.cfg.momentum_teacher
+
+    def momentum_at(self, step: int, total: int) -> float:
+        """DINO's teacher momentum: cosine from ``momentum_teacher`` to 1 over the ``total`` steps."""
+        return warmup_cosine(step, total, 0, self.cfg.momentum_teacher, 1.0)
 
     def step_kwargs(self, epoch: float) -> dict:
         """Teacher temperature: linear warm-up from ``warmup_teacher_temp``, then constant."""

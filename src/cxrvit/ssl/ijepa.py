@@ -9,6 +9,7 @@ pixels are reconstructed and no hand-made view augmentations are needed beyond a
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +21,19 @@ from cxrvit.model.vit import Block, VisionTransformer, sincos_pos_embed
 from cxrvit.ssl.encoder import ema_update, encode, init_sincos_pos_embed
 from cxrvit.ssl.masking import MultiBlockMasker
 from cxrvit.ssl.views import random_resized_crop
+
+#: I-JEPA's ``ipe_scale``: its momentum (and lr/wd) schedules are laid out over 1.25x the steps the run takes.
+IPE_SCALE = 1.25
+
+
+def fix_init_weight(blocks) -> None:
+    """I-JEPA's ``fix_init_weight``: after the trunc-normal init, divide each block's residual-branch output
+    weights (``attn.proj``, ``mlp.fc2``) by ``sqrt(2 * layer_id)``, ``layer_id`` = block index + 1, so deeper
+    blocks start closer to the identity. I-JEPA only (its encoder and predictor): DINO and MAE do not."""
+    with torch.no_grad():
+        for layer_id, blk in enumerate(blocks, start=1):
+            blk.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
+            blk.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
 
 
 @dataclass
@@ -33,7 +47,7 @@ class IJepaConfig:
     predictor_dim: int = 192
     predictor_depth: int = 6
     predictor_heads: int = 6
-    momentum_teacher: float = 0.996  # cosine schedule to 1.0
+    momentum_teacher: float = 0.996  # linear towards 1.0, reaching 1 at IPE_SCALE x the run (I-JEPA's schedule)
 
 
 class Predictor(nn.Module):
@@ -46,6 +60,7 @@ class Predictor(nn.Module):
         self.proj = nn.Linear(dim, enc_dim)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.apply(VisionTransformer._init_weights)
+        fix_init_weight(self.blocks)
 
     def forward(self, ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor, grid: int) -> torch.Tensor:
         """``ctx [B, 1+Nc, D]`` encoded context, ``tgt_idx [B, M, Nt]`` -> predictions ``[B*M, Nt, D]``."""
@@ -69,6 +84,7 @@ class Predictor(nn.Module):
 
 class IJEPA(nn.Module):
     method = "ijepa"
+    clip_mode = "global"  # `optim.clip_grad` (0 in the recipe; I-JEPA's reference does not clip) bounds the total norm
     cls_token_note = ("learnt through attention only: I-JEPA has no CLS token, so cxrvit carries DINO's "
                       "CLS token (trunc-normal init) through both encoders; no loss reads it, fine-tuning trains it")
 
@@ -77,6 +93,7 @@ class IJEPA(nn.Module):
         self.cfg = cfg
         self.pre = preprocessing
         init_sincos_pos_embed(encoder)
+        fix_init_weight(encoder.blocks)   # before the copy: the target encoder starts equal to the context one
         self.context_encoder = encoder
         self.target_encoder = copy.deepcopy(encoder)
         for blk in self.target_encoder.blocks:
@@ -96,6 +113,12 @@ class IJEPA(nn.Module):
     @property
     def momentum_base(self) -> float:
         return self.cfg.momentum_teacher
+
+    def momentum_at(self, step: int, total: int) -> float:
+        """I-JEPA's target-encoder momentum (its ``src/train.py``): linear from ``momentum_teacher`` towards 1 over
+        ``IPE_SCALE * total`` steps, so it ends the run at ~0.9992 (0.996 -> 1 over 1.25x the run), not at 1."""
+        m0 = self.cfg.momentum_teacher
+        return m0 + step * (1.0 - m0) / (total * IPE_SCALE)
 
     def step_kwargs(self, epoch: float) -> dict:
         return {}

@@ -5,6 +5,12 @@ cheap: 10% of the tokens. A light decoder (narrower, shallower: it is thrown awa
 encoded tokens back in place with a shared mask token at the hidden positions and predicts each
 hidden patch's grey pixels, normalised per patch (``norm_pix``: the loss then rewards structure,
 not overall exposure). Medical-MAE (Xiao et al., 2023) found 0.9 the best ratio on chest X-rays.
+
+A deliberate deviation from MAE's code: its ``initialize_weights`` uses xavier_uniform for every Linear layer
+and the flattened patch-embedding weight; here encoder and decoder keep DINO's ViT init (trunc-normal, std 0.02).
+At ViT-S/16 that is std 0.0208 vs 0.0417 (patch embedding), 0.0200 vs 0.0361 (encoder qkv), 0.0200 vs 0.0323
+(encoder fc1), 0.0200 vs 0.0559 / 0.0442 / 0.0625 (decoder embed / qkv / pred). Kept because the product's
+backbone (``mae224``) was pre-trained with it and must stay reproducible (docs/ssl.md).
 """
 from __future__ import annotations
 
@@ -72,6 +78,7 @@ class MAEDecoder(nn.Module):
 
 class MAE(nn.Module):
     method = "mae"
+    clip_mode = "global"  # `optim.clip_grad` bounds the total norm (0 in the recipes: MAE's reference does not clip)
     cls_token_note = ("learnt through attention only: MAE's encoder carries a CLS token that no loss "
                       "reads directly (as in MAE); fine-tuning trains it, or pool patch tokens")
     momentum_base = None  # no EMA model

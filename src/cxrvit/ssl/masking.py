@@ -19,7 +19,8 @@ def random_masking(batch: int, num_patches: int, ratio: float, gen: torch.Genera
     """
     if not 0.0 < ratio < 1.0:
         raise ValueError(f"mask ratio must be in (0, 1), got {ratio}")
-    n_keep = max(1, int(round(num_patches * (1 - ratio))))
+    # MAE's `len_keep = int(L * (1 - mask_ratio))`: floor (196 patches at 0.9 keep 19; until 6 December, 20).
+    n_keep = max(1, int(num_patches * (1 - ratio)))
     order = torch.rand(batch, num_patches, generator=gen).argsort(dim=1)
     keep, masked = order[:, :n_keep].sort(dim=1).values, order[:, n_keep:].sort(dim=1).values
     return keep, masked

@@ -203,8 +203,11 @@ def _pretrain(cfg, caches, out: Path, ctx: dist_.DistContext, rows, probe, resum
     lr_at = lambda s: warmup_cosine(s, total, warmup, lr_base, cfg.optim.min_lr)  # noqa: E731
     wd_at = lambda s: warmup_cosine(s, total, 0, cfg.optim.weight_decay, cfg.optim.weight_decay_end)  # noqa: E731
     mom_at = None
-    if method.momentum_base is not None:   # the teacher's EMA momentum: cosine to 1 (DINO, I-JEPA)
-        mom_at = lambda s: warmup_cosine(s, total, 0, method.momentum_base, 1.0)  # noqa: E731
+    if method.momentum_base is not None:   # the teacher's EMA momentum, the method's own schedule (DINO, I-JEPA)
+        mom_at = lambda s: method.momentum_at(s, total)  # noqa: E731
+    # How `optim.clip_grad` clips, the method's class attribute: DINO per parameter; I-JEPA, and MAE (which declares
+    # none), the global norm.
+    clip_mode = method.clip_mode   # DINO clips each parameter's gradient, as its reference does
     views = {"views": torch.Generator()}   # crops, jitter, masks: one per rank, in every checkpoint
 
     step, history, seconds_before = 0, [], 0.0
@@ -266,7 +269,7 @@ def _pretrain(cfg, caches, out: Path, ctx: dist_.DistContext, rows, probe, resum
                                      f"optim.warmup_epochs (last good checkpoint kept: {engine.last})")
         engine.backward(loss)
         method.after_backward(step / spe)
-        grad_norm = engine.step(params, cfg.optim.clip_grad, measure=True)
+        grad_norm = engine.step(params, cfg.optim.clip_grad, measure=True, clip_mode=clip_mode)
         if mom_at is not None:
             method.after_step(mom_at(step))
         step += 1
