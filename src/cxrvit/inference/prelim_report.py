@@ -33,8 +33,8 @@ NEAR_LOGIT = 0.5
 
 DISCLAIMER = (
     "Machine-generated preliminary read by cxrvit; NOT A DIAGNOSIS. It must be checked by a qualified reader. "
-    "The model only scores the labels listed, on one frontal image, at operating points tuned on validation "
-    "data; it cannot assess anything else (e.g. fractures, lines, tubes and devices, comparison with prior "
+    "The model only scores the labels listed, on one frontal image, at operating points tuned on held-out "
+    "predictions of its training data (a validation split or cross-fitting); it cannot assess anything else (e.g. fractures, lines, tubes and devices, comparison with prior "
     "studies, clinical history, lateral views), and heat-map locations are approximate.")
 
 #: Readable text for QC flags (``qc.py``); the flag's detail after ':' is appended.
