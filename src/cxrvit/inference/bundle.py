@@ -4,7 +4,8 @@ A bundle (a finished training run's folder, ``RUN/``) holds
 - ``model.safetensors``: the chosen (best-on-validation) weights, DINO key layout, head of K labels;
 - ``bundle.json``: ``arch``, ``global_pool`` (what the head reads), ``labels`` (K names, head order),
   ``thresholds`` (label -> float, tuned on held-out predictions: a validation split or cross-fitting),
-  ``threshold_source`` (which split and images they were fitted on, and ``patients``: those images' patient IDs, so another cache can be checked too),
+  ``threshold_source`` (which split and images they were fitted on, and ``patients``: those images' patient
+  IDs, so another cache can be checked too),
   ``preprocessing`` (:class:`~cxrvit.data.preprocess.Preprocessing` as a dict), ``config`` (the
   resolved training config) and ``val_patients_hash`` (so evaluation can refuse to score the
   images the thresholds were tuned on).
