@@ -1,6 +1,7 @@
 """The C allocator under PyTorch's CPU tensors: keep freed memory instead of asking the kernel again.
 
-Torch-free on purpose: the ``cxrvit`` command calls :func:`keep_freed_memory` before it imports torch.
+Torch-free, so any layer may call it; glibc applies the setting to every allocation after the call, torch imported
+or not (the ``cxrvit`` command calls :func:`keep_freed_memory` after parsing its arguments, before the command runs).
 """
 from __future__ import annotations
 
