@@ -6,7 +6,7 @@ import pytest
 from evalfakes import LABELS, FakeCache, make_bundle
 
 from cxrvit.evaluation import metrics as M
-from cxrvit.evaluation.bootstrap import PatientBootstrap, verdict, Estimate
+from cxrvit.evaluation.bootstrap import Estimate, PatientBootstrap, estimates, percentile_ci, verdict
 from cxrvit.evaluation.compare import compare_runs, gain_contrast, paired_compare
 from cxrvit.evaluation.evaluate import ThresholdLeakError, select_rows
 
@@ -18,6 +18,21 @@ def _preds(seed=0, n_patients=120):
     weak = np.clip(0.15 * y + rng.random(y.shape) * 0.85, 0, 1)
     strong = np.clip(0.6 * y + rng.random(y.shape) * 0.4, 0, 1)
     return cache, y, weak, strong
+
+
+def test_a_95_percent_interval_cuts_2_5_percent_off_each_tail_ignoring_failed_resamples():
+    """Resamples 0, 1, ..., 1000 (in shuffled order, with NaN rows for resamples where the statistic was
+    undefined): the 2.5th and 97.5th percentiles are 25 and 975 by hand; a 90 % interval, 50 and 950."""
+    values = np.random.default_rng(0).permutation(np.arange(1001.0))
+    samples = np.stack([values, 2 * values], axis=1)
+    samples = np.insert(samples, [10, 500, 900], np.nan, axis=0)
+    lo, hi, valid = percentile_ci(samples)
+    np.testing.assert_allclose(lo, [25.0, 50.0], atol=1e-9)
+    np.testing.assert_allclose(hi, [975.0, 1950.0], atol=1e-9)
+    assert valid.tolist() == [1001, 1001]
+    est = estimates(np.array([500.0, 1000.0]), samples, level=0.9)
+    np.testing.assert_allclose([(e.lo, e.hi) for e in est], [(50.0, 950.0), (100.0, 1900.0)], atol=1e-9)
+    assert [(e.value, e.level, e.valid_resamples) for e in est] == [(500.0, 0.9, 1001), (1000.0, 0.9, 1001)]
 
 
 def test_bootstrap_resamples_whole_patients_and_is_seeded():

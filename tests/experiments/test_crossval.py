@@ -106,6 +106,23 @@ def test_folds_are_patient_disjoint_and_pooling_covers_every_image_once(tmp_path
     assert len(fake.calls) == 4
 
 
+def test_pool_keeps_each_images_probabilities_and_threshold_with_its_row():
+    """Folds hold interleaved, unsorted rows and list their labels in different orders: after pooling, row r
+    carries exactly the probability and threshold its own fold gave it, for each label by name."""
+    rng = np.random.default_rng(0)
+    rows0, rows1 = np.array([7, 2, 9, 4, 0]), np.array([5, 1, 8, 3, 6])
+    f0 = FoldPredictions(rows0, rng.random((5, 2)), np.array([0.2, 0.7]), ["Effusion", "Mass/Nodule"], 0.0)
+    f1 = FoldPredictions(rows1, rng.random((5, 2)), np.array([0.4, 0.1]), ["Mass/Nodule", "Effusion"], 0.0)
+    rows, probs, thr = pool([f0, f1], ["Mass/Nodule", "Effusion"])
+    assert rows.tolist() == list(range(10))
+    for f in (f0, f1):
+        for i, r in enumerate(f.rows):
+            for k, name in enumerate(["Mass/Nodule", "Effusion"]):
+                j = f.labels.index(name)
+                assert probs[r, k] == f.probs[i, j]
+                assert thr[r, k] == f.thresholds[j]
+
+
 def test_pool_rejects_overlapping_folds():
     f = FoldPredictions(np.array([0, 1]), np.zeros((2, 1)), np.array([0.5]), ["Effusion"], 0.0)
     with pytest.raises(ValueError, match="partition"):

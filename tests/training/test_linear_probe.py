@@ -273,3 +273,64 @@ def test_a_torn_features_file_is_extracted_again_and_a_killed_write_leaves_none(
     # No torn file, no temporary; only the (empty) chunk folder of the pass, for the next --resume to continue
     assert sorted(p.name for p in run.glob("features*")) == [linear_probe.PARTIAL]
     assert sorted(p.name for p in (run / linear_probe.PARTIAL).iterdir()) == ["manifest.json"]
+
+
+def test_an_out_of_fold_score_never_sees_its_own_label():
+    """Cross-fitting's promise: a row's out-of-fold probability comes from a head fitted without that row.
+    Flip the labels of one patient fold's rows: their own scores stay exactly as they were (only heads
+    of other folds used them), while the other rows' scores move."""
+    from cxrvit.data import splits
+    from cxrvit.training.linear_probe import cross_fit_path
+
+    x, y = _hard_problem(240, 12, seed=4)
+    rows = np.arange(240) * 3
+    patients = np.repeat(np.arange(80), 9)             # indexed by row: three rows per patient
+    grid = [0.1, 1.0]
+    before = cross_fit_path(x, rows, y, rows, x, y, patients, grid, 4, 0)
+    _, held = splits.patient_kfold(rows, patients, k=4, seed=0)[1]
+    pos = np.searchsorted(rows, held)
+    flipped = y.copy()
+    flipped[pos] = 1.0 - flipped[pos]
+    after = cross_fit_path(x, rows, flipped, rows, x, flipped, patients, grid, 4, 0)
+    others = np.setdiff1d(np.arange(len(rows)), pos)
+    for b, a in zip(before, after):
+        np.testing.assert_array_equal(a[pos], b[pos])
+        assert np.abs(a[others] - b[others]).max() > 1e-3
+
+
+def test_the_bundle_keeps_the_best_c_and_thresholds_tuned_on_its_out_of_fold_scores(tiny_cache, tmp_path,
+                                                                                    one_thread):
+    """Recomputed from the run's own features: each C's recorded score is the scored labels' mean out-of-fold
+    AUROC, the bundle's C is the best of them, and its thresholds are tuned on that C's out-of-fold
+    probabilities (not on the final head's in-sample ones, which would flatter F1)."""
+    from cxrvit.evaluation.metrics import auroc, tune_thresholds
+    from cxrvit.inference.bundle import load_bundle
+    from cxrvit.training.linear_probe import cross_fit_path
+
+    cfg = load_recipe(PROBE_RECIPE, PROBE + ["probe.c_grid=[0.01,0.1,1.0]"])
+    tr, va = _rows(tiny_cache)
+    out = train(cfg, tiny_cache, tr, va, tmp_path / "run", progress=False)
+    meta = json.loads((out / "bundle.json").read_text())
+    with np.load(out / "features.npz") as z:
+        rows, feats = z["rows"], z["feats"]
+    labels = list(cfg.data.labels)
+    y = tiny_cache.labels(labels).astype(np.float64)[rows]
+    k = meta["threshold_source"]["folds"]
+    oofs = cross_fit_path(feats, rows, y, rows, feats, y, tiny_cache.patient_ids, cfg.probe.c_grid, k,
+                          cfg.data.split_seed)
+    scored = [labels.index(s) for s in cfg.scored_labels]
+    scores = [float(np.nanmean(auroc(y, oof)[scored])) for oof in oofs]
+    search = meta["training"]["c_search"]
+    np.testing.assert_allclose([s["score"] for s in search], scores, rtol=0, atol=1e-12)
+    best = int(np.argmax(scores))
+    assert len(set(np.round(scores, 9))) == len(scores)      # no tie: the argmax is the one choice
+    assert meta["training"]["C"] == cfg.probe.c_grid[best]
+    assert meta["training"]["oof_mean_auroc_scored"] == pytest.approx(scores[best], abs=1e-12)
+    expected = tune_thresholds(y, oofs[best])
+    bundle = load_bundle(out)
+    np.testing.assert_allclose([bundle.thresholds[n] for n in labels], expected, rtol=0, atol=1e-12)
+    # the in-sample alternative really differs here, so the check above can tell them apart
+    w = bundle.model.head.weight.detach().double().numpy()
+    b = bundle.model.head.bias.detach().double().numpy()
+    in_sample = tune_thresholds(y, 1 / (1 + np.exp(-(feats @ w.T + b))))
+    assert not np.allclose(in_sample[scored], expected[scored])
