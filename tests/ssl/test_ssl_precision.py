@@ -24,9 +24,28 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "nih"
 PRECISIONS = [("auto", "bf16"), ("bf16", "bf16"), ("fp32", "fp32")]
 
 
+def _watch_step_precision(monkeypatch) -> list[str]:
+    """Record, at every forward of the pre-training method, whether bf16 autocast is on around it."""
+    from cxrvit.ssl import pretrain as pretrain_module
+
+    seen: list[str] = []
+    real = pretrain_module.build_method
+
+    def build(cfg):
+        method = real(cfg)
+        method.register_forward_pre_hook(lambda module, args: seen.append(
+            "bf16" if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            else "fp32"))
+        return method
+
+    monkeypatch.setattr(pretrain_module, "build_method", build)
+    return seen
+
+
 @pytest.mark.parametrize("precision,resolved", PRECISIONS, ids=[p for p, _ in PRECISIONS])
 @pytest.mark.parametrize("method", METHODS)
 def test_pretrain_runs_and_exports_at_each_precision(method, precision, resolved, tiny_cache, tmp_path, monkeypatch):
+    steps_seen = _watch_step_precision(monkeypatch)
     monkeypatch.setenv(FORCE_BF16_ENV, "1")   # this CPU acts as a bf16 one: auto -> bf16
     cfg = tiny_config(method, schedule={"epochs": 1, "batch_size": 8, "max_steps": 3},
                       engine={"precision": precision, "checkpoint_every": 0})
@@ -34,6 +53,8 @@ def test_pretrain_runs_and_exports_at_each_precision(method, precision, resolved
     assert res.steps == 3
     summary = json.loads((tmp_path / "run" / "pretrain.json").read_text())
     assert summary["precision"] == resolved
+    # ... and each training step's forward really ran at that precision, not only the recorded name
+    assert steps_seen == [resolved] * 3
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
               if json.loads(line)["kind"] == "train"]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)

@@ -47,6 +47,7 @@ def _train_losses(run) -> list[float]:
 def test_each_strategy_trains_at_each_precision(recipe, strategy, pool, blocks, precision, resolved, tiny_cache,
                                                  tmp_path, monkeypatch, one_thread):
     monkeypatch.setenv(FORCE_BF16_ENV, "1")   # this CPU acts as a bf16 one: auto -> bf16
+    seen = _watch_forward_precision(monkeypatch)
     # The finetune recipe with every piece on (ALL_ON: ASL, layer decay 0.75), as improved's fine-tuning sections were.
     extra = ALL_ON if recipe == FT_RECIPE else []
     cfg = load_recipe(recipe, STRATEGIES[strategy] + extra + [f"engine.precision={precision}",
@@ -57,6 +58,28 @@ def test_each_strategy_trains_at_each_precision(recipe, strategy, pool, blocks, 
     assert meta["n_last_blocks"] == blocks
     losses = _train_losses(out)
     assert losses and all(math.isfinite(v) for v in losses)
+    # ... and the training forwards really ran at that precision, the validation (threshold) passes in fp32
+    assert {p for mode, p in seen if mode == "train"} == {resolved}
+    assert {p for mode, p in seen if mode == "eval"} == {"fp32"}
+
+
+def _watch_forward_precision(monkeypatch) -> list[tuple[str, str]]:
+    """Record, at every forward of the model the engine builds, (train|eval, bf16|fp32 autocast around it)."""
+    from cxrvit.training import engine as engine_module
+
+    seen: list[tuple[str, str]] = []
+    real = engine_module.build_model
+
+    def build(*args, **kwargs):
+        model = real(*args, **kwargs)
+        model.register_forward_pre_hook(lambda module, inputs: seen.append(
+            ("train" if module.training else "eval",
+             "bf16" if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+             else "fp32")))
+        return model
+
+    monkeypatch.setattr(engine_module, "build_model", build)
+    return seen
 
 
 def test_probe_scores_in_fp32_on_a_bf16_machine(tiny_cache, tmp_path, monkeypatch, one_thread):
