@@ -25,7 +25,7 @@ class RecordingTrain:
 
     def __call__(self, cfg, cache, train_rows, val_rows, out_dir, device=None, resume=False, progress=True,
                  init=None):
-        self.calls.append({"dir": str(out_dir), "seed": cfg.engine.seed, "init": init,
+        self.calls.append({"dir": str(out_dir), "seed": cfg.engine.seed, "init": init, "resume": resume,
                            "fit": np.array(train_rows), "val": np.array(val_rows)})
         labels = list(cfg.data.labels)
         model = tiny_model(len(labels), seed=cfg.engine.seed % 2)

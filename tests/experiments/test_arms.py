@@ -48,6 +48,41 @@ def test_arms_share_folds_and_seeds_stack_and_resume(tmp_path):
     assert again.comparisons["improved"].diff_f1["mean"] == res.comparisons["improved"].diff_f1["mean"]
 
 
+class KilledOnce(RecordingTrain):
+    """The engine killed part-way through one fold's training: it leaves a checkpoint and no bundle. Asked
+    again without resume it refuses, as ``training.engine.train`` refuses a folder that holds a run."""
+
+    def __init__(self, victim: str):
+        super().__init__()
+        self.victim, self.killed = victim, False
+
+    def __call__(self, cfg, cache, train_rows, val_rows, out_dir, **kwargs):
+        out = Path(out_dir)
+        if (out / "last.pt").is_file() and not kwargs.get("resume"):
+            raise FileExistsError(f"{out} holds a run; resume it")
+        if out.parent.name == self.victim and not self.killed:
+            self.killed = True
+            out.mkdir(parents=True)
+            (out / "last.pt").write_bytes(b"half a run")
+            raise KeyboardInterrupt
+        return super().__call__(cfg, cache, train_rows, val_rows, out_dir, **kwargs)
+
+
+def test_a_killed_fold_is_resumed_from_its_checkpoint_and_nothing_finished_is_trained_again(tmp_path):
+    cache = FakeCache(n_patients=16, seed=3)
+    plan = load_plan(write_plan(tmp_path / "arms.yaml"))
+    fake = KilledOnce("low-lr")
+    with pytest.raises(KeyboardInterrupt):
+        run_arms(plan, "C", tmp_path / "b", cache=cache, train_fn=fake, **QUIET)
+    done = [c["dir"] for c in fake.calls]
+    assert len(done) == 2 and (tmp_path / "b" / "fold0" / "low-lr" / "run" / "last.pt").is_file()
+    res = run_arms(plan, "C", tmp_path / "b", cache=cache, train_fn=fake, **QUIET)
+    again = fake.calls[2:]
+    assert again[0]["dir"] == str(tmp_path / "b" / "fold0" / "low-lr" / "run") and again[0]["resume"]
+    assert not {c["dir"] for c in again} & set(done)              # the two finished folds were not trained again
+    assert len(fake.calls) == 12 and res.scores["low-lr"].n_images == 2 * len(cache)
+
+
 def test_a_per_seed_stage_pre_trains_once_per_fold_and_seed_and_each_seed_reads_its_own(tmp_path, monkeypatch):
     """Without per_seed every seed of an arm reads one backbone per fold (a probe's seeds are then copies);
     with it the seeds vary the pre-training too, and seed 0 is the stage exactly as it runs alone."""
