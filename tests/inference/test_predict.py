@@ -156,6 +156,17 @@ def test_real_dicoms(bundle):
     assert rows["nih-dx-implicit-vr.dcm"].qc_flags == []
 
 
+def test_a_true_monochrome1_file_scores_exactly_like_its_monochrome2_twin(bundle, tmp_path):
+    """Built from the real NIH pixels, so it runs in every clone: 255 - v stored and tagged MONOCHROME1 reads
+    back as the original picture, with no QC flag, and scores bit for bit like the MONOCHROME2 file."""
+    original_path = factory.make_dicom(tmp_path / "m2.dcm")
+    m1_path = factory.make_dicom(tmp_path / "m1.dcm", 255 - factory.real_pixels(), photometric="MONOCHROME1")
+    (original,) = predict_files(bundle, [original_path], progress=False)   # one call each: row 0 of a batch of one
+    (true_m1,) = predict_files(bundle, [m1_path], progress=False)
+    assert true_m1.status == "ok" and true_m1.qc_flags == [] == original.qc_flags
+    assert true_m1.probs == original.probs and true_m1.findings == original.findings
+
+
 @pytest.mark.skipif(not (SHARED / "dicom").is_dir(), reason="../shared/data/dicom (real DICOM files) absent")
 def test_true_monochrome1_scores_exactly_like_its_original(bundle):
     """255 - v stored and tagged MONOCHROME1: the reader's inversion gives back the original, no flag."""
