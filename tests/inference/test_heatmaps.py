@@ -87,7 +87,20 @@ def test_a_cls_and_mean_head_gets_the_average_of_both_attention_rows(model, x):
     assert cam.shape == (x.shape[0], 3, 3) and torch.isfinite(cam).all() and (cam >= 0).all() and cam.sum() > 0
 
 
-def test_gradcam_matches_a_manual_gradient(model, x):
+@pytest.mark.parametrize("pool", ["token", "avg", "avgmax", "token+avg"])
+def test_gradcam_matches_a_manual_gradient(model, x, pool):
+    """For each read-out (the product's is ``avg``), the gradient the head sends back through the last block,
+    by hand."""
+    if pool != "token":
+        torch.manual_seed(2)
+        head = VisionTransformer(img_size=48, patch_size=16, embed_dim=64, depth=3, num_heads=4, num_classes=5,
+                                 global_pool=pool).eval()
+        head.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("head")},
+                             strict=False)
+        model = head
+    readout = {"token": lambda f: f[:, 0], "avg": lambda f: f[:, 1:].mean(1),
+               "avgmax": lambda f: torch.cat((f[:, 1:].mean(1), f[:, 1:].amax(1)), -1),
+               "token+avg": lambda f: torch.cat((f[:, 0], f[:, 1:].mean(1)), -1)}[pool]
     target = 3
     cam = hm.grad_cam(model, x, target)
     # Independent path: run the network by hand from the tokens entering the last block.
@@ -99,7 +112,7 @@ def test_gradcam_matches_a_manual_gradient(model, x):
     z = last.norm1(t).detach().requires_grad_(True)
     h = t + last.attn(z)
     h = h + last.mlp(last.norm2(h))
-    logit = model.head(model.norm(h)[:, 0])[:, target].sum()
+    logit = model.head(readout(model.norm(h)))[:, target].sum()
     (g,) = torch.autograd.grad(logit, z)
     expected = torch.relu((z[:, 1:] * g[:, 1:].mean(1, keepdim=True)).sum(-1)).reshape(2, 3, 3)
     torch.testing.assert_close(cam, expected.detach(), rtol=1e-4, atol=1e-6)
