@@ -72,6 +72,18 @@ def test_probabilities_match_the_bundle_directly(bundle, folder):
     np.testing.assert_allclose([rows[1].probs[k] for k in bundle.labels], direct, rtol=1e-5, atol=1e-6)
 
 
+def test_a_probability_equal_to_its_threshold_is_a_finding_as_evaluation_counts_it(bundle, folder, monkeypatch):
+    """Evaluation predicts positive at ``p >= threshold`` (evaluation.metrics); predict must call the finding at
+    the same boundary, so a threshold set to an image's exact probability calls it and the next float up does not."""
+    (row,) = predict_files(bundle, [folder / "a.png"], progress=False)
+    label = bundle.labels[0]
+    p = row.probs[label]
+    for threshold, called in ((p, True), (float(np.nextafter(p, 1.0)), False)):
+        monkeypatch.setitem(bundle.thresholds, label, threshold)
+        (again,) = predict_files(bundle, [folder / "a.png"], progress=False)
+        assert again.probs[label] == p and (label in again.findings) is called
+
+
 def test_decompression_bomb_guard(bundle, folder):
     rows = predict_files(bundle, [folder / "a.png", folder / "sub" / "c.dcm"], progress=False, max_pixels=1000)
     assert all(r.status == "error" and "decompression-bomb" in r.error for r in rows)
