@@ -25,7 +25,9 @@ STAGE=$RUNS/cv2-tokavg-seeds/fold$FOLD/pretrain-ijepa224s
 OUT=$RUNS/cv2-ijepa-ctx-fold$FOLD
 CTX=$RUNS/ijepa-ctx/fold$FOLD-context.safetensors
 test -f "$STAGE/backbone.safetensors" || { echo "error: $STAGE has not finished (no backbone.safetensors)" >&2; exit 1; }
-"$REPO/.venv/bin/python" "$REPO/bench/ijepa_context.py" "$STAGE/last.pt" "$CTX"
+# Exported once: safetensors writes its metadata in a different order in every process, so a second export of the
+# same weights has another sha256, and the harness (which pins an init file's sha256) would refuse the finished arm.
+[ -f "$CTX" ] || "$REPO/.venv/bin/python" "$REPO/bench/ijepa_context.py" "$STAGE/last.pt" "$CTX"
 mkdir -p "$OUT/fold$FOLD"
 [ -e "$OUT/fold$FOLD/probe-random-avg" ] || cp -al "$RUNS/cv2-tokavg-seeds/fold$FOLD/probe-random-avg" "$OUT/fold$FOLD/"
 cat > "$OUT.yaml" <<PLAN
@@ -40,6 +42,7 @@ arms:
   - {name: ijepa224s-ctx-probe-avg, recipe: probe-random, init: $CTX, overrides: [model.img_size=224, model.global_pool=avg]}
 PLAN
 "$REPO/.venv/bin/python" -m cxrvit bench arms "$OUT.yaml" --data "$RUNS/sample-cache160" --out "$OUT" --quiet
-"$REPO/.venv/bin/python" "$REPO/bench/compare_arms.py" --data "$RUNS/sample-cache160" --folds "$FOLD" \
+# --folds takes several numbers, so it comes after the positional arguments
+"$REPO/.venv/bin/python" "$REPO/bench/compare_arms.py" --data "$RUNS/sample-cache160" \
   "$RUNS/cv2-tokavg-seeds" ijepa224s-probe-avg "$OUT" ijepa224s-ctx-probe-avg --names target context \
-  --json "$OUT/compare-target-context.json"
+  --json "$OUT/compare-target-context.json" --folds "$FOLD"
