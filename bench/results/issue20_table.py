@@ -34,6 +34,9 @@ TABLES = [
     ("cv2-pool/results-tokavg.json", "read-out: the CLS token and the patch mean side by side (AMD EPYC)",
      " (pool plan)"),
     ("cv2-resolution/results.json", "resolution: read at 448 vs 224 px from a 512-px cache", ""),
+    ("cv2-tokavg-seeds/results-ijepa-fold0-vs-probe-random-avg.json",
+     "I-JEPA at the MAE's compute (100 epochs), fold 0 only while fold 1 pre-trains (AMD EPYC)", ""),
+    ("cv2-ijepa-ctx-fold0/results.json", "diagnostic: I-JEPA's context encoder instead of its EMA target, fold 0", ""),
     ("cv2-scaling-seeds/results.json", "data scaling of the product at 3 pre-training seeds: 1/4, 1/2, all", ""),
     ("cv2-scaling/results.json", "data scaling: 1/4, 1/2, all; Δ vs the full-share baseline", ""),
 ]
