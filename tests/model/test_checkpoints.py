@@ -289,3 +289,31 @@ def test_init_refuses_a_file_with_no_backbone_weight_and_reports_a_partial_one(t
     assert "partial.pth: layout dino" in capsys.readouterr().err
     load_init_backbone(tmp_path / "partial.pth", model, quiet=True)
     assert capsys.readouterr().err == ""
+
+
+def test_saved_weights_are_byte_identical_across_processes(tmp_path):
+    """The same tensors and metadata written by two processes give the same file (so its sha256 names its content:
+    what `bench arms` pins for an init file). safetensors alone orders its header per process; save_weights sorts
+    it in place, and the file still loads with every tensor and the metadata."""
+    import hashlib
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    code = ("import sys, torch; from cxrvit.model.checkpoints import save_weights; torch.manual_seed(0); "
+            "state = {f'blocks.{i}.w': torch.randn(3, 5) for i in range(12)} | {'pos_embed': torch.randn(1, 4, 5)}; "
+            "meta = {k: f'value of {k}' for k in ('format', 'layout', 'arch', 'depth', 'method', 'source', "
+            "'source_sha256', 'step', 'cls_token', 'patch_size')}; save_weights(state, sys.argv[1], meta)")
+    paths = [tmp_path / f"w{i}.safetensors" for i in range(3)]
+    for p in paths:
+        subprocess.run([sys.executable, "-c", code, str(p)], check=True)
+    digests = {hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+    assert len(digests) == 1
+    loaded = load_file(str(paths[0]))
+    torch.manual_seed(0)
+    expected = {f"blocks.{i}.w": torch.randn(3, 5) for i in range(12)} | {"pos_embed": torch.randn(1, 4, 5)}
+    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
+    with safe_open(str(paths[0]), framework="pt") as f:
+        assert f.metadata()["source_sha256"] == "value of source_sha256" and len(f.metadata()) == 10

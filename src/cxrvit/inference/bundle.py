@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from cxrvit.data.preprocess import Preprocessing
 from cxrvit.fileio import atomic_write
 from cxrvit.inference import scoring
+from cxrvit.model.checkpoints import save_weights
 from cxrvit.model.vit import VisionTransformer, build_model
 
 WEIGHTS_FILE = "model.safetensors"
@@ -76,8 +77,7 @@ def save_bundle(directory: os.PathLike | str, model: VisionTransformer, labels: 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write(directory / WEIGHTS_FILE,
-                 lambda tmp: save_file(state, str(tmp), metadata={"format": "pt", "arch": arch, "layout": "dino"}))
+    save_weights(state, directory / WEIGHTS_FILE, {"format": "pt", "arch": arch, "layout": "dino"})
     meta = {
         "format": "cxrvit-bundle/1",
         "arch": arch,

@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from cxrvit.data.preprocess import Preprocessing
 from cxrvit.fileio import atomic_write
 from cxrvit.inference.bundle import Bundle, load_bundle
+from cxrvit.model.checkpoints import save_weights
 from cxrvit.model.vit import VisionTransformer, dino_resample_pos_embed, fold_patch_embed_to_grey
 
 FORMATS = ("dino", "safetensors", "onnx")
@@ -108,7 +108,7 @@ def export_bundle(run: str | os.PathLike, out: str | os.PathLike, fmt: str = "di
         return ExportResult(out, meta, meta_path)
     if fmt == "safetensors":
         header = {"format": "pt", "layout": "dino", "cxrvit": json.dumps(meta)}
-        atomic_write(out, lambda tmp: save_file(state, tmp, metadata=header))
+        save_weights(state, out, header)
         return ExportResult(out, meta)
     # onnx: a copy of the model holding exactly the exported head
     model = copy.deepcopy(bundle.model).float().cpu()

@@ -60,8 +60,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
+from cxrvit.fileio import atomic_write
 from cxrvit.model.vit import VisionTransformer, resample_pos_embed
 
 #: Classes a checkpoint may pickle besides tensors and plain containers (DINO / MAE ``args``).
@@ -71,6 +72,24 @@ KEY_PREFIXES = ("module.", "_orig_mod.", "backbone.")
 HEAD_KEYS = ("head.weight", "head.bias")
 #: The layouts :func:`to_dino_layout` recognises (the module docstring's table).
 LAYOUTS = ("dino", "dino-train", "mae", "ijepa", "timm", "cxrvit")
+
+
+def save_weights(state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``state`` as a safetensors file at ``path`` (atomic), byte for byte the same for the same tensors and
+    metadata, so that a file's sha256 (what ``bench arms`` pins for an init file, what provenance notes quote) names
+    its content. Why the extra step: safetensors writes its JSON header's keys in a per-process order (a Rust hash
+    map), so two exports of one model differed in their first bytes. The header is rewritten with sorted keys in
+    the same number of bytes (its padding kept), which leaves every tensor's offsets as they were."""
+    def write(tmp: Path) -> None:
+        save_file(state, str(tmp), metadata=metadata)
+        with open(tmp, "r+b") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+            text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+            if len(text) <= n:   # the same keys and values, compact: never longer than what safetensors wrote
+                fh.seek(8)
+                fh.write(text + b" " * (n - len(text)))
+    return atomic_write(path, write)
 
 
 class CheckpointError(ValueError):

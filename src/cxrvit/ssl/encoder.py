@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from cxrvit.fileio import atomic_write
+from cxrvit.model.checkpoints import save_weights
 from cxrvit.model.vit import VisionTransformer, sincos_pos_embed
 
 #: (embed_dim, heads) of the architectures ``cxrvit.model.vit`` ships; depth is configurable
@@ -91,7 +91,7 @@ def export_backbone(vit: VisionTransformer, path: os.PathLike | str, *, arch: st
     meta = {"format": "pt", "layout": "dino", "arch": arch, "depth": str(len(vit.blocks)),
             "patch_size": str(vit.patch_size), "method": method, "cls_token": cls_token,
             **{k: str(v) for k, v in (extra or {}).items()}}
-    return atomic_write(path, lambda tmp: save_file(backbone_state(vit), str(tmp), metadata=meta))
+    return save_weights(backbone_state(vit), path, meta)
 
 
 def write_half_copy(backbone: os.PathLike | str, out: os.PathLike | str) -> Path:
@@ -110,4 +110,4 @@ def write_half_copy(backbone: os.PathLike | str, out: os.PathLike | str) -> Path
     digest = hashlib.sha256(backbone.read_bytes()).hexdigest()
     meta.update(dtype="float16", source=backbone.name, source_sha256=digest)
     out.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(out, lambda tmp: save_file(half, str(tmp), metadata=meta))
+    return save_weights(half, out, meta)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from cxrvit.data.loader import BatchLoader
@@ -32,9 +32,9 @@ from cxrvit.engine.core import Engine, NonFiniteLossError
 from cxrvit.engine.optim import apply_schedule, param_groups, warmup_cosine
 from cxrvit.engine.runlog import read_metrics
 from cxrvit.evaluation.metrics import tune_thresholds
-from cxrvit.fileio import atomic_write, json_safe
+from cxrvit.fileio import json_safe
 from cxrvit.inference.bundle import save_bundle, tuning_source
-from cxrvit.model.checkpoints import load_init_backbone
+from cxrvit.model.checkpoints import load_init_backbone, save_weights
 from cxrvit.model.vit import build_model
 from cxrvit.training.augment import BatchAugment
 from cxrvit.training.config import TrainConfig, config_from_dict, config_to_dict, save_config
@@ -324,4 +324,4 @@ class Trainer:
 
 def _atomic_save_weights(model: nn.Module, path: Path) -> None:
     state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(state, str(tmp)))
+    save_weights(state, path)
