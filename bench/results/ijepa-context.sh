@@ -25,8 +25,8 @@ STAGE=$RUNS/cv2-tokavg-seeds/fold$FOLD/pretrain-ijepa224s
 OUT=$RUNS/cv2-ijepa-ctx-fold$FOLD
 CTX=$RUNS/ijepa-ctx/fold$FOLD-context.safetensors
 test -f "$STAGE/backbone.safetensors" || { echo "error: $STAGE has not finished (no backbone.safetensors)" >&2; exit 1; }
-# Exported once: safetensors writes its metadata in a different order in every process, so a second export of the
-# same weights has another sha256, and the harness (which pins an init file's sha256) would refuse the finished arm.
+# Exported once: before save_weights (6 December) safetensors wrote its metadata in a per-process order, so the
+# fold-0 file's re-export has another sha256, and the harness (which pins an init file's sha256) would refuse it.
 [ -f "$CTX" ] || "$REPO/.venv/bin/python" "$REPO/bench/ijepa_context.py" "$STAGE/last.pt" "$CTX"
 mkdir -p "$OUT/fold$FOLD"
 [ -e "$OUT/fold$FOLD/probe-random-avg" ] || cp -al "$RUNS/cv2-tokavg-seeds/fold$FOLD/probe-random-avg" "$OUT/fold$FOLD/"
