@@ -140,6 +140,19 @@ def test_truncated_file_names_the_file(tmp_path):
     assert "bad.dcm" in str(err.value)
 
 
+@pytest.mark.parametrize("compress", [RLELossless, JPEG2000Lossless], ids=["rle", "jpeg2000"])
+def test_truncated_compressed_pixel_data_is_called_truncated(tmp_path, compress):
+    # A copy cut off inside encapsulated pixel data: pydicom only warns and returns an empty dataset, which
+    # was reported as "no pixel data (unknown SOP class)" -- the wrong problem for a half-copied file.
+    good = make_dicom(tmp_path / "good.dcm", compress=compress)
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(good.read_bytes()[:-40])
+    with pytest.raises(ImageReadError, match=r"bad\.dcm: truncated DICOM file") as err:
+        images.read_grey(bad)
+    assert "no pixel data" not in str(err.value)
+    assert read_header(bad).rows == 64  # the header before the pixel data is still summarised
+
+
 def test_sniffing_ignores_extensions(tmp_path):
     path = make_dicom(tmp_path / "scan.png")  # lying extension
     assert images.sniff_format(path) == "dicom"

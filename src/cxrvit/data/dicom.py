@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import struct
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,6 +51,10 @@ COLOUR_PHOTOMETRIC = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "
 _EXPLICIT_VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"OB",
                  b"OD", b"OF", b"OL", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"TM", b"UI", b"UL",
                  b"UN", b"US", b"UT", b"UC", b"UR", b"OV", b"SV", b"UV"}
+
+
+#: How pydicom's warning starts when a file ends before the delimiter of an undefined-length element.
+_EOF_WARNING = "End of file reached before delimiter"
 
 
 def sniff_dicom(head: bytes) -> bool:
@@ -74,10 +79,19 @@ def sniff_dicom(head: bytes) -> bool:
 
 def _read_dataset(path: Path, stop_before_pixels: bool = False) -> pydicom.Dataset:
     try:
-        # force=True reads preamble-less files; sniff_dicom has already vouched for the content.
-        ds = pydicom.dcmread(str(path), force=True, stop_before_pixels=stop_before_pixels)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            # force=True reads preamble-less files; sniff_dicom has already vouched for the content.
+            ds = pydicom.dcmread(str(path), force=True, stop_before_pixels=stop_before_pixels)
     except (InvalidDicomError, EOFError, OSError, ValueError, struct.error) as exc:
         raise ImageReadError(path, f"not a readable DICOM dataset: {exc}") from exc
+    for w in caught:
+        if str(w.message).startswith(_EOF_WARNING):
+            # pydicom only warns when a file ends inside an undefined-length element (encapsulated pixel data, a
+            # sequence) and hands back an empty dataset: without this, a half-copied file reads as "no pixel data".
+            raise ImageReadError(path, f"truncated DICOM file: it ends ({path.stat().st_size:,} bytes) inside its "
+                                       "compressed pixel data or a sequence")
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)  # the others, as without the catch
     if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
         # A bare dataset names no transfer syntax; pydicom worked out the encoding while parsing it,
         # and uncompressed is the only possibility without an encapsulation header.
