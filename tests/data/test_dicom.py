@@ -233,6 +233,19 @@ def test_malformed_header_values_are_noted_not_fatal(tmp_path):
     assert read_header(make_dicom(tmp_path / "ok.dcm", slope=2.0, intercept=-1.0)).header_problems == []
 
 
+def test_a_non_numeric_rescale_or_window_names_the_tag(tmp_path):
+    # Decoding needs these values: refused naming the tag and the value, not with Python's "unsupported operand
+    # type(s) for -=: 'str' and 'float'" from inside pydicom's windowing.
+    slope = _glitched(tmp_path / "slope.dcm", b"9.99", b"abc ", slope=9.99, intercept=0.0)
+    with pytest.raises(ImageReadError, match=r"slope\.dcm: RescaleSlope 'abc' is not a number"):
+        images.read_grey(slope)
+    stored = real_pixels().astype(np.uint16) * 16
+    window = _glitched(tmp_path / "window.dcm", b"1234.5", b"abcdef", pixels=stored, bits_stored=12,
+                       window=(1234.5, 1000.0))
+    with pytest.raises(ImageReadError, match=r"window\.dcm: WindowCenter 'abcdef' is not a number"):
+        images.read_grey(window)
+
+
 def test_unexpected_header_failure_names_the_file(tmp_path, monkeypatch):
     from cxrvit.data import dicom
 

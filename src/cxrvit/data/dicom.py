@@ -150,6 +150,17 @@ def _stored_values(path: Path, ds: pydicom.Dataset) -> np.ndarray:
     return arr
 
 
+def _check_numbers(path: Path, ds: pydicom.Dataset, keywords: tuple[str, ...]) -> None:
+    """Refuse, naming the tag and its value, a rescale or window value that is not a number: the display chain
+    computes with it (the header summary only notes such a value, see :func:`_numbers`)."""
+    problems: list[str] = []
+    for keyword in keywords:
+        _numbers(ds, keyword, 1, problems)
+    bad = [p for p in problems if p.endswith("is not a number")]
+    if bad:
+        raise ImageReadError(path, "; ".join(bad) + ", so the pixel values cannot be rescaled or windowed")
+
+
 def decode_dicom(path: os.PathLike | str) -> np.ndarray:
     """Decode one DICOM radiograph to a 2-D MONOCHROME2 array (see the module docstring)."""
     path = Path(path)
@@ -157,10 +168,12 @@ def decode_dicom(path: os.PathLike | str) -> np.ndarray:
     _check_single_grey_frame(path, ds)
     arr = _stored_values(path, ds)
     bits_stored = int(ds.get("BitsStored", arr.dtype.itemsize * 8) or arr.dtype.itemsize * 8)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    _check_numbers(path, ds, ("RescaleSlope", "RescaleIntercept")
+                   + (() if photometric in COLOUR_PHOTOMETRIC else ("WindowCenter", "WindowWidth")))
 
     has_modality_lut = "ModalityLUTSequence" in ds or (
         float(ds.get("RescaleSlope", 1) or 1) != 1.0 or float(ds.get("RescaleIntercept", 0) or 0) != 0.0)
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     # The VOI LUT is part of the grey-scale chain only: DICOM (PS3.3 C.11.2) has colour images ignore it,
     # and a colour secondary capture often carries a window it copied from the grey original.
     has_voi = photometric not in COLOUR_PHOTOMETRIC and (
