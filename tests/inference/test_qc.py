@@ -65,3 +65,25 @@ def test_dicom_info_prints_the_header_of_undecodable_objects(capsys):
     assert main(["dicom-info", rgb, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["qc"][:2] == ["not_radiograph:OT", "colour_converted:RGB"]
+
+
+def test_dicom_info_previews_of_files_with_one_name_do_not_overwrite_each_other(tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    plain = factory.make_dicom(tmp_path / "a" / "x.dcm")
+    negative = factory.make_dicom(tmp_path / "b" / "x.dcm", photometric="MONOCHROME1")
+    assert main(["dicom-info", str(plain), str(negative), "--json", "--preview", str(tmp_path / "p.png")]) == 0
+    first, second = json.loads(capsys.readouterr().out)
+    assert first["preview"] != second["preview"]
+    from PIL import Image
+    with Image.open(first["preview"]) as one, Image.open(second["preview"]) as two:
+        np.testing.assert_array_equal(np.asarray(one), factory.real_pixels())
+        np.testing.assert_array_equal(np.asarray(two), 255 - factory.real_pixels())
+
+
+def test_dicom_info_refuses_a_preview_name_it_cannot_write_before_reading_anything(tmp_path, capsys):
+    plain = factory.make_dicom(tmp_path / "x.dcm")
+    for preview in (tmp_path / "preview", tmp_path / "p.xyz"):  # no extension (e.g. a folder), an unknown one
+        assert main(["dicom-info", str(plain), "--preview", str(preview)]) == 2
+        err = capsys.readouterr().err
+        assert str(preview) in err and "image file name" in err

@@ -178,8 +178,16 @@ def _heatmap_writer(bundle, folder: Path, target: str | None, per_head: bool):
 
 # -- dicom-info --------------------------------------------------------------------------------
 
-def _preview_path(preview: Path, src: Path, many: bool) -> Path:
-    return preview.with_name(f"{preview.stem}-{src.stem}.png") if many else preview
+def _preview_path(preview: Path, src: Path, many: bool, used: set[str]) -> Path:
+    """OUT.png for one file; OUT-<name>.png for several, where files of one name in different folders get
+    OUT-<name>_.png and so on instead of overwriting each other's preview."""
+    if not many:
+        return preview
+    name = src.stem
+    while name in used:
+        name += "_"
+    used.add(name)
+    return preview.with_name(f"{preview.stem}-{name}.png")
 
 
 def run_dicom_info(args: argparse.Namespace) -> int:
@@ -191,9 +199,17 @@ def run_dicom_info(args: argparse.Namespace) -> int:
     from cxrvit.data.images import ImageReadError
     from cxrvit.inference.qc import dicom_summary
 
+    many = len(args.files) > 1
+    # One file's preview is saved under the name as given (several get OUT-<name>.png): checked before any file is
+    # read, as a name Pillow cannot save to ended the run with a traceback and lost the summaries.
+    preview_format = Image.registered_extensions().get(Path(args.preview).suffix.lower()) if args.preview else None
+    if args.preview and not many and preview_format not in Image.SAVE:
+        print(f"error: --preview {args.preview}: not an image file name Pillow can write (e.g. OUT.png)",
+              file=sys.stderr)
+        return 2
     failures = 0
     results = []
-    many = len(args.files) > 1
+    used: set[str] = set()
     for name in args.files:
         path = Path(name)
         try:
@@ -205,7 +221,7 @@ def run_dicom_info(args: argparse.Namespace) -> int:
             if info["decode_error"]:
                 failures += 1
             elif args.preview:
-                out = _preview_path(Path(args.preview), path, many)
+                out = _preview_path(Path(args.preview), path, many, used)
                 out.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(images.to_uint8(images.read_grey(path))).save(out)
                 info["preview"] = str(out)
