@@ -46,6 +46,18 @@ def test_collect_inputs_walks_folders_and_lists(folder, tmp_path):
     assert [p.name for p in listed] == ["a.png", "c.dcm", "missing.png"]
 
 
+def test_a_list_that_is_not_utf8_text_is_an_error_naming_it(bundle_dir, folder, tmp_path, capsys):
+    listing = tmp_path / "list.txt"
+    listing.write_text(str(folder / "a.png") + "\n", encoding="utf-16")  # Windows Notepad's "Unicode"
+    with pytest.raises(ValueError, match=r"list\.txt: cannot read this list of paths"):
+        collect_inputs([listing])
+    # before any scoring, a message and exit code 2, not a UnicodeDecodeError traceback
+    assert main(["predict", "--model", str(bundle_dir), str(listing), "--out", str(tmp_path / "p.csv"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert str(listing) in err and "cannot read this list of paths" in err
+
+
 def test_every_file_gets_a_row_and_bad_ones_an_error(bundle, folder, tmp_path):
     paths = collect_inputs([folder]) + [tmp_path / "does-not-exist.png"]
     rows = predict_files(bundle, paths, batch_size=2, progress=False)

@@ -87,7 +87,11 @@ def run_predict(args: argparse.Namespace) -> int:
         print(f"error: --target {args.target!r} is not one of the bundle's labels: {', '.join(bundle.labels)}",
               file=sys.stderr)
         return 2
-    paths = collect_inputs(args.inputs)
+    try:
+        paths = collect_inputs(args.inputs)
+    except ValueError as exc:  # a .txt list that is not readable text
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if not paths:
         print("error: no input files found", file=sys.stderr)
         return 2

@@ -60,9 +60,15 @@ def _looks_like_image(path: Path) -> bool:
 
 
 def _read_list(path: Path) -> list[Path]:
-    """A text file of paths, one a line; relative paths are relative to the list's folder."""
+    """A text file of paths, one a line; relative paths are relative to the list's folder.
+
+    Raises ValueError naming the list when it cannot be read as text."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read this list of paths (text, one path a line): {exc}") from exc
     out = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
             p = Path(line).expanduser()
@@ -74,7 +80,8 @@ def collect_inputs(inputs: Iterable[os.PathLike | str]) -> list[Path]:
     """Expand files, folders (recursively, sorted) and ``.txt`` path lists into a list of files.
 
     A path given explicitly is always kept, even when it does not exist, so that it is reported
-    as an error rather than silently dropped. Hidden files in folders are skipped.
+    as an error rather than silently dropped. Hidden files in folders are skipped. A list that cannot
+    be read raises ValueError naming it.
     """
     files: list[Path] = []
     for item in inputs:
