@@ -140,3 +140,13 @@ def test_a_bad_value_in_a_recipe_file_or_a_saved_config_names_the_file(tmp_path)
     saved["engine"]["log_every"] = 0
     with pytest.raises(ValueError, match=r"^RUN/config.yaml: pretrain config engine.log_every=0"):
         ssl_from_dict(saved, source="RUN/config.yaml")
+
+
+@pytest.mark.parametrize("load", [load_recipe, load_pretrain_recipe], ids=["train", "pretrain"])
+def test_a_recipe_that_is_not_utf8_text_names_the_file(tmp_path, load):
+    # e.g. saved as UTF-16 by a Windows editor: the message used to be the bare codec error, with no file named
+    path = tmp_path / "mine.yaml"
+    path.write_text("model:\n  img_size: 64\n", encoding="utf-16")
+    with pytest.raises(ValueError, match="not valid YAML") as exc:
+        load(path)
+    assert str(path) in str(exc.value)

@@ -74,7 +74,7 @@ def load_plan(path: str | os.PathLike) -> ArmsPlan:
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: cannot read the arms file: {exc}") from exc
     known = {f for f in ArmsPlan.__dataclass_fields__}
     unknown = set(raw) - known

@@ -143,7 +143,7 @@ def load_pretrain_recipe(recipe: str | Path, overrides: list[str] | None = None,
     path = recipe_path(recipe)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:  # the codec's own message names no file
         raise ValueError(f"{path}: not valid YAML: {exc}") from exc
     if method is not None:
         if raw.get("method", method) != method:

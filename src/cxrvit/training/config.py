@@ -306,7 +306,7 @@ def read_recipe(recipe: str | Path, _seen: tuple[Path, ...] = ()) -> tuple[list[
     path = recipe_path(recipe)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:  # the codec's own message names no file
         raise ValueError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
