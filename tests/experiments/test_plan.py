@@ -1,5 +1,6 @@
 """Reading an arms file (``experiments/plan.py``): every malformed file is an error naming it and the problem."""
 import pytest
+import yaml
 
 from cxrvit.experiments.plan import load_plan
 
@@ -8,5 +9,46 @@ def test_an_arms_file_that_is_not_utf8_text_names_the_file(tmp_path):
     path = tmp_path / "arms.yaml"
     path.write_text("arms: []\n", encoding="utf-16")  # e.g. saved by a Windows editor
     with pytest.raises(ValueError, match="cannot read the arms file") as exc:
+        load_plan(path)
+    assert str(path) in str(exc.value)
+
+
+ARMS = [{"name": "a", "recipe": "baseline"}, {"name": "b", "recipe": "probe-random"}]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("- {name: a, recipe: baseline}\n", "an arms file is a mapping"),       # the arms list alone, no 'arms:' key
+    ("just a sentence\n", "an arms file is a mapping"),                      # was: unknown keys [' ', 'a', 'c', ...]
+], ids=["list", "scalar"])
+def test_an_arms_file_that_is_not_a_mapping_names_the_file(tmp_path, text, message):
+    path = tmp_path / "arms.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message) as exc:
+        load_plan(path)
+    assert str(path) in str(exc.value)
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"pretrain": ["mae"]}, "'pretrain' must map"),
+    ({"arms": [{"name": 3, "recipe": "baseline"}, ARMS[1]], "reference": "b"}, "name and recipe must be text"),
+    ({"arms": [{"name": "a", "recipe": 3}, ARMS[1]]}, "name and recipe must be text"),
+    ({"arms": [{"name": "a", "recipe": "baseline", "init": 3}, ARMS[1]]}, "init must be a file path"),
+    ({"arms": [{"name": "a", "recipe": "baseline", "overrides": "optim.lr=1e-3"}, ARMS[1]]},
+     "overrides must be a list of 'key=value'"),
+    ({"arms": [{"name": "a", "recipe": "baseline", "overrides": [3]}, ARMS[1]]}, "overrides must be a list"),
+    ({"overrides": "schedule.epochs=1"}, "overrides must be a list"),
+    ({"pretrain": {"mae": {"method": "mae", "overrides": "x=1"}}}, "overrides must be a list"),
+    ({"pretrain": {"mae": {"method": 3}}}, "method and recipe must be text"),
+    ({"folds": "two"}, "'folds' must be an integer, got 'two'"),
+    ({"folds": 2.5}, "'folds' must be an integer, got 2.5"),
+    ({"fold_seed": "x"}, "'fold_seed' must be an integer, got 'x'"),
+    ({"run_folds": "0"}, "'run_folds' must be a list of fold numbers"),
+], ids=["pretrain-list", "name-int", "recipe-int", "init-int", "overrides-str", "override-int", "plan-overrides-str",
+        "stage-overrides-str", "method-int", "folds-str", "folds-float", "fold-seed-str", "run-folds-str"])
+def test_wrong_types_in_an_arms_file_name_the_file_and_the_key(tmp_path, body, message):
+    # each of these ended in a Python traceback (TypeError, AttributeError), some only after the folds were planned
+    path = tmp_path / "arms.yaml"
+    path.write_text(yaml.safe_dump({"reference": "a", "arms": ARMS, **body}))
+    with pytest.raises(ValueError, match=message) as exc:
         load_plan(path)
     assert str(path) in str(exc.value)

@@ -77,6 +77,10 @@ def load_plan(path: str | os.PathLike) -> ArmsPlan:
     except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: cannot read the arms file: {exc}") from exc
     known = {f for f in ArmsPlan.__dataclass_fields__}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: an arms file is a mapping of {sorted(known)}, got {type(raw).__name__}")
+    if not isinstance(raw.get("pretrain") or {}, dict):
+        raise ValueError(f"{path}: 'pretrain' must map stage names to their settings, got {raw['pretrain']!r}")
     unknown = set(raw) - known
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
@@ -90,6 +94,7 @@ def load_plan(path: str | os.PathLike) -> ArmsPlan:
 
 
 def check_plan(plan: ArmsPlan, source: str) -> ArmsPlan:
+    _check_types(plan, source)
     names = [a.name for a in plan.arms]
     if len(names) < 2 or len(set(names)) != len(names):
         raise ValueError(f"{source}: needs at least two arms with distinct names, got {names}")
@@ -136,6 +141,37 @@ def _check_seeds(seeds, source: str) -> None:
     repeated = sorted({s for s in seeds if seeds.count(s) > 1})
     if repeated:
         raise ValueError(f"{source}: 'seeds' repeats {repeated} ({seeds}); each seed may appear once")
+
+
+def _check_types(plan: ArmsPlan, source: str) -> None:
+    """The values the harness computes with have their types, so that a wrong one is named here with the file,
+    not met later as a Python TypeError."""
+    def overrides(value, where: str) -> None:
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise ValueError(f"{source}: {where}overrides must be a list of 'key=value' strings, got {value!r}")
+
+    overrides(plan.overrides, "")
+    for a in plan.arms:
+        if not isinstance(a.name, str) or not a.name or not isinstance(a.recipe, str):
+            raise ValueError(f"{source}: arm {a.name!r}: name and recipe must be text, got recipe {a.recipe!r}")
+        if a.init is not None and not isinstance(a.init, str):
+            raise ValueError(f"{source}: arm {a.name!r}: init must be a file path, got {a.init!r}")
+        overrides(a.overrides, f"arm {a.name!r}: ")
+    for name, spec in plan.pretrain.items():
+        if not isinstance(spec.method, str) or not isinstance(spec.recipe, (str, type(None))):
+            raise ValueError(f"{source}: pre-training {name!r}: method and recipe must be text, got method "
+                             f"{spec.method!r}, recipe {spec.recipe!r}")
+        overrides(spec.overrides, f"pre-training {name!r}: ")
+    if not _is_int(plan.folds):  # its range is the cross-validation's to check (the official protocol has none)
+        raise ValueError(f"{source}: 'folds' must be an integer, got {plan.folds!r}")
+    if not _is_int(plan.fold_seed):
+        raise ValueError(f"{source}: 'fold_seed' must be an integer, got {plan.fold_seed!r}")
+    if plan.run_folds is not None and not (isinstance(plan.run_folds, list) and all(map(_is_int, plan.run_folds))):
+        raise ValueError(f"{source}: 'run_folds' must be a list of fold numbers, got {plan.run_folds!r}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_init_from(plan: ArmsPlan, name: str, source: str) -> None:
