@@ -87,3 +87,14 @@ def test_dicom_info_refuses_a_preview_name_it_cannot_write_before_reading_anythi
         assert main(["dicom-info", str(plain), "--preview", str(preview)]) == 2
         err = capsys.readouterr().err
         assert str(preview) in err and "image file name" in err
+
+
+def test_dicom_info_table_shows_a_malformed_header_value(tmp_path, capsys):
+    # A PixelSpacing that is not a number used to show as "-", like a file without one; only --json said why.
+    path = factory.make_dicom(tmp_path / "x.dcm")
+    raw = path.read_bytes()
+    assert raw.count(b"0.8\\0.8 ") == 1
+    path.write_bytes(raw.replace(b"0.8\\0.8 ", b"0.8\\abc "))
+    assert main(["dicom-info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "PixelSpacing '0.8\\abc' is not a number" in out

@@ -20,7 +20,7 @@ DICOM_INFO_FIELDS = (
     ("modality", "Modality"), ("body_part", "Body part"), ("view_position", "View position"),
     ("size", "Image size"), ("bits", "Bits (stored/allocated)"), ("photometric", "Photometric"),
     ("spacing", "Pixel spacing (mm)"), ("transfer_syntax", "Transfer syntax"), ("sop_class", "SOP class"),
-    ("qc", "QC flags"), ("decode_error", "Pixel data"),
+    ("header_problems", "Header problems"), ("qc", "QC flags"), ("decode_error", "Pixel data"),
 )
 
 
