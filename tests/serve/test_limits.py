@@ -97,6 +97,18 @@ def test_max_pixels_option_reaches_the_server(serve_bundle_dir, monkeypatch):
     assert args.func(args) == 2
 
 
+@pytest.mark.parametrize("option", [["--max-pending", "0"], ["--max-upload-mb", "0"], ["--max-upload-mb", "-1"]])
+def test_limits_that_refuse_every_upload_are_refused_at_start(serve_bundle_dir, monkeypatch, capsys, option):
+    # A server started with them answered every prediction 503 "server busy: 0 images are already being scored",
+    # or 413 "upload too large: the limit is 0 MB".
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: pytest.fail("the server was started"))
+    parser = argparse.ArgumentParser(prog="cxrvit")
+    serve_commands.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve", "--model", str(serve_bundle_dir), *option])
+    assert args.func(args) == 2
+    assert f"{option[0]} {option[1]}" in capsys.readouterr().err
+
+
 def test_serve_scores_a_file_as_predict_and_as_its_cache_row(tmp_path):
     torch.manual_seed(0)
     model = vit_tiny(num_classes=len(DEFAULT_LABELS))

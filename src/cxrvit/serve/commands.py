@@ -38,6 +38,12 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.max_pixels is not None and args.max_pixels < 1:
         print(f"error: --max-pixels {args.max_pixels}: must be a positive number of pixels", file=sys.stderr)
         return 2
+    if args.max_pending < 1:  # a server that admits none answers every prediction "busy"
+        print(f"error: --max-pending {args.max_pending}: must be at least 1", file=sys.stderr)
+        return 2
+    if not args.max_upload_mb > 0:  # nor does one that refuses every upload as too large
+        print(f"error: --max-upload-mb {args.max_upload_mb:g}: must be a positive number of MB", file=sys.stderr)
+        return 2
     # In the handler: fastapi/uvicorn (and torch behind the bundle) stay out of `cxrvit --help`, and a
     # broken web install is reported here, as an error naming what to reinstall.
     try:
