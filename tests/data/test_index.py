@@ -117,3 +117,21 @@ def test_real_dicom_folder_keeps_header_patients_together(shared_data: Path):
     assert dict(zip(table["image"], table["patient_id"])) == header_ids
     assert counts == {"csv": 0, "dicom": len(header_ids), "stem": 0}
     assert table["patient_id"].nunique() < len(table)  # several images of one patient: the leak this prevents
+
+
+def test_image_files_the_walk_skips_by_name_are_reported(nih_dir: Path, tmp_path: Path, dicom_factory):
+    # A PACS export names its DICOMs IM0001 or 1.2.840...: the walk looks at image extensions only, and used to
+    # leave such files out without a word ("2 image files found"), while `cxrvit predict` reads them.
+    root = tmp_path / "d"
+    root.mkdir()
+    shutil.copy(nih_dir / "images" / "00000001_000.png", root / "a.png")
+    dicom_factory.make_dicom(root / "b.dcm")
+    dicom_factory.make_dicom(root / "IM0001")
+    dicom_factory.make_dicom(root / "scan.dic")
+    (root / "notes.txt").write_text("not an image")  # not an image: not reported
+    found = find_images(root)
+    assert sorted(found.paths) == ["a.png", "b.dcm"]
+    assert found.ignored == ["IM0001", "scan.dic"]
+    lines = plan_cache(root, 16).report_lines
+    assert lines[0] == f"2 image files found under {root}"
+    assert lines[1].startswith("2 image files ignored, named other than ") and "IM0001, scan.dic" in lines[1]

@@ -185,6 +185,11 @@ def plan_cache(
     csv_path = Path(csv) if csv else (None if unlabelled else nih.find_data_entry(data))
     meta: dict = {"format": FORMAT, "size": int(size), "source": str(data.resolve()), "geometry": GEOMETRY}
     lines: list[str] = [f"{len(found.paths):,} image files found under {data}"]
+    if found.ignored:
+        lines.append(f"{len(found.ignored):,} image files ignored, named other than "
+                     f"{'/'.join(sorted(index_mod.IMAGE_EXTENSIONS))} (rename them to cache them): "
+                     + ", ".join(found.ignored[:index_mod.EXAMPLES])
+                     + (", ..." if len(found.ignored) > index_mod.EXAMPLES else ""))
     if csv_path is None:
         why = "--unlabelled was given" if unlabelled else "no Data_Entry_2017 CSV was found (use --csv to name one)"
         table, ids = index_mod.unlabelled_table(found, index_mod.read_patients(patients) if patients else None)

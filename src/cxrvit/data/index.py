@@ -17,7 +17,7 @@ from typing import Iterable
 import pandas as pd
 
 from cxrvit.data.dicom import read_header
-from cxrvit.data.images import ImageReadError
+from cxrvit.data.images import ImageReadError, sniff_format
 
 #: Extensions looked at when walking a folder (content is sniffed later; this only limits the walk).
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom"})
@@ -32,6 +32,8 @@ class FoundImages:
     paths: dict[str, str]
     #: names seen more than once (the first path in sorted order is used): name -> all paths
     duplicates: dict[str, list[str]] = field(default_factory=dict)
+    #: files whose content is an image but whose name has none of :data:`IMAGE_EXTENSIONS` (not indexed; reported)
+    ignored: list[str] = field(default_factory=list)
 
 
 def find_images(root: os.PathLike | str, exclude: Iterable[os.PathLike | str] = ()) -> FoundImages:
@@ -50,6 +52,7 @@ def find_images(root: os.PathLike | str, exclude: Iterable[os.PathLike | str] = 
     skip = {Path(p).resolve() for p in exclude}
     visited: set[Path] = set()
     seen: dict[str, list[str]] = {}
+    ignored: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         here = Path(dirpath)
         real = here.resolve()
@@ -60,12 +63,23 @@ def find_images(root: os.PathLike | str, exclude: Iterable[os.PathLike | str] = 
         # Sorted, pruned walk: the result must not depend on the file system's listing order.
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in skip)
         for fname in sorted(filenames):
-            if fname.startswith(".") or Path(fname).suffix.lower() not in IMAGE_EXTENSIONS:
+            if fname.startswith("."):
+                continue
+            if Path(fname).suffix.lower() not in IMAGE_EXTENSIONS:
+                if _is_image(here / fname):  # e.g. a DICOM named IM0001: said, not silently passed over
+                    ignored.append((here / fname).relative_to(root).as_posix())
                 continue
             seen.setdefault(fname, []).append((here / fname).relative_to(root).as_posix())
     paths = {name: sorted(p)[0] for name, p in seen.items()}
     duplicates = {name: sorted(p) for name, p in seen.items() if len(p) > 1}
-    return FoundImages(root=root, paths=dict(sorted(paths.items())), duplicates=duplicates)
+    return FoundImages(root=root, paths=dict(sorted(paths.items())), duplicates=duplicates, ignored=ignored)
+
+
+def _is_image(path: Path) -> bool:
+    try:
+        return sniff_format(path) is not None
+    except OSError:  # a broken link, a file that cannot be opened: not an image the walk could have used
+        return False
 
 
 @dataclass
