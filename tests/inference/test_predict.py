@@ -156,6 +156,15 @@ def test_cli_exit_codes_and_heatmaps(bundle_dir, folder, tmp_path):
     assert main(["predict", "--model", str(tmp_path), str(good), "--no-progress"]) == 2  # not a bundle
 
 
+def test_a_heatmaps_folder_that_cannot_be_made_is_an_error_before_scoring(bundle_dir, folder, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("a file, not a folder")
+    assert main(["predict", "--model", str(bundle_dir), str(folder / "a.png"), "--out", str(tmp_path / "p.csv"),
+                 "--heatmaps", str(taken), "--no-progress"]) == 2  # was a FileExistsError traceback
+    err = capsys.readouterr().err
+    assert f"--heatmaps {taken}" in err and "cannot create" in err
+
+
 def test_mislabelled_negative_is_flagged_and_reinverted(bundle, tmp_path):
     plain = factory.make_dicom(tmp_path / "plain.dcm")
     relabelled = factory.make_dicom(tmp_path / "relabelled.dcm", photometric="MONOCHROME1")  # same stored pixels

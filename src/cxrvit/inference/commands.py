@@ -95,7 +95,12 @@ def run_predict(args: argparse.Namespace) -> int:
     if not paths:
         print("error: no input files found", file=sys.stderr)
         return 2
-    callbacks = [_heatmap_writer(bundle, Path(args.heatmaps), args.target, args.per_head)] if args.heatmaps else []
+    try:  # before any scoring, as --out below: a --heatmaps path that is a file fails now
+        callbacks = [_heatmap_writer(bundle, Path(args.heatmaps), args.target, args.per_head)] if args.heatmaps else []
+    except OSError as exc:
+        why = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc)
+        print(f"error: --heatmaps {args.heatmaps}: cannot create the folder ({why})", file=sys.stderr)
+        return 2
     reports: dict[str, str] = {}
     if args.report:
         callbacks.append(_report_writer(bundle, reports, full=args.report == "full"))
