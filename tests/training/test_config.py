@@ -150,3 +150,12 @@ def test_a_recipe_that_is_not_utf8_text_names_the_file(tmp_path, load):
     with pytest.raises(ValueError, match="not valid YAML") as exc:
         load(path)
     assert str(path) in str(exc.value)
+
+
+@pytest.mark.parametrize("load", [load_recipe, load_pretrain_recipe], ids=["train", "pretrain"])
+def test_a_recipe_that_is_not_a_mapping_names_the_file(tmp_path, load):
+    path = tmp_path / "list.yaml"
+    path.write_text("- model\n- optim\n")  # a pre-training recipe of this shape was an AttributeError traceback
+    with pytest.raises(ValueError, match="a recipe must be a mapping of sections, got list") as exc:
+        load(path)
+    assert str(path) in str(exc.value)

@@ -145,6 +145,8 @@ def load_pretrain_recipe(recipe: str | Path, overrides: list[str] | None = None,
         raw = yaml.safe_load(path.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as exc:  # the codec's own message names no file
         raise ValueError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):  # as a training recipe (training/config.py read_recipe)
+        raise ValueError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
     if method is not None:
         if raw.get("method", method) != method:
             raise ValueError(f"{path}: recipe is for method {raw['method']!r}, not --method {method}")
