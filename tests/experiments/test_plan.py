@@ -52,3 +52,11 @@ def test_wrong_types_in_an_arms_file_name_the_file_and_the_key(tmp_path, body, m
     with pytest.raises(ValueError, match=message) as exc:
         load_plan(path)
     assert str(path) in str(exc.value)
+
+
+def test_a_key_given_twice_in_an_arms_file_is_an_error(tmp_path):
+    path = tmp_path / "arms.yaml"
+    path.write_text(yaml.safe_dump({"reference": "a", "arms": ARMS}) + "arms: []\n")  # the last one used to win
+    with pytest.raises(ValueError, match="'arms' appears twice") as exc:
+        load_plan(path)
+    assert str(path) in str(exc.value)

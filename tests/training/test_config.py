@@ -159,3 +159,14 @@ def test_a_recipe_that_is_not_a_mapping_names_the_file(tmp_path, load):
     with pytest.raises(ValueError, match="a recipe must be a mapping of sections, got list") as exc:
         load(path)
     assert str(path) in str(exc.value)
+
+
+@pytest.mark.parametrize("load", [load_recipe, load_pretrain_recipe], ids=["train", "pretrain"])
+def test_a_section_given_twice_in_a_recipe_is_an_error(tmp_path, load):
+    # YAML keeps the last of two equal keys: the first section's settings (here the architecture) were dropped
+    # without a word, and the run trained another model than the file says.
+    path = tmp_path / "twice.yaml"
+    path.write_text("model:\n  arch: vit_tiny\nschedule:\n  epochs: 1\nmodel:\n  img_size: 64\n")
+    with pytest.raises(ValueError, match=r"(?s)not valid YAML: .*'model' appears twice") as exc:
+        load(path)
+    assert str(path) in str(exc.value) and "line 5" in str(exc.value)

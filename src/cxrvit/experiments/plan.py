@@ -18,7 +18,7 @@ from cxrvit.data.cache import sha256_file
 from cxrvit.experiments.identity import config_identity
 from cxrvit.ssl.config import load_pretrain_recipe
 from cxrvit.training.config import load_recipe, unread_keys
-from cxrvit.training.configparse import get_dotted
+from cxrvit.training.configparse import get_dotted, load_yaml
 
 
 @dataclass
@@ -73,7 +73,7 @@ def load_plan(path: str | os.PathLike) -> ArmsPlan:
     """Read an arms YAML file; every mistake is named with the file."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text()) or {}
     except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: cannot read the arms file: {exc}") from exc
     known = {f for f in ArmsPlan.__dataclass_fields__}

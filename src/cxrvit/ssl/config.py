@@ -15,7 +15,7 @@ import yaml
 from cxrvit.ssl.dino import DinoConfig
 from cxrvit.ssl.ijepa import IJepaConfig
 from cxrvit.ssl.mae import MaeConfig
-from cxrvit.training.configparse import apply_overrides, build_config, check_all, optimizer_checks
+from cxrvit.training.configparse import apply_overrides, build_config, check_all, load_yaml, optimizer_checks
 
 METHODS = ("dino", "mae", "ijepa")
 
@@ -142,7 +142,7 @@ def load_pretrain_recipe(recipe: str | Path, overrides: list[str] | None = None,
     """A shipped recipe (``dino``, ``mae``, ``ijepa``) or a YAML path, plus ``--set`` overrides."""
     path = recipe_path(recipe)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as exc:  # the codec's own message names no file
         raise ValueError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):  # as a training recipe (training/config.py read_recipe)

@@ -21,7 +21,7 @@ import yaml
 from cxrvit.labels import DEFAULT_LABELS, SCORED_TARGETS, validate_label_names
 from cxrvit.model.vit import ARCHITECTURES, GLOBAL_POOLS
 from cxrvit.training.configparse import (apply_overrides, build_config, check_all, copy_nested, dotted_keys, merge,
-                                         optimizer_checks, parse_override)
+                                         load_yaml, optimizer_checks, parse_override)
 
 
 @dataclass
@@ -305,7 +305,7 @@ def read_recipe(recipe: str | Path, _seen: tuple[Path, ...] = ()) -> tuple[list[
     """The recipe's files (it, then its ``base`` chain) and its raw dict, each base merged underneath."""
     path = recipe_path(recipe)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as exc:  # the codec's own message names no file
         raise ValueError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):

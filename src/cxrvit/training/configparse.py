@@ -15,6 +15,30 @@ from typing import Any
 import yaml
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load``, but a key given twice in one mapping is an error: YAML readers keep the last one, which
+    drops a whole recipe section (or an arms list) without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            self.flatten_mapping(node)  # '<<' merge keys first, as SafeLoader does
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if not isinstance(key, typing.Hashable):
+                    continue  # SafeLoader's own construct_mapping reports it
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping", node.start_mark, f"{key!r} appears twice", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str):
+    """A config file's YAML (safe types only; a key given twice in one mapping raises ``yaml.YAMLError``)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def build_dataclass(cls, d: dict, prefix: str, source: str):
     """Build dataclass ``cls`` from a nested dict, type-checking values; unknown keys name ``source``."""
     if not isinstance(d, dict):
