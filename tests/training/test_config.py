@@ -5,6 +5,7 @@ from cxrvit.labels import DEFAULT_LABELS, SCORED_TARGETS
 from cxrvit.ssl.config import PretrainConfig, load_pretrain_recipe
 from cxrvit.ssl.config import config_from_dict as ssl_from_dict, config_to_dict as ssl_to_dict
 from cxrvit.training.config import TrainConfig, config_from_dict, config_to_dict, load_recipe, save_config
+from cxrvit.training.configparse import load_yaml
 
 
 def test_shipped_recipes_load_and_differ_where_documented():
@@ -170,3 +171,11 @@ def test_a_section_given_twice_in_a_recipe_is_an_error(tmp_path, load):
     with pytest.raises(ValueError, match=r"(?s)not valid YAML: .*'model' appears twice") as exc:
         load(path)
     assert str(path) in str(exc.value) and "line 5" in str(exc.value)
+
+
+def test_a_key_restated_after_a_yaml_merge_is_not_a_repeat():
+    # `<<: *base` then a key of the base is YAML's way to override a merged value, not a key written twice.
+    text = "base: &b {epochs: 1, batch_size: 8}\nschedule:\n  <<: *b\n  epochs: 3\n"
+    assert load_yaml(text)["schedule"] == {"epochs": 3, "batch_size": 8}
+    with pytest.raises(yaml.YAMLError, match="'epochs' appears twice"):
+        load_yaml("schedule:\n  <<: {batch_size: 8}\n  epochs: 1\n  epochs: 3\n")

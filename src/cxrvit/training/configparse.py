@@ -16,14 +16,16 @@ import yaml
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.safe_load``, but a key given twice in one mapping is an error: YAML readers keep the last one, which
-    drops a whole recipe section (or an arms list) without a word."""
+    """``yaml.safe_load``, but a key written twice in one mapping is an error: YAML readers keep the last one, which
+    drops a whole recipe section (or an arms list) without a word. Keys brought in by a ``<<`` merge may be
+    restated (that is what a merge is for), so only the keys written in the mapping itself are compared."""
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
-            self.flatten_mapping(node)  # '<<' merge keys first, as SafeLoader does
             seen = set()
             for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
                 key = self.construct_object(key_node, deep=deep)
                 if not isinstance(key, typing.Hashable):
                     continue  # SafeLoader's own construct_mapping reports it
