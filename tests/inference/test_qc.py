@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from PIL import Image
 
 from cxrvit.inference import qc
 
@@ -43,7 +44,6 @@ def test_dicom_info(tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["modality"] == "DX" and info["size"] == "64x64" and info["bits"] == "8/8"
     assert info["spacing"] == "0.8 x 0.8 (PixelSpacing)" and info["transfer_syntax"] == "Explicit VR Little Endian"
-    from PIL import Image
     with Image.open(info["preview"]) as im:
         np.testing.assert_array_equal(np.asarray(im), factory.real_pixels())
     # several files, one not DICOM: table output, exit 1, the others still summarised
@@ -75,7 +75,6 @@ def test_dicom_info_previews_of_files_with_one_name_do_not_overwrite_each_other(
     assert main(["dicom-info", str(plain), str(negative), "--json", "--preview", str(tmp_path / "p.png")]) == 0
     first, second = json.loads(capsys.readouterr().out)
     assert first["preview"] != second["preview"]
-    from PIL import Image
     with Image.open(first["preview"]) as one, Image.open(second["preview"]) as two:
         np.testing.assert_array_equal(np.asarray(one), factory.real_pixels())
         np.testing.assert_array_equal(np.asarray(two), 255 - factory.real_pixels())
