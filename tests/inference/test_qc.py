@@ -97,3 +97,9 @@ def test_dicom_info_table_shows_a_malformed_header_value(tmp_path, capsys):
     assert main(["dicom-info", str(path)]) == 0
     out = capsys.readouterr().out
     assert "PixelSpacing '0.8\\abc' is not a number" in out
+
+
+def test_dicom_info_on_a_folder_says_it_is_a_folder(tmp_path, capsys):
+    assert main(["dicom-info", str(tmp_path)]) == 1  # was "no such file" for a folder that exists
+    out = capsys.readouterr().out
+    assert f"{tmp_path}: is a folder" in out and "no such file" not in out

@@ -222,6 +222,8 @@ def run_dicom_info(args: argparse.Namespace) -> int:
     for name in args.files:
         path = Path(name)
         try:
+            if path.is_dir():
+                raise ImageReadError(path, "is a folder: name its files (e.g. FOLDER/*.dcm)")
             if not path.is_file():
                 raise ImageReadError(path, "no such file")
             if not is_dicom_file(path):
