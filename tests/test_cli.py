@@ -50,3 +50,16 @@ def test_a_multi_process_worker_skips_finalization_but_keeps_its_output(tmp_path
     assert "not a complete cxrvit cache" in done.stderr   # stderr flushed before the exit
     assert done.stdout.startswith("before")              # so is buffered stdout
     assert ("finalized" in done.stdout) is finalized
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
+    # `cxrvit ... | head`: the pipe closes while the command still prints; this was a BrokenPipeError traceback
+    # (twice: once more at the interpreter's last flush).
+    missing = [str(tmp_path / f"missing-{i:05d}.dcm") for i in range(3000)]  # ~200 kB of output, > a pipe's buffer
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "cxrvit", "dicom-info", *missing], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader goes before the first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
