@@ -2,7 +2,7 @@
 import pytest
 import yaml
 
-from cxrvit.experiments.plan import load_plan
+from cxrvit.experiments.plan import Arm, ArmsPlan, check_plan, load_plan
 
 
 def test_an_arms_file_that_is_not_utf8_text_names_the_file(tmp_path):
@@ -60,3 +60,25 @@ def test_a_key_given_twice_in_an_arms_file_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="'arms' appears twice") as exc:
         load_plan(path)
     assert str(path) in str(exc.value)
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"protocol": "nope"}, "unknown protocol 'nope'; choose auto, cv, official"),
+    ({"folds": 1}, "'folds' must be at least 2"),
+    ({"folds": 2, "run_folds": [7]}, r"run_folds \[7\] must be distinct fold numbers in 0..1"),
+    ({"run_folds": [0, 0]}, "must be distinct fold numbers"),
+    ({"run_folds": []}, "must be distinct fold numbers"),
+], ids=["protocol", "one-fold", "fold-out-of-range", "fold-twice", "no-fold"])
+def test_fold_settings_the_file_gets_wrong_name_the_file(tmp_path, body, message):
+    # these were refused only when the harness planned the folds, in a message that named no file
+    path = tmp_path / "arms.yaml"
+    path.write_text(yaml.safe_dump({"reference": "a", "arms": ARMS, **body}))
+    with pytest.raises(ValueError, match=message) as exc:
+        load_plan(path)
+    assert str(path) in str(exc.value)
+
+
+def test_the_official_protocol_ignores_folds():
+    plan = check_plan(ArmsPlan(arms=[Arm(**a) for a in ARMS], reference="a", protocol="official", folds=1,
+                               run_folds=[0]), "plan")
+    assert plan.protocol == "official"

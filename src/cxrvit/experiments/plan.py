@@ -48,6 +48,10 @@ class Arm:
     train_fraction: float = 1.0
 
 
+#: ``protocol:`` values: ``auto`` is the official split above ~20k images (experiments.crossval.choose_protocol).
+PROTOCOLS = ("auto", "cv", "official")
+
+
 @dataclass
 class ArmsPlan:
     arms: list[Arm]
@@ -127,7 +131,23 @@ def check_plan(plan: ArmsPlan, source: str) -> ArmsPlan:
         if "-seed" in a.name or "/" in a.name:
             raise ValueError(f"{source}: arm name {a.name!r} may not contain '/' or '-seed'")
     _check_seeds(plan.seeds, source)
+    _check_folds(plan, source)
     return plan
+
+
+def _check_folds(plan: ArmsPlan, source: str) -> None:
+    """What the file alone decides about its folds, named with the file (the harness checks the rest, e.g. that a
+    cache has the patients for k folds, when it plans them)."""
+    if plan.protocol not in PROTOCOLS:
+        raise ValueError(f"{source}: unknown protocol {plan.protocol!r}; choose {', '.join(PROTOCOLS)}")
+    if plan.protocol != "official" and plan.folds < 2:
+        raise ValueError(f"{source}: 'folds' must be at least 2 for a cross-validation, got {plan.folds}")
+    if plan.run_folds is not None:
+        top = plan.folds if plan.protocol == "cv" else None   # auto may become the official split's one fold
+        if (not plan.run_folds or len(set(plan.run_folds)) != len(plan.run_folds)
+                or any(i < 0 or (top is not None and i >= top) for i in plan.run_folds)):
+            where = f" in 0..{top - 1}" if top is not None else ""
+            raise ValueError(f"{source}: run_folds {plan.run_folds} must be distinct fold numbers{where}")
 
 
 def _check_seeds(seeds, source: str) -> None:
