@@ -1,6 +1,9 @@
 """``data/images.py``: EXIF orientation, where an image lies in its square, the pixel-limit error."""
 from __future__ import annotations
 
+import struct
+import zlib
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -70,3 +73,21 @@ def test_square_placement_is_where_pad_to_square_puts_the_image():
 def test_pixel_limit_error_is_a_read_error_that_names_its_limit(tmp_path):
     err = images.PixelLimitError(tmp_path / "x.png", "too many", 1000)
     assert isinstance(err, images.ImageReadError) and err.limit == 1000 and str(err).endswith("x.png: too many")
+
+
+
+def _png_header_only(path, width: int, height: int):
+    """A grey PNG with its IHDR and IEND chunks and no pixel data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    return path
+
+
+def test_an_image_over_the_pixel_limit_is_refused_from_its_header_before_decoding(tmp_path):
+    # 20000 x 20000 pixels is 1.5x the limit, under Pillow's own refusal at 2x: such a file was decoded in full
+    # before it was refused (here, with no pixel data, the decode fails as "truncated" instead).
+    path = _png_header_only(tmp_path / "huge.png", 20000, 20000)
+    with pytest.warns(Image.DecompressionBombWarning), pytest.raises(images.PixelLimitError, match="20000x20000"):
+        images.read_grey(path)

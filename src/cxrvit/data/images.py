@@ -77,10 +77,12 @@ def _exif_orientation(img: Image.Image) -> int:
 
 
 def _pil_decode_info(path: Path) -> tuple[np.ndarray, dict]:
-    with Image.open(path) as img:
-        img.load()  # forces a full decode: truncated files fail here, not later
+    with Image.open(path) as img:  # lazy: the size is known from the header, before any pixel is decoded
+        # Checked before the decode: Pillow itself refuses only above twice its MAX_IMAGE_PIXELS, and a file just
+        # under that would be decoded in full (GBs) first, as `cxrvit prepare` did, to be refused afterwards.
         if img.width * img.height > MAX_PIXELS:
             raise PixelLimitError(path, f"{img.width}x{img.height} exceeds the {MAX_PIXELS}-pixel limit", MAX_PIXELS)
+        img.load()  # forces a full decode: truncated files fail here, not later
         orientation = _exif_orientation(img)
         if orientation != 1:  # stored rotated/mirrored: read it as viewers show it
             img = ImageOps.exif_transpose(img)
