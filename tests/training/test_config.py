@@ -143,35 +143,27 @@ def test_a_bad_value_in_a_recipe_file_or_a_saved_config_names_the_file(tmp_path)
         ssl_from_dict(saved, source="RUN/config.yaml")
 
 
-@pytest.mark.parametrize("load", [load_recipe, load_pretrain_recipe], ids=["train", "pretrain"])
-def test_a_recipe_that_is_not_utf8_text_names_the_file(tmp_path, load):
-    # e.g. saved as UTF-16 by a Windows editor: the message used to be the bare codec error, with no file named
-    path = tmp_path / "mine.yaml"
-    path.write_text("model:\n  img_size: 64\n", encoding="utf-16")
-    with pytest.raises(ValueError, match="not valid YAML") as exc:
-        load(path)
-    assert str(path) in str(exc.value)
-
-
-@pytest.mark.parametrize("load", [load_recipe, load_pretrain_recipe], ids=["train", "pretrain"])
-def test_a_recipe_that_is_not_a_mapping_names_the_file(tmp_path, load):
-    path = tmp_path / "list.yaml"
-    path.write_text("- model\n- optim\n")  # a pre-training recipe of this shape was an AttributeError traceback
-    with pytest.raises(ValueError, match="a recipe must be a mapping of sections, got list") as exc:
-        load(path)
-    assert str(path) in str(exc.value)
-
-
-@pytest.mark.parametrize("load", [load_recipe, load_pretrain_recipe], ids=["train", "pretrain"])
-def test_a_section_given_twice_in_a_recipe_is_an_error(tmp_path, load):
+BAD_RECIPES = {
+    # saved as UTF-16 by a Windows editor: the message was the bare codec error, with no file named
+    "utf16": ("model:\n  img_size: 64\n".encode("utf-16"), "not valid YAML"),
+    # a pre-training recipe of this shape was an AttributeError traceback
+    "list": (b"- model\n- optim\n", "a recipe must be a mapping of sections, got list"),
     # YAML keeps the last of two equal keys: the first section's settings (here the architecture) were dropped
-    # without a word, and the run trained another model than the file says.
-    path = tmp_path / "twice.yaml"
-    path.write_text("model:\n  arch: vit_tiny\nschedule:\n  epochs: 1\nmodel:\n  img_size: 64\n")
-    with pytest.raises(ValueError, match=r"(?s)not valid YAML: .*'model' appears twice") as exc:
-        load(path)
-    assert str(path) in str(exc.value) and "line 5" in str(exc.value)
+    # without a word, and the run trained another model than the file says
+    "twice": (b"model:\n  arch: vit_tiny\nschedule:\n  epochs: 1\nmodel:\n  img_size: 64\n",
+              r"(?s)not valid YAML: .*'model' appears twice.*line 5"),
+}
 
+
+@pytest.mark.parametrize("load", [load_recipe, load_pretrain_recipe], ids=["train", "pretrain"])
+@pytest.mark.parametrize("bad", sorted(BAD_RECIPES))
+def test_a_malformed_recipe_is_an_error_naming_the_file(tmp_path, load, bad):
+    content, message = BAD_RECIPES[bad]
+    path = tmp_path / f"{bad}.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message) as exc:
+        load(path)
+    assert str(path) in str(exc.value)
 
 def test_a_key_restated_after_a_yaml_merge_is_not_a_repeat():
     # `<<: *base` then a key of the base is YAML's way to override a merged value, not a key written twice.
