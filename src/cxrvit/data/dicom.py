@@ -79,6 +79,9 @@ def sniff_dicom(head: bytes) -> bool:
 
 def _read_dataset(path: Path, stop_before_pixels: bool = False) -> pydicom.Dataset:
     try:
+        # catch_warnings swaps process-wide state: fine where cxrvit decodes (one thread per process: prepare's
+        # worker processes, predict, serve's single inference thread); a caller decoding DICOMs from several threads
+        # of one process could see another thread's truncation warning here.
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             # force=True reads preamble-less files; sniff_dicom has already vouched for the content.
