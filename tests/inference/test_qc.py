@@ -22,6 +22,7 @@ def test_header_flags():
     assert qc.header_flags(qc.HeaderFacts("DX", "CHEST", "PA", frames=3)) == ["multi_frame:3"]
     assert qc.header_flags(qc.HeaderFacts("DX", "CHEST", "PA", photometric="RGB")) == ["colour_converted:RGB"]
     assert qc.header_flags(qc.HeaderFacts("DX", "CHEST", "PA", photometric="MONOCHROME1")) == []
+    assert qc.header_flags(qc.HeaderFacts("DX", "CHEST", "PA", photometric="PALETTE COLOR")) == []  # refused
 
 
 def test_pixel_flags():
@@ -61,6 +62,7 @@ def test_dicom_info_prints_the_header_of_undecodable_objects(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["photometric"] == "PALETTE COLOR"
     assert info["decode_error"].startswith("colour DICOM refused")
+    assert not [f for f in info["qc"] if f.startswith("colour_converted")]  # refused, so nothing was converted
     rgb = get_testdata_file("SC_rgb_rle.dcm")  # a colour secondary capture: read as grey, flagged
     assert main(["dicom-info", rgb, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -78,8 +78,10 @@ def header_flags(facts: HeaderFacts) -> list[str]:
     if facts.frames > 1:
         flags.append(f"multi_frame:{facts.frames}")  # the reader scored the first frame only
     photometric = (facts.photometric or "").strip().upper()
-    if photometric and not photometric.startswith("MONOCHROME"):
-        flags.append(f"colour_converted:{photometric}")  # a colour object read as grey luma
+    # A colour object is read as grey luma; PALETTE COLOR is refused by the reader (a pseudo-colour rendering,
+    # cxrvit.data.dicom), so nothing was converted and the flag would claim what did not happen.
+    if photometric and not photometric.startswith("MONOCHROME") and photometric != "PALETTE COLOR":
+        flags.append(f"colour_converted:{photometric}")
     return flags
 
 
