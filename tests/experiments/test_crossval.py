@@ -101,6 +101,9 @@ def test_folds_are_patient_disjoint_and_pooling_covers_every_image_once(tmp_path
     # without the plan's records (an OUT from before identity.yaml), each fold's saved hash refuses it
     (tmp_path / "b" / "plan.yaml").unlink()
     (tmp_path / "b" / "identity.yaml").unlink()
+    # the run's config names the backbone file it started from (training.engine.train): not a change of the arm's
+    for saved in (tmp_path / "b").glob("fold*/baseline/run/config.yaml"):
+        saved.write_text(saved.read_text().replace("init: ''", "init: /elsewhere/backbone.safetensors"))
     with pytest.raises(ValueError, match=r"different config \(schedule\.epochs: 1 -> 2\)"):
         run_recipes(tmp_path / "b", cache, overrides=TINY + ["schedule.epochs=2"], n_resamples=30, train_fn=fake)
     assert len(fake.calls) == 4

@@ -1,8 +1,10 @@
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from trainhelp import TINY
@@ -139,6 +141,31 @@ def test_each_ranks_share_must_divide_by_grad_accum(tiny_cache, tmp_path):
                        False, False)
     # one process: 12 images in 4 micro-batches of 3 is fine
     engine.Trainer(cfg, tiny_cache, tr, va, tmp_path / "one", None, distributed.DistContext(), False, False)
+
+
+def test_the_saved_config_names_the_file_the_run_started_from(tiny_run, tiny_init, tiny_cache, tmp_path):
+    """--init (or an arm's stage) replaces the recipe's model.init: config.yaml and the bundle used to keep the
+    recipe's file, or "", and so named a start the run never had."""
+    cfg, tr, va, out = tiny_run
+    assert cfg.model.init == ""   # the caller's config (an arm's identity) is left as it was
+    assert yaml.safe_load((out / "config.yaml").read_text())["model"]["init"] == str(tiny_init)
+    assert load_bundle(out).config["model"]["init"] == str(tiny_init)
+    # a recipe naming one backbone file, run with --init another: the record names the one used
+    probe = load_recipe("probe-random", ["model.arch=vit_tiny", "model.img_size=32", "probe.c_grid=[1.0]",
+                                         "model.init=the-recipes-own.safetensors"])
+    run = train(probe, tiny_cache, tr, va, tmp_path / "probe", init=str(tiny_init), progress=False)
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["init"] == str(tiny_init)
+    assert load_bundle(run).config["model"]["init"] == str(tiny_init)
+    # a checkpoint written before the config recorded --init (model.init "") still resumes: the start file is
+    # free on resume, the checkpoint carries the weights
+    state = torch.load(out / "last.pt", weights_only=True)
+    state["config"]["model"]["init"] = ""
+    copy = tmp_path / "old"
+    copy.mkdir()
+    torch.save(state, copy / "last.pt")
+    trainer = engine.Trainer(replace(cfg, model=replace(cfg.model, init=str(tiny_init))), tiny_cache, tr, va, copy,
+                             str(tiny_init), distributed.DistContext(), True, False)
+    assert trainer.progress.step == state["progress"]["step"] and trainer.init_report is None
 
 
 def test_init_that_loads_no_backbone_weight_is_refused_by_every_strategy(tiny_run, tiny_cache, tmp_path):

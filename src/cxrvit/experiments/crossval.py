@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +123,9 @@ def _config_change(fold_dir: Path, cfg) -> str:
         before = config_from_dict(yaml.safe_load((fold_dir / "run" / "config.yaml").read_text()) or {})
     except (OSError, ValueError, TypeError, yaml.YAMLError):
         return ""
+    # The run records the file it started from in model.init (training.engine.train); an arm's start is its
+    # stage or init, pinned by sha256 (plan.fold_pins), so model.init there is no change of the arm's.
+    before = replace(before, model=replace(before.model, init=cfg.model.init))
     keys = differing_keys(config_identity(before), config_identity(cfg))
     return f" ({'; '.join(keys)})" if keys else ""
 

@@ -17,7 +17,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +90,10 @@ def train(cfg: TrainConfig, cache, train_rows, val_rows, out_dir, init=None, dev
     """
     cfg.validate()
     init = resolve_init(cfg, init)
+    # The saved config.yaml (and the bundle's config) names the file the run really started from: --init or an
+    # arm's stage replaces the recipe's model.init, and a config that still named the recipe's file (or none)
+    # would misreport the run's provenance. A copy, so a caller's config (an arm's identity) is untouched.
+    cfg = replace(cfg, model=replace(cfg.model, init=str(init) if init else ""))
     start_from = None
     if cfg.strategy in ("linear_probe", "lp_ft"):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -122,7 +126,9 @@ class Trainer:
         self.labels = list(cfg.data.labels)
         self.scored = cfg.scored_labels
         self.engine = Engine(out, ctx, cfg.engine.precision, cfg.engine.seed, cfg.engine.deterministic)
-        state = self.engine.open(resume, config_to_dict(cfg),
+        # model.init only chooses the weights of step 0; a checkpoint carries its own (and runs started before
+        # the config recorded --init saved "" there), so it is free on resume.
+        state = self.engine.open(resume, config_to_dict(cfg), free=("model.init",),
                                  parse=lambda saved, source: config_to_dict(config_from_dict(saved, source=source)))
 
         # -- data -------------------------------------------------------------------------------
