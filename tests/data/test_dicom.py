@@ -140,6 +140,18 @@ def test_truncated_file_names_the_file(tmp_path):
     assert "bad.dcm" in str(err.value)
 
 
+def test_an_image_object_cut_before_its_pixel_data_is_called_truncated(tmp_path):
+    # Cut at an element boundary before (7FE0,0010): pydicom reads a complete-looking header with no pixels, which
+    # was reported as an object without pixel data, as if it were an RT plan.
+    good = make_dicom(tmp_path / "good.dcm")
+    data = good.read_bytes()
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(data[:data.rindex(b"\xe0\x7f\x10\x00")])   # the PixelData tag, little endian
+    with pytest.raises(ImageReadError, match=r"bad\.dcm: DICOM object has no pixel data although its class "
+                                             r"\(.*Image Storage\) requires them.*probably truncated"):
+        images.read_grey(bad)
+
+
 @pytest.mark.parametrize("compress", [RLELossless, JPEG2000Lossless], ids=["rle", "jpeg2000"])
 def test_truncated_compressed_pixel_data_is_called_truncated(tmp_path, compress):
     # A copy cut off inside encapsulated pixel data: pydicom only warns and returns an empty dataset, which

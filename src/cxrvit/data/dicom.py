@@ -111,6 +111,12 @@ def _check_single_grey_frame(path: Path, ds: pydicom.Dataset) -> None:
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         sop = ds.get("SOPClassUID")
         kind = sop.name if sop is not None and hasattr(sop, "name") else "unknown SOP class"
+        if "Image Storage" in kind:
+            # An image SOP class must carry pixel data, so the header is there and the pixels are not: most likely
+            # a copy cut short between two elements, which pydicom reads without a sign (an RT plan, by contrast,
+            # has no pixels by design).
+            raise ImageReadError(path, f"DICOM object has no pixel data although its class ({kind}) requires "
+                                       f"them: the file ({path.stat().st_size} bytes) is probably truncated")
         raise ImageReadError(path, f"DICOM object has no pixel data ({kind})")
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
