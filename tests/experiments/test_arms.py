@@ -383,7 +383,7 @@ def test_data_scaling_arms_train_on_nested_patient_shares_and_are_scored_on_the_
     ({"train_fraction": "1/4"}, {}, "train_fraction must be a number in"),
     ({"train_fraction": True}, {}, "train_fraction must be a number in"),
     ({}, {"mae": {"method": "mae", "train_fraction": 0}}, "pre-training 'mae': train_fraction must be a number"),
-    ({"train_fraction": 0.5, "pretrain": "mae"}, {"mae": {"method": "mae"}}, "same images in both stages"),
+    ({"pretrain": "mae"}, {"mae": {"method": "mae", "train_fraction": 0.5}}, "its pre-training 'mae' sees only 0.5"),
 ])
 def test_bad_training_shares_are_refused_with_the_file(tmp_path, arm, pretrain, message):
     path = write_plan(tmp_path / "bad.yaml", pretrain=pretrain,

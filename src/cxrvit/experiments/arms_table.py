@@ -144,7 +144,9 @@ class ArmsResult:
         """One row per arm of each data-scaling curve (arms alike but for ``train_fraction``), and each
         curve's gain from its smallest to its largest share, paired on the same held-out patients."""
         lines = ["Data scaling: the same held-out patients, each arm trained on a nested share of every fold's "
-                 "training patients (images = mean per fold, validation carve-out included):", "",
+                 "training patients (images = mean per fold, validation carve-out included); a curve marked (labels) "
+                 "keeps its pre-training on one share and varies only the share of patients whose labels it reads:",
+                 "",
                  "| curve | share | train images | mean AUROC [95% CI] | mean F1 [95% CI] |",
                  "| --- | ---: | ---: | ---: | ---: |"]
         for curve, members in self.scaling.items():
@@ -346,13 +348,26 @@ def score_arms(plan, cache, results: dict[str, dict[int, list[FoldPredictions]]]
 
 def scaling_curves(plan) -> dict[str, list[tuple[str, float]]]:
     """Arms that differ only in ``train_fraction``, grouped (curves of one arm are left out) and
-    named after their largest-share arm."""
+    named after their largest-share arm.
+
+    Label scaling (arms with fewer labels than their pre-training stage saw patients, the stage's share fixed)
+    is a curve of its own, named ``"<largest-share arm> (labels)"``; the arm that reads a stage at the stage's own
+    share ends both its data-scaling curve and the label-scaling curve of that stage."""
     groups: dict[str, list[tuple[str, float]]] = {}
+    label_keys = set()
     for arm in plan.arms:
-        groups.setdefault(scaling_key(plan, arm), []).append((arm.name, arm.train_fraction))
+        key = scaling_key(plan, arm)
+        groups.setdefault(key, []).append((arm.name, arm.train_fraction))
+        if arm.pretrain and plan.pretrain[arm.pretrain].train_fraction != arm.train_fraction:
+            label_keys.add(key)
+    for arm in plan.arms:   # the shared end point joins the label-scaling curve of its stage, if the plan has one
+        if arm.pretrain and plan.pretrain[arm.pretrain].train_fraction == arm.train_fraction:
+            key = scaling_key(plan, arm, label_curve=True)
+            if key in label_keys:
+                groups[key].append((arm.name, arm.train_fraction))
     curves = {}
-    for members in groups.values():
+    for key, members in groups.items():
         members = sorted(members, key=lambda m: m[1])
         if len({f for _, f in members}) > 1:
-            curves[members[-1][0]] = members
+            curves[members[-1][0] + (" (labels)" if key in label_keys else "")] = members
     return curves

@@ -124,10 +124,15 @@ def check_plan(plan: ArmsPlan, source: str) -> ArmsPlan:
         if not _is_share(a.train_fraction):
             raise ValueError(f"{source}: arm {a.name!r}: train_fraction must be a number in (0, 1], "
                              f"got {a.train_fraction!r}")
-        if a.pretrain and plan.pretrain[a.pretrain].train_fraction != a.train_fraction:
+        # A stage may see more of the fold's training patients than the arm has labels for (label scaling:
+        # unlabelled images are what pre-training is for; the shares are nested, so the arm's patients are among
+        # the stage's and the held-out ones in neither), never fewer (the head would train on images the
+        # backbone was kept from, which no share of the data describes).
+        if a.pretrain and plan.pretrain[a.pretrain].train_fraction < a.train_fraction:
             raise ValueError(f"{source}: arm {a.name!r} trains on {a.train_fraction:g} of each fold's patients but "
-                             f"its pre-training {a.pretrain!r} sees {plan.pretrain[a.pretrain].train_fraction:g}; "
-                             "a data-scaling arm must see the same images in both stages")
+                             f"its pre-training {a.pretrain!r} sees only {plan.pretrain[a.pretrain].train_fraction:g}; "
+                             "a stage must see at least the arm's share (the same share for data scaling, more "
+                             "for label scaling)")
         if "-seed" in a.name or "/" in a.name:
             raise ValueError(f"{source}: arm name {a.name!r} may not contain '/' or '-seed'")
     _check_seeds(plan.seeds, source)
@@ -279,13 +284,19 @@ def fold_pins(arm: Arm) -> dict:
             "init_sha256": init_sha256(arm.init) if arm.init else ""}
 
 
-def scaling_key(plan: ArmsPlan, arm: Arm) -> str:
+def scaling_key(plan: ArmsPlan, arm: Arm, label_curve: bool = False) -> str:
     """What an arm is apart from how much data it saw: arms with equal keys form one data-scaling
-    curve (the pre-training stage counts by its method and config, not by its name)."""
+    curve (the pre-training stage counts by its method and config, not by its name).
+
+    An arm whose stage sees more patients than it has labels for is on a *label-scaling* curve instead (the
+    stage's share fixed, the labels' varying), keyed with that share; ``label_curve`` gives the key of the
+    label-scaling curve an arm with equal shares ends (see :func:`cxrvit.experiments.arms_table.scaling_curves`)."""
     ident = {k: v for k, v in arm_identity(plan, arm).items() if k not in ("train_fraction", "pretrain")}
     if arm.pretrain:
-        ident["pretrain"] = {k: v for k, v in pretrain_identity(plan.pretrain[arm.pretrain]).items()
-                             if k != "train_fraction"}
+        spec = plan.pretrain[arm.pretrain]
+        ident["pretrain"] = {k: v for k, v in pretrain_identity(spec).items() if k != "train_fraction"}
+        if label_curve or spec.train_fraction != arm.train_fraction:
+            ident["pretrain"]["fixed_share"] = spec.train_fraction
     return yaml.safe_dump(ident, sort_keys=True)
 
 
