@@ -68,3 +68,35 @@ def test_refuses_arms_scored_on_different_images(cache, tmp_path):
     run = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "a"), "x", str(tmp_path / "b"), "y",
                           "--data", str(cache.root)], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode != 0 and "scored on different images" in run.stderr
+
+
+def test_seeds_are_stacked_and_resampled_with_the_patients(cache, tmp_path):
+    labels = ["Atelectasis", "Effusion", "Mass/Nodule"]
+    n = len(cache)
+    folds = [np.arange(0, n, 2), np.arange(1, n, 2)]
+    rng = np.random.default_rng(1)
+    for out, arm, shift in (("a", "x", 0.0), ("b", "y", 0.1)):
+        for seed in (0, 1):
+            folder = arm if seed == 0 else f"{arm}-seed{seed}"
+            for f in range(2):
+                (tmp_path / out / f"fold{f}" / folder).mkdir(parents=True)
+            _write_arm(tmp_path / out, folder, folds, labels, rng, shift=shift)
+    js = tmp_path / "cmp.json"
+    run = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "a"), "x", str(tmp_path / "b"), "y",
+                          "--data", str(cache.root), "--seeds", "0", "1", "--json", str(js)],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    assert f"({2 * n} images of" in run.stdout
+    from cxrvit.experiments.crossval import load_fold, pool
+
+    def stacked(out, arm):
+        parts = [pool([load_fold(tmp_path / out / f"fold{f}" / (arm if s == 0 else f"{arm}-seed{s}") / "heldout.npz")[0]
+                       for f in range(2)], labels) for s in (0, 1)]
+        return [np.concatenate([p[i] for p in parts]) for i in range(3)]
+
+    (ra, pa, ta), (_, pb, tb) = stacked("a", "x"), stacked("b", "y")
+    ref = paired_compare(cache.labels(labels)[ra], pa, ta, pb, tb, np.asarray(cache.patient_ids)[ra], labels,
+                         names=("x@a", "y@b"), groups=np.repeat([0, 1], n))
+    assert json.loads(js.read_text()) == json.loads(json.dumps(ref.to_json()))
+    assert ref.bootstrap["unit"] != paired_compare(cache.labels(labels)[ra], pa, ta, pb, tb,
+                                                   np.asarray(cache.patient_ids)[ra], labels).bootstrap["unit"]
