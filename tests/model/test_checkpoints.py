@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from cxrvit.data.preprocess import Preprocessing
 from cxrvit.inference.bundle import save_bundle
 from cxrvit.model.checkpoints import CheckpointError, load_backbone, load_init_backbone, strip_prefixes
-from cxrvit.model.vit import VisionTransformer, resample_pos_embed, vit_small
+from cxrvit.model.vit import VisionTransformer, dino_resample_pos_embed, vit_small
 
 HEAD = ("head.weight", "head.bias")
 
@@ -244,8 +244,21 @@ def test_pos_embed_from_other_resolution_is_resampled(tmp_path):
     assert src["pos_embed"].shape == (1, 785, 48)
     torch.save(fab_dino_train(src), tmp_path / "hires.pth")
     model, report = load_backbone(tmp_path / "hires.pth", narrow(1), strict=True)
-    torch.testing.assert_close(model.pos_embed.data, resample_pos_embed(src["pos_embed"], (14, 14)))
+    torch.testing.assert_close(model.pos_embed.data, dino_resample_pos_embed(src["pos_embed"], 14, 14))
     assert any("resampled" in n and "784 to 196" in n for n in report.notes)
+
+
+@pytest.mark.parametrize("size", [128, 448])
+def test_a_checkpoint_loaded_at_another_size_is_the_function_it_is_at_that_size(tmp_path, size):
+    """Loading resamples the table by the rule the model applies at run time (DINO's), so a 224-px checkpoint
+    loaded into a model built for `size` computes what the 224-px model computes on `size`-px inputs. It used to
+    resize to a target size, which samples other points: another function of the same weights."""
+    source = narrow(0)
+    torch.save(backbone_state(source), tmp_path / "b224.pth")
+    model, _ = load_backbone(tmp_path / "b224.pth", narrow(1, img_size=size), strict=True)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x), source.forward_features(x), atol=1e-5, rtol=1e-5)
 
 
 def test_namespace_allowed_other_classes_refused(tmp_path):

@@ -9,7 +9,7 @@ import torch
 
 from cxrvit.data.preprocess import Preprocessing
 from cxrvit.model.vit import (VisionTransformer, drop_path, fold_patch_embed_to_grey, layer_id_for,
-                              resample_pos_embed, sincos_pos_embed, vit_small)
+                              dino_resample_pos_embed, sincos_pos_embed, vit_small)
 from dino_reference import dino_vit_small
 
 
@@ -100,10 +100,10 @@ def test_interpolate_pos_encoding(h, w):
     torch.testing.assert_close(pos[:, 0], model.pos_embed[:, 0])  # the CLS position is never resampled
     # bicubic resampling of a constant table is constant: checks the row/column layout is kept
     const = torch.ones(1, 197, 48)
-    torch.testing.assert_close(resample_pos_embed(const, (gh, gw)), torch.ones(1, 1 + gh * gw, 48))
+    torch.testing.assert_close(dino_resample_pos_embed(const, gh, gw), torch.ones(1, 1 + gh * gw, 48))
     # a left-to-right ramp stays a left-to-right ramp (rows and columns not swapped for non-square)
     ramp = torch.arange(14.0).repeat(14).view(1, 196, 1).expand(1, 196, 48)
-    out = resample_pos_embed(torch.cat((torch.zeros(1, 1, 48), ramp), 1), (gh, gw))[0, 1:, 0].view(gh, gw)
+    out = dino_resample_pos_embed(torch.cat((torch.zeros(1, 1, 48), ramp), 1), gh, gw)[0, 1:, 0].view(gh, gw)
     assert torch.all(out[:, 1:] >= out[:, :-1] - 1e-5) and torch.allclose(out[0], out[-1])
     with torch.no_grad():
         feats = model.forward_features(torch.randn(1, 3, h, w))

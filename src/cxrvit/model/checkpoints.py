@@ -63,7 +63,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from cxrvit.fileio import atomic_write
-from cxrvit.model.vit import VisionTransformer, resample_pos_embed
+from cxrvit.model.vit import VisionTransformer, dino_resample_pos_embed
 
 #: Classes a checkpoint may pickle besides tensors and plain containers (DINO / MAE ``args``).
 SAFE_GLOBALS = [argparse.Namespace]
@@ -277,12 +277,13 @@ def load_backbone(path: str | Path, model: VisionTransformer | None = None, *, s
         src, dst = state["pos_embed"], target["pos_embed"]
         if src.shape[-1] == dst.shape[-1]:
             side = int((dst.shape[1] - 1) ** 0.5)
-            try:
-                state["pos_embed"] = resample_pos_embed(src, (side, side))
+            try:   # DINO's rule, as the model resamples at run time: a 224-px checkpoint loaded into a 128-px
+                   # model is the same function as the 224-px model run on 128-px inputs
+                state["pos_embed"] = dino_resample_pos_embed(src, side, side)
             except ValueError as e:
                 raise CheckpointError(f"{path}: pos_embed {tuple(src.shape)}: {e}") from e
-            report.notes.append(f"pos_embed resampled (bicubic) from {src.shape[1] - 1} to {dst.shape[1] - 1} "
-                                f"patch positions")
+            report.notes.append(f"pos_embed resampled (bicubic, DINO's rule) from {src.shape[1] - 1} to "
+                                f"{dst.shape[1] - 1} patch positions")
     for k, v in state.items():
         if k in target and v.shape != target[k].shape:
             raise CheckpointError(f"{path}: shape mismatch for '{k}': checkpoint {tuple(v.shape)}, "

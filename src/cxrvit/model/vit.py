@@ -323,7 +323,7 @@ def dino_resample_pos_embed(pos_embed: torch.Tensor, gh: int, gw: int) -> torch.
     """DINO's ``interpolate_pos_encoding``: bicubic, by a scale factor of (grid + 0.1) / stored side.
 
     The scale factor, not a target size, is what DINO passes, and it also sets where the bicubic samples fall:
-    the same weights give other features at 96-448 px through :func:`resample_pos_embed` (a random ViT-S/16 with
+    the same weights give other features at 96-448 px resized to a target size instead (a random ViT-S/16 with
     the sin-cos table: CLS features up to 6.5e-2 apart at 96 px, mean |CLS| 0.8; docs/model.md). We add 0.1 to avoid floating point error in the interpolation (DINO's own note; its
     issue #8): ``floor(side * g / side)`` can come out one short. Rows are scaled by the grid's height and columns
     by its width (DINO passes them the other way round, and resamples an axis already at the stored side; only a
@@ -331,6 +331,8 @@ def dino_resample_pos_embed(pos_embed: torch.Tensor, gh: int, gw: int) -> torch.
     prefix, patch = pos_embed[:, :1], pos_embed[:, 1:]
     n, d = patch.shape[1], patch.shape[2]
     side = int(math.isqrt(n))
+    if side * side != n:
+        raise ValueError(f"position embedding has {n} patch positions, not a square grid")
     grid = patch.reshape(1, side, side, d).permute(0, 3, 1, 2).float()
     # An axis already at the stored side keeps its positions (scale 1), as DINO keeps the whole table at its size.
     scale = tuple(1.0 if g == side else (g + 0.1) / side for g in (gh, gw))
@@ -338,20 +340,6 @@ def dino_resample_pos_embed(pos_embed: torch.Tensor, gh: int, gw: int) -> torch.
     if grid.shape[-2:] != (gh, gw):
         raise ValueError(f"position table resampled to {tuple(grid.shape[-2:])}, not the input's grid {(gh, gw)}")
     return torch.cat((prefix, grid.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, -1, d)), dim=1)
-
-
-def resample_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int = 1) -> torch.Tensor:
-    """Bicubically resample a ``[1, prefix + G*G, D]`` position table to ``grid`` (rows, cols)."""
-    prefix, patch = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
-    n, d = patch.shape[1], patch.shape[2]
-    side = int(math.isqrt(n))
-    if side * side != n:
-        raise ValueError(f"position embedding has {n} patch positions, not a square grid")
-    if (side, side) == tuple(grid):
-        return pos_embed
-    patch = patch.reshape(1, side, side, d).permute(0, 3, 1, 2)
-    patch = F.interpolate(patch.float(), size=grid, mode="bicubic", align_corners=False).to(pos_embed.dtype)
-    return torch.cat((prefix, patch.permute(0, 2, 3, 1).reshape(1, -1, d)), dim=1)
 
 
 def vit_small(num_classes: int = 0, patch_size: int = 16, **kwargs) -> VisionTransformer:
