@@ -273,8 +273,19 @@ def test_namespace_allowed_other_classes_refused(tmp_path):
 
 def test_unreadable_files_are_named(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"this is not a checkpoint")
-    with pytest.raises(CheckpointError, match="junk.pth"):
+    with pytest.raises(CheckpointError, match=r"junk.pth: not a PyTorch or safetensors checkpoint \(it starts with"):
         load_backbone(tmp_path / "junk.pth")
+    # the usual failed downloads were reported as a security refusal ("it pickles an object that is not a tensor")
+    (tmp_path / "page.pth").write_text("<!DOCTYPE html><html><body>Not Found</body></html>")
+    with pytest.raises(CheckpointError, match=r"page.pth: not a PyTorch.*an HTML/XML page") as err:
+        load_backbone(tmp_path / "page.pth")
+    assert "refused" not in str(err.value)
+    (tmp_path / "lfs.pth").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 88\n")
+    with pytest.raises(CheckpointError, match=r"lfs.pth: .*git-LFS pointer.*git lfs pull"):
+        load_backbone(tmp_path / "lfs.pth")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"empty.pth: .*the file is empty"):
+        load_backbone(tmp_path / "empty.pth")
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         load_backbone(tmp_path / "absent.pth")
     (tmp_path / "empty_dir").mkdir()

@@ -136,7 +136,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     with open(path, "rb") as f:
-        head = f.read(9)  # safetensors: 8-byte header length, then the JSON header's "{"
+        head = f.read(64)  # safetensors: 8-byte header length, then the JSON header's "{"
     if path.suffix == ".safetensors" or head[8:9] == b"{":
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -145,6 +145,10 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
         except Exception as e:  # not safetensors after all: fall through to torch.load
             if path.suffix == ".safetensors":
                 raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        # torch.save writes a zip archive (a raw pickle, protocol 2+, before torch 1.6); anything else -- a saved
+        # error page, a git-LFS pointer, an empty file -- would reach the unpickler and read as a security refusal.
+        raise CheckpointError(f"{path}: not a PyTorch or safetensors checkpoint ({_what_it_is(head)})")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -159,6 +163,18 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
     return obj, {}
+
+
+def _what_it_is(head: bytes) -> str:
+    """A guess at a foreign file from its first bytes, for the error message."""
+    text = head.lstrip().lower()
+    if not head:
+        return "the file is empty"
+    if text.startswith(b"version https://git-lfs"):
+        return "it is a git-LFS pointer: fetch the real file with `git lfs pull`"
+    if text.startswith((b"<!doctype html", b"<html", b"<?xml")):
+        return "it is an HTML/XML page, e.g. a download that saved an error or login page"
+    return f"it starts with {head[:16]!r}"
 
 
 def strip_prefixes(state: dict, prefixes=KEY_PREFIXES) -> dict:
