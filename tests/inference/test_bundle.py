@@ -62,3 +62,42 @@ def test_predict_exits_2_naming_the_damaged_file(damaged, tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(path) in err and message in err and "Traceback" not in err
     assert not (tmp_path / "p.csv").exists()
+
+
+@pytest.mark.parametrize("kwargs", [{"img_size": 128}, {"patch_size": 8, "img_size": 64}, {}],
+                         ids=["img128", "patch8", "default"])
+def test_a_bundle_of_any_size_loads_as_the_model_it_was_saved_from(tmp_path, kwargs):
+    """bundle.json did not record the stored grid or the patch, nor the arch unless told: a vit_tiny built at
+    128 px, or with patch 8, was saved as a bundle that load_bundle then refused."""
+    import torch
+
+    from cxrvit.data.preprocess import Preprocessing
+    from cxrvit.inference.bundle import save_bundle
+    from cxrvit.model.vit import vit_tiny
+
+    torch.manual_seed(0)
+    model = vit_tiny(num_classes=2, **kwargs).eval()
+    save_bundle(tmp_path / "b", model, ["Effusion", "Atelectasis"], {"Effusion": 0.5, "Atelectasis": 0.5},
+                Preprocessing(size=kwargs.get("img_size", 224)))
+    meta = json.loads((tmp_path / "b" / META_FILE).read_text())
+    assert meta["arch"] == "vit_tiny" and meta["img_size"] == kwargs.get("img_size", 224)
+    bundle = load_bundle(tmp_path / "b")
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(bundle.model(x), model(x))
+
+
+def test_predict_proba_refuses_images_it_would_misread(bundle_dir):
+    """uint8 is read as 0..255 and a float as 0..1: a float picture in 0..255, or raw 16-bit values, used to be
+    scored as a washed-out image without a word, and a [N, S, S] batch failed inside torch."""
+    import torch
+
+    bundle = load_bundle(bundle_dir)
+    grey = torch.randint(0, 256, (2, 1, 64, 64), dtype=torch.uint8)
+    torch.testing.assert_close(bundle.predict_proba(grey), bundle.predict_proba(grey.float() / 255))
+    with pytest.raises(ValueError, match=r"float images must lie in \[0, 1\], these span 0 to 25\d"):
+        bundle.predict_proba(grey.float())
+    with pytest.raises(ValueError, match=r"torch.int32 images: pass uint8"):
+        bundle.predict_proba(grey.int() * 16)
+    with pytest.raises(ValueError, match=r"expected grey images \[N, 1, S, S\], got shape \(2, 64, 64\)"):
+        bundle.predict_proba(grey[:, 0])

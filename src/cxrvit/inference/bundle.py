@@ -2,7 +2,8 @@
 
 A bundle (a finished training run's folder, ``RUN/``) holds
 - ``model.safetensors``: the chosen (best-on-validation) weights, DINO key layout, head of K labels;
-- ``bundle.json``: ``arch``, ``global_pool`` (what the head reads), ``labels`` (K names, head order),
+- ``bundle.json``: ``arch``, ``img_size`` and ``patch_size`` (the stored position grid and the patch),
+  ``global_pool`` (what the head reads), ``labels`` (K names, head order),
   ``thresholds`` (label -> float, tuned on held-out predictions: a validation split or cross-fitting),
   ``threshold_source`` (which split and images they were fitted on, and ``patients``: those images' patient
   IDs, so another cache can be checked too),
@@ -25,7 +26,7 @@ from cxrvit.data.preprocess import Preprocessing
 from cxrvit.fileio import atomic_write
 from cxrvit.inference import scoring
 from cxrvit.model.checkpoints import save_weights
-from cxrvit.model.vit import VisionTransformer, build_model
+from cxrvit.model.vit import ARCHITECTURES, VisionTransformer, build_model
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "bundle.json"
@@ -63,7 +64,9 @@ class Bundle:
     def predict_proba(self, grey: torch.Tensor, batch_size: int = 64, tta: bool | None = None) -> torch.Tensor:
         """``[N, 1, S, S]`` uint8 grey images -> ``[N, K]`` probabilities, through the one scoring pass
         (:func:`cxrvit.inference.scoring.predict_proba`, which the validation that tuned the thresholds
-        also runs), with ``tta`` defaulting to how the bundle's thresholds were tuned."""
+        also runs), with ``tta`` defaulting to how the bundle's thresholds were tuned. Float images must lie in
+        [0, 1]. The pixels are scored as given: ``cxrvit predict``'s QC, which also turns a MONOCHROME1 file
+        stored as MONOCHROME2 the right way up before scoring, is :func:`cxrvit.inference.predict.predict_files`."""
         if len(grey) == 0:
             return torch.zeros(0, len(self.labels))
         tta = self.tuned_with_tta if tta is None else tta
@@ -71,9 +74,11 @@ class Bundle:
 
 
 def save_bundle(directory: os.PathLike | str, model: VisionTransformer, labels: list[str],
-                thresholds: dict[str, float], preprocessing: Preprocessing, *, arch: str = "vit_small",
+                thresholds: dict[str, float], preprocessing: Preprocessing, *, arch: str | None = None,
                 threshold_source: dict | None = None, config: dict | None = None, extra: dict | None = None) -> Path:
-    """Write ``model.safetensors`` and ``bundle.json`` atomically (temp file, then rename)."""
+    """Write ``model.safetensors`` and ``bundle.json`` atomically (temp file, then rename). ``arch``: the
+    :data:`~cxrvit.model.vit.ARCHITECTURES` name; None reads it off the model's width and depth."""
+    arch = arch or _arch_of(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -81,6 +86,10 @@ def save_bundle(directory: os.PathLike | str, model: VisionTransformer, labels: 
     meta = {
         "format": "cxrvit-bundle/1",
         "arch": arch,
+        # the stored position grid and the patch: a model built at another size than 224 (or patch 8) has another
+        # pos_embed / patch filter shape, which load_bundle must rebuild (bundles before these keys: 224, 16)
+        "img_size": int(model.patch_embed.img_size),
+        "patch_size": int(model.patch_size),
         "global_pool": model.global_pool,   # what the head reads (model.vit.GLOBAL_POOLS); no weight says it
         "n_last_blocks": model.n_last_blocks,   # blocks the head reads (the head's width says it, the name does not)
         "labels": list(labels),
@@ -92,6 +101,17 @@ def save_bundle(directory: os.PathLike | str, model: VisionTransformer, labels: 
     }
     atomic_write(directory / META_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
     return directory
+
+
+def _arch_of(model: VisionTransformer) -> str:
+    for name, make in ARCHITECTURES.items():
+        with torch.device("meta"):   # shapes only: no 22M-parameter initialisation
+            ref = make()
+        if (ref.embed_dim, len(ref.blocks), ref.blocks[0].attn.num_heads) == \
+                (model.embed_dim, len(model.blocks), model.blocks[0].attn.num_heads):
+            return name
+    raise ValueError(f"a ViT of width {model.embed_dim} and depth {len(model.blocks)} is none of "
+                     f"{', '.join(sorted(ARCHITECTURES))}: a bundle could not be loaded again")
 
 
 def load_bundle(directory: os.PathLike | str, device: str | torch.device = "cpu") -> Bundle:
@@ -110,6 +130,7 @@ def load_bundle(directory: os.PathLike | str, device: str | torch.device = "cpu"
     with torch.device("meta"):
         try:
             model = build_model(meta.get("arch", "vit_small"), num_classes=len(labels),
+                                img_size=int(meta.get("img_size", 224)), patch_size=int(meta.get("patch_size", 16)),
                                 global_pool=meta.get("global_pool", "token"),   # bundles before it: the CLS token
                                 n_last_blocks=int(meta.get("n_last_blocks", 1)))
         except ValueError as exc:   # an unknown arch or global_pool, or n_last_blocks beyond the depth

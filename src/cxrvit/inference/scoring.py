@@ -54,12 +54,30 @@ def score_logits(model: nn.Module, images: torch.Tensor, prep: Preprocessing, si
 
 
 @torch.no_grad()
+def _check_grey(grey: torch.Tensor) -> None:
+    """What a library caller can get wrong silently: the pass reads uint8 as 0..255 and a float as 0..1, so a
+    float image in 0..255 (or raw 12/16-bit values) would be scored, as a near-white picture, without a word."""
+    if grey.ndim != 4 or grey.shape[1] != 1:
+        raise ValueError(f"predict_proba: expected grey images [N, 1, S, S], got shape {tuple(grey.shape)} "
+                         "(add the channel axis with x[:, None])")
+    if grey.dtype == torch.uint8:
+        return
+    if not grey.dtype.is_floating_point:
+        raise ValueError(f"predict_proba: {grey.dtype} images: pass uint8 (0..255) or float in [0, 1] "
+                         "(cxrvit.data.images.to_uint8 maps a 12/16-bit radiograph to 8 bits as prepare does)")
+    lo, hi = float(grey.min()), float(grey.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(f"predict_proba: float images must lie in [0, 1], these span {lo:g} to {hi:g} "
+                         "(divide 0..255 values by 255, or pass them as uint8)")
+
+
 def predict_proba(model: nn.Module, grey: torch.Tensor, prep: Preprocessing, tta: bool,
                   batch_size: int = 64) -> torch.Tensor:
     """``[N, 1, S, S]`` grey images (any device, N > 0) -> ``[N, K]`` probabilities on the CPU, ``batch_size``
     at a time. Puts the model in eval mode."""
     if len(grey) == 0:
         raise ValueError("predict_proba: no images to score (an empty batch)")
+    _check_grey(grey)
     model.eval()
     device = next(model.parameters()).device
     size = int(prep.size)

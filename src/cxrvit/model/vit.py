@@ -326,8 +326,8 @@ def dino_resample_pos_embed(pos_embed: torch.Tensor, gh: int, gw: int) -> torch.
     the same weights give other features at 96-448 px resized to a target size instead (a random ViT-S/16 with
     the sin-cos table: CLS features up to 6.5e-2 apart at 96 px, mean |CLS| 0.8; docs/model.md). We add 0.1 to avoid floating point error in the interpolation (DINO's own note; its
     issue #8): ``floor(side * g / side)`` can come out one short. Rows are scaled by the grid's height and columns
-    by its width (DINO passes them the other way round, and resamples an axis already at the stored side; only a
-    non-square input can see either difference)."""
+    by its width, as in DINO (whose ``prepare_tokens`` names the height ``w``); the one difference, visible only for
+    a non-square input, is that DINO also resamples an axis already at the stored side, by (side + 0.1) / side."""
     prefix, patch = pos_embed[:, :1], pos_embed[:, 1:]
     n, d = patch.shape[1], patch.shape[2]
     side = int(math.isqrt(n))
