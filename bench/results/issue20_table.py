@@ -41,6 +41,8 @@ TABLES = [
     ("cv2-ijepa-ctx-fold1/results.json", "diagnostic: I-JEPA's context encoder instead of its EMA target, fold 1",
      " (fold 1)"),
     ("cv2-scaling-seeds/results.json", "data scaling of the product at 3 pre-training seeds: 1/4, 1/2, all", ""),
+    ("cv2-tokavg-seeds/results-labels-vs-probe-random-avg.json",
+     "label scaling: the full-share MAEs read with 1/4 and 1/2 of the labels (AMD EPYC)", ""),
     ("cv2-scaling/results.json", "data scaling: 1/4, 1/2, all; Δ vs the full-share baseline", ""),
 ]
 
