@@ -341,3 +341,11 @@ def test_saved_weights_are_byte_identical_across_processes(tmp_path):
     assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
     with safe_open(str(paths[0]), framework="pt") as f:
         assert f.metadata()["source_sha256"] == "value of source_sha256" and len(f.metadata()) == 10
+
+
+def test_a_mean_pooling_fine_tune_says_how_to_read_it(tmp_path):
+    """The note used to say cxrvit reads the CLS token, so the head needs fine-tuning; model.global_pool=avg reads
+    the patch mean the checkpoint was fine-tuned on."""
+    torch.save(fab_mae_finetune(backbone_state(narrow(0))), tmp_path / "ft.pth")
+    model, report = load_backbone(tmp_path / "ft.pth", narrow(1), strict=True)
+    assert any("fc_norm mapped onto norm" in n and "model.global_pool=avg" in n for n in report.notes)

@@ -242,8 +242,9 @@ def to_dino_layout(obj: dict, *, prefer: str = "teacher", path: str = "<checkpoi
         if "fc_norm.weight" in state:
             for part in ("weight", "bias"):
                 state[f"norm.{part}"] = state.pop(f"fc_norm.{part}")
-            report.notes.append("MAE fine-tune: fc_norm mapped onto norm; MAE fine-tunes pool by the mean of "
-                                "the patch tokens, cxrvit reads the CLS token, so the head needs fine-tuning")
+            report.notes.append("fc_norm mapped onto norm: the model was fine-tuned to pool by the mean of its patch "
+                                "tokens (an MAE fine-tune, or a timm ViT with global_pool='avg'), so read it the same "
+                                "way (model.global_pool=avg); its head never saw the CLS token")
     if report.layout == "timm" and "head.weight" in state and state["head.weight"].shape[0] == 1000:
         report.dropped += [k for k in HEAD_KEYS if k in state]
         state = {k: v for k, v in state.items() if k not in HEAD_KEYS}
