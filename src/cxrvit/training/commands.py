@@ -9,9 +9,23 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrvit.training.config import RECIPES
+from cxrvit.training.config import FREE_ON_RESUME, RECIPES, config_from_dict, config_to_dict
+from cxrvit.training.configparse import apply_overrides, parse_override
 
 RUN_FILE = "run.json"   # how the run was launched: cache path, --init, recipe, overrides
+
+
+def resumed_with(cfg, overrides: list[str], cfg_path: Path):
+    """``cfg`` with ``--set`` applied on ``--resume``: only the keys :data:`FREE_ON_RESUME` names for its strategy
+    (a probe's C grid and folds, refitted on the kept features); any other key is a ValueError naming it."""
+    free = FREE_ON_RESUME.get(cfg.strategy, ())
+    fixed = [key for key in (parse_override(item)[0] for item in overrides) if key not in free]
+    if fixed:
+        allowed = (f"a {cfg.strategy} run can change only {', '.join(free)} (its kept features do not depend on "
+                   "them)" if free else f"a {cfg.strategy} run changes nothing")
+        raise ValueError(f"the run continues with its saved config ({cfg_path}): {', '.join(fixed)} cannot change "
+                         f"on resume; {allowed}; use a new --out for another run")
+    return config_from_dict(apply_overrides(config_to_dict(cfg), overrides), source=f"{cfg_path} + --set")
 
 
 def register(subparsers) -> None:
@@ -22,7 +36,8 @@ def register(subparsers) -> None:
     p.add_argument("--data", default=None, help="prepared cache folder (cxrvit prepare)")
     p.add_argument("--out", default=None, help="run folder: checkpoints, logs, the final bundle")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
+                   help="override a config value, e.g. --set optim.lr=3e-4 (repeatable); with --resume only a "
+                        "probe's probe.c_grid / probe.cv_folds, refitted on its kept features")
     p.add_argument("--init", default=None, help="backbone checkpoint to start from (DINO/MAE/I-JEPA/timm/cxrvit)")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN",
                    help="continue the run in RUN (or --out) from its last checkpoint, with its saved config")
@@ -52,7 +67,7 @@ def choose_rows(cache, val_fraction: float, seed: int) -> tuple[np.ndarray, np.n
 
 def run_train(args: argparse.Namespace) -> int:
     from cxrvit.data.cache import CXRCache
-    from cxrvit.training.config import config_from_dict, load_recipe
+    from cxrvit.training.config import load_recipe
     from cxrvit.training.engine import NonFiniteLossError, resolve_init, train
 
     import yaml
@@ -64,9 +79,9 @@ def run_train(args: argparse.Namespace) -> int:
         return 2
     launch = {}
     if resume:
-        if args.recipe or args.overrides:
+        if args.recipe:
             print("cxrvit train --resume: the run continues with its saved config "
-                  f"({out / 'config.yaml'}); drop --recipe/--set", file=sys.stderr)
+                  f"({out / 'config.yaml'}); drop --recipe", file=sys.stderr)
             return 2
         cfg_path = out / "config.yaml"
         if not cfg_path.is_file():
@@ -85,6 +100,12 @@ def run_train(args: argparse.Namespace) -> int:
         except (ValueError, OSError) as exc:
             print(f"cxrvit train --resume: {exc}", file=sys.stderr)
             return 2
+        if args.overrides:
+            try:
+                cfg = resumed_with(cfg, args.overrides, cfg_path)
+            except ValueError as exc:
+                print(f"cxrvit train --resume: {exc}", file=sys.stderr)
+                return 2
     else:
         if not args.recipe:
             print("cxrvit train: --recipe is required (baseline, improved or a YAML file)", file=sys.stderr)

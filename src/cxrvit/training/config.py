@@ -257,6 +257,12 @@ UNREAD: dict[str, dict[str, str]] = {
 }
 
 
+#: What ``cxrvit train --resume RUN --set KEY=...`` may change, per strategy: a probe's head settings, because its
+#: feature pass (most of its cost, kept in ``RUN/features.npz``) does not depend on them. Anything else would make the
+#: resumed run another run than its folder records.
+FREE_ON_RESUME = {"linear_probe": ("probe.c_grid", "probe.cv_folds")}
+
+
 def unread_keys(strategy: str, given: list[str]) -> list[tuple[str, str]]:
     """``[(key, why)]`` for the dotted keys in ``given`` that ``strategy`` does not read."""
     unread = UNREAD.get(strategy, {})
