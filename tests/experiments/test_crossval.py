@@ -198,3 +198,29 @@ def test_bench_recipes_runs_improved_end_to_end_and_no_plan_reads_a_shipped_back
     run_arms(knowingly, "C", tmp_path / "k", cache=cache, train_fn=fake, progress=False, log=lambda _m: None,
              n_resamples=10)
     assert len(fake.calls) == 4
+
+
+def test_each_fold_records_the_commit_of_the_code_that_ran_it(tmp_path, monkeypatch):
+    """A benchmark outlives commits made beside it; each fold recorded HEAD at its end, so a process started at
+    one commit wrote later commits (and "+dirty") into folds whose code it had loaded before them."""
+    from types import SimpleNamespace
+
+    import cxrvit.experiments.crossval as crossval
+
+    head = {"sha": "aaa1111"}
+    monkeypatch.setattr(crossval.subprocess, "run", lambda args, **kw: SimpleNamespace(
+        stdout=head["sha"] if "rev-parse" in args else ""))
+    forget = getattr(crossval.git_commit, "cache_clear", lambda: None)
+
+    class CommitsBeside(RecordingTrain):
+        def __call__(self, *args, **kwargs):
+            head["sha"] = "bbb2222"    # someone commits while the fold trains
+            return super().__call__(*args, **kwargs)
+
+    forget()
+    try:
+        run_recipes(tmp_path / "b", FakeCache(n_patients=16, seed=2), n_resamples=30, train_fn=CommitsBeside())
+    finally:
+        forget()                       # the rest of the session reads the real commit again
+    provenance = {str(np.load(p)["provenance"]) for p in (tmp_path / "b").glob("fold*/*/heldout.npz")}
+    assert len(provenance) == 1 and provenance.pop().startswith("commit aaa1111 on ")

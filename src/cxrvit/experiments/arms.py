@@ -188,6 +188,7 @@ def run_arms(plan: ArmsPlan, data, out, *, only=None, device=None, progress: boo
     """
     started = time.time()
     out = Path(out)
+    git_commit()                        # read once, before any stage: the commit of the code that runs them
     check_starts(plan)
     reference = reference or plan.reference
     if not tables or Path(tables).name != tables or tables.startswith("."):

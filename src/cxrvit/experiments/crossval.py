@@ -17,6 +17,7 @@ benchmark resumes where it stopped. Predictions saved before pins existed are ac
 """
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import time
@@ -87,6 +88,7 @@ def run_fold(cfg, cache, train_rows, heldout, fold_dir: Path, *, device=None, pr
     Finished predictions are reused while the arm's identity and the fold's rows are unchanged;
     ``pins`` (``plan.fold_pins``) are saved with the predictions and checked on reuse;
     ``train_fn`` replaces the engine (``training.engine.train``) in tests."""
+    git_commit()                      # the provenance is the code loaded now, not HEAD when the fold ends
     pred_path = fold_dir / PREDICTIONS
     if pred_path.is_file():
         saved, chash = load_fold(pred_path)
@@ -175,7 +177,11 @@ def pool(folds: list[FoldPredictions], labels: list[str]):
 # --------------------------------------------------------------------------- provenance of the numbers
 
 
+@functools.cache
 def git_commit() -> str:
+    """The commit (``+dirty`` with uncommitted changes) of the code this process runs: read once, at the first
+    call, which :func:`run_fold` and ``run_arms`` make before training anything. Read again at each fold's end, it
+    named whatever HEAD was by then, and a long benchmark outlives commits made beside it."""
     root = Path(__file__).resolve().parents[3]
     try:
         sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
